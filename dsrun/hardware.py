@@ -1,0 +1,44 @@
+"""GPU catalog access, detection of this machine's accelerators, and `hardware=auto` resolution."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CATALOG_PATH = Path(__file__).with_name("gpus.yaml")
+
+
+@functools.cache
+def gpu_catalog() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(CATALOG_PATH.read_text())
+
+
+def match_gpu(device_name: str) -> str | None:
+    """Catalog key of a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None."""
+    best = None
+    for key, spec in gpu_catalog().items():
+        for pattern in spec.get("match", []):
+            # the longest pattern wins, so 'RTX 4060 Ti' beats 'RTX 4060'
+            if pattern.lower() in device_name.lower() and (best is None or len(pattern) > best[1]):
+                best = (key, len(pattern))
+    return best[0] if best else None
+
+
+def detect() -> dict[str, Any]:
+    """What this machine has: {'accelerator', 'devices', 'gpu', 'device_name'}."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        name = torch.cuda.get_device_name(0)
+        return {"accelerator": "cuda", "devices": torch.cuda.device_count(), "gpu": match_gpu(name),
+                "device_name": name}
+    return {"accelerator": "cpu", "devices": 1, "gpu": None, "device_name": "cpu"}
+
+
+def cuda_devices_present() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

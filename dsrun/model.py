@@ -1,0 +1,106 @@
+"""Model: build from architecture fields (random init) or load real weights, add adapters, count FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsrun.errors import UserError
+
+
+def architecture(model_cfg: Any):
+    """The transformers config of a model option, offline: from its fields, or the config.json of its weights."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    if model_cfg.init == "pretrained":
+        source = _weights_source(model_cfg)
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise UserError(f"model.path={source}: this model runs code shipped with its weights; read that code, "
+                                "then set model.trust_remote_code=true to allow it") from None
+            raise UserError(f"model.path={source}: cannot read its config.json: {str(exc).splitlines()[0]}") from None
+    else:
+        fields = OmegaConf.to_container(model_cfg.fields, resolve=True) if not isinstance(model_cfg.fields, dict) \
+            else dict(model_cfg.fields)
+        config = AutoConfig.for_model(model_cfg.arch, **fields)
+    if model_cfg.experts_implementation and hasattr(config, "n_routed_experts"):
+        config.experts_implementation = model_cfg.experts_implementation
+    config.use_cache = False
+    return config
+
+
+def _weights_source(model_cfg: Any) -> str:
+    """A local folder when model.path is set (checked), else the hub id (needs the HF cache or network)."""
+    if model_cfg.path:
+        folder = Path(model_cfg.path).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"model.path={folder}: no such folder; point it at a folder with config.json and "
+                            "*.safetensors")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.path={folder}: no config.json in it; is this a Hugging Face model folder?")
+        return str(folder)
+    return model_cfg.hub_id
+
+
+def build_model(model_cfg: Any, seed: int) -> torch.nn.Module:
+    """The causal LM: random weights (seeded, identical on every rank) or the real ones from safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    config = architecture(model_cfg)
+    if model_cfg.init == "pretrained":
+        source = _weights_source(model_cfg)
+        if model_cfg.path and not any(Path(source).glob("*.safetensors")):
+            raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
+        return AutoModelForCausalLM.from_pretrained(
+            source, config=config, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
+            dtype=torch.float32)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def add_adapters(model: torch.nn.Module, adapter_cfg: Any) -> torch.nn.Module:
+    if adapter_cfg.method == "none":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(adapter_cfg.target_modules)
+    lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return {"total": total, "trainable": trainable, "embedding": embedding}
+
+
+def active_matmul_params(model: torch.nn.Module) -> int:
+    """Parameters one token passes through, less the input embedding (a lookup, not a matmul): for MoE only
+    num_experts_per_tok of the routed experts count."""
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    n_routed = getattr(config, "n_routed_experts", None) or 0
+    inactive = routed * (n_routed - config.num_experts_per_tok) / n_routed if n_routed else 0
+    return int(total - embedding - inactive)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, the anchors' formula (nanoGPT's estimate_mfu, PaLM appendix B):
+    6 x active non-embedding params + 12 x layers x hidden x seq_len."""
+    config = model.config
+    return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)

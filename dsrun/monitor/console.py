@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dsrun.monitor.base import Monitor
+
+
+class ConsoleMonitor(Monitor):
+    """A rich progress bar (step, loss, tokens/s, memory, ETA) and a summary table at the end."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.live = self.console.is_terminal  # a log file or CI gets one line per log step instead of a bar
+        if not self.live:
+            return
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=info["max_steps"], completed=info.get("start_step", 0),
+                                           stats="")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        stats = (f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
+                 f"{metrics['tokens_per_s']:,.0f} tok/s  {metrics['peak_memory_gib']:.2f} GiB")
+        if self.live:
+            self.progress.update(self.task, completed=metrics["step"], stats=stats)
+        else:
+            self.console.print(f"step {metrics['step']}  {stats}", soft_wrap=True)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.live:
+            self.progress.stop()
+        table = Table(title=f"dsrun: {summary['status']}", show_header=False)
+        for key in ("run_dir", "steps", "final_loss", "first_loss", "tokens_per_s", "mfu", "peak_memory_gib",
+                    "tokens_seen", "global_batch", "wall_time_s", "weights"):
+            if summary.get(key) is not None:
+                value = summary[key]
+                table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+        self.console.print(table)

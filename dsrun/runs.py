@@ -1,0 +1,84 @@
+"""The run folder: resolved config, environment snapshot (secrets redacted), summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "TORCH_", "PYTORCH_", "OMP_", "MKL_", "HF_", "TRANSFORMERS_", "WANDB_",
+                "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "DSRUN_", "LD_LIBRARY_PATH")
+REDACTED = "<redacted>"
+
+
+def run_dir() -> Path:
+    """The folder Hydra made for this job; every rank of a Fabric launch gets the same one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def redact_env(environ: dict[str, str]) -> dict[str, str]:
+    """Relevant variables; the value of anything whose name says it is a secret is replaced."""
+    kept = {}
+    for name, value in sorted(environ.items()):
+        secret = any(marker in name.upper() for marker in SECRET_MARKERS)
+        if secret or name.upper().startswith(ENV_PREFIXES):
+            kept[name] = REDACTED if secret else value
+    return kept
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    import lightning
+    import torch
+    import transformers
+
+    import dsrun
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning": lightning.__version__,
+        "transformers": transformers.__version__,
+        "dsrun": dsrun.__version__,
+        "git_commit": git_commit(),
+        "gpus": gpus,
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
+        "env": redact_env(dict(os.environ)),
+    }
+
+
+def snapshot(cfg: Any, folder: Path) -> None:
+    """Resolved config and environment, written once by rank 0 before training starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_json(folder / "env.json", environment())
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write through a temporary name so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,162 @@
+"""The training loop, top to bottom: Fabric, data, model, optimizer, steps, summary.
+
+It knows nothing of which strategy, precision or monitor is in use beyond the objects it is handed.
+Host syncs (`.item()`) happen only at log steps.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsrun.data import BatchStream, build_blocks, load_tokenizer
+from dsrun.model import add_adapters, build_model, flops_per_token, parameter_counts, save_weights
+from dsrun.monitor import build_monitors
+from dsrun.runs import snapshot, write_json
+from dsrun.strategy import build_fabric, data_parallel_size, global_batch
+
+
+def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    rank_zero = fabric.global_rank == 0
+    if rank_zero:
+        snapshot(cfg, run_dir)
+    tr = cfg.train
+    fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
+
+    # data first: a bad dataset stops the run before the model costs anything
+    tokenizer = load_tokenizer(cfg.model)
+    with fabric.init_module(empty_init=False):
+        model = add_adapters(build_model(cfg.model, seed=tr.seed), cfg.adapter)
+    blocks = build_blocks(cfg.data, tokenizer, tr.seq_len, model.config.vocab_size)
+    dp_rank = fabric.global_rank  # data-parallel rank; tensor-parallel groups share it when that lands
+    batches = BatchStream(blocks, tr.micro_batch, dp_rank, data_parallel_size(cfg), seed=tr.seed)
+
+    lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay, fused=fabric.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, tr.max_steps))
+    counts = parameter_counts(model)
+    flops = flops_per_token(model, tr.seq_len)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
+    tokens_per_step = global_batch(cfg) * tr.seq_len
+    peak_flops = peak_flops_per_s(cfg) * fabric.world_size
+    monitors = build_monitors(cfg, run_dir, rank_zero)
+    info = {"max_steps": tr.max_steps, "start_step": 0, "global_batch": global_batch(cfg),
+            "tokens_per_step": tokens_per_step, "world_size": fabric.world_size, "parameters": counts}
+    if rank_zero:
+        print(f"dsrun: global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation "
+              f"{tr.accumulation} x data-parallel {data_parallel_size(cfg)} ({tokens_per_step:,} tokens/step); "
+              f"{counts['total'] / 1e6:,.1f} M parameters, {counts['trainable'] / 1e6:,.1f} M trainable; "
+              f"{fabric.world_size} x {fabric.device.type}, precision {cfg.precision.mode}", file=sys.stderr)
+    monitors.start(info)
+
+    history: list[dict[str, Any]] = []
+    started = last_log_time = time.perf_counter()
+    last_log_step = 0
+    loss_sum = torch.zeros((), device=fabric.device)
+    model.train()
+    for step in range(1, tr.max_steps + 1):
+        for micro_step in range(tr.accumulation):
+            inputs, labels = (t.to(fabric.device, non_blocking=True) for t in next(batches))
+            accumulating = micro_step < tr.accumulation - 1
+            # one gradient all-reduce per optimizer step, not per micro-batch
+            with fabric.no_backward_sync(model, enabled=accumulating and fabric.world_size > 1):
+                logits = model(input_ids=inputs).logits
+                # loss in fp32 whatever the compute dtype (fp16 softmax overflows: seed 002)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / tr.accumulation
+                fabric.backward(loss)
+            loss_sum += loss.detach()
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=clip if clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        if step % tr.log_every == 0 or step == tr.max_steps:
+            mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+            metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+                       "samples_per_s": tokens_per_s / tr.seq_len,
+                       "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
+                       "tokens_seen": step * tokens_per_step, "peak_memory_gib": peak_memory_gib(fabric.device),
+                       "elapsed_s": now - started}
+            history.append(metrics)
+            monitors.log(metrics)
+            loss_sum.zero_()
+            last_log_time, last_log_step = now, step
+
+    wall = time.perf_counter() - started
+    weights = run_dir / "model"
+    if rank_zero:
+        save_weights(fabric_unwrap(model), weights)
+    summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
+    if rank_zero:
+        write_json(run_dir / "summary.json", summary)
+    monitors.finish(summary)
+    fabric.barrier()
+    return summary
+
+
+def warmup_cosine(optim_cfg: Any, max_steps: int):
+    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, max_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def peak_flops_per_s(cfg: Any) -> float:
+    """The GPU's dense bf16 rate from the catalog (0 on CPU: no MFU there)."""
+    from dsrun.hardware import gpu_catalog
+
+    spec = gpu_catalog().get(cfg.hardware.gpu or "")
+    return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def fabric_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    module = getattr(model, "module", model)  # Fabric's wrapper
+    return getattr(module, "module", module)  # DDP's
+
+
+def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: int,
+              weights: Path | None) -> dict[str, Any]:
+    # throughput of the steady state: the first log interval carries start-up (allocation, lazy init)
+    steady = history[1:] or history
+    last = history[-1]
+    return {
+        "status": "completed",
+        "run_dir": str(run_dir),
+        "steps": last["step"],
+        "first_loss": history[0]["loss"],
+        "final_loss": last["loss"],
+        "tokens_per_s": sum(m["tokens_per_s"] for m in steady) / len(steady),
+        "mfu": (sum(m["mfu"] for m in steady) / len(steady)) if last["mfu"] is not None else None,
+        "peak_memory_gib": max(m["peak_memory_gib"] for m in history),
+        "tokens_seen": last["tokens_seen"],
+        "global_batch": batch,
+        "wall_time_s": wall,
+        "weights": str(weights) if weights else None,
+    }
