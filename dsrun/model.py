@@ -100,7 +100,21 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
-def save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU. Collective under FSDP2/TP: every rank must call it; rank 0 gets the tensors."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_weights(model: torch.nn.Module, folder: Path, is_rank_zero: bool) -> None:
+    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>.
+    Every rank calls it (gathering shards is collective); rank 0 writes."""
+    state = full_state_dict(model)
+    if is_rank_zero:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)

@@ -21,6 +21,11 @@ def data_parallel_size(cfg: Any) -> int:
     return world_size(cfg) // tp
 
 
+def data_parallel_rank(global_rank: int, cfg: Any) -> int:
+    """Ranks of one tensor-parallel group read the same data (Fabric's mesh is (data_parallel, tensor_parallel))."""
+    return global_rank // (world_size(cfg) // data_parallel_size(cfg))
+
+
 def global_batch(cfg: Any) -> int:
     """Sequences per optimizer step: the one place this product is computed."""
     return cfg.train.micro_batch * cfg.train.accumulation * data_parallel_size(cfg)
@@ -47,16 +52,68 @@ def check_environment(cfg: Any) -> None:
 
 def build_fabric(cfg: Any):
     import lightning as L
-    from lightning.fabric.strategies import DDPStrategy
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+
+    from dsrun.parallelize import parallelize
 
     apply_environment(cfg.hardware)
     accelerator = "cuda" if cfg.hardware.accelerator == "cuda" else "cpu"
+    backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
+    precision = FABRIC_PRECISION[cfg.precision.mode]
     if cfg.parallel.strategy == "single":
         strategy: Any = "auto"
     elif cfg.parallel.strategy == "ddp":
-        strategy = DDPStrategy(process_group_backend="nccl" if accelerator == "cuda" else "gloo", timeout=timeout)
+        strategy = DDPStrategy(process_group_backend=backend, timeout=timeout)
+    elif cfg.parallel.strategy in ("fsdp", "tp"):
+        tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
+        strategy = ModelParallelStrategy(
+            parallelize_fn=lambda model, mesh: parallelize(model, cfg, mesh), data_parallel_size=world_size(cfg) // tp,
+            tensor_parallel_size=tp, process_group_backend=backend, timeout=timeout)
+        if precision in ("bf16-mixed", "16-mixed"):
+            precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
     else:  # validate() refuses strategies whose backend has not landed
         raise AssertionError(cfg.parallel.strategy)
     return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
-                    strategy=strategy, precision=FABRIC_PRECISION[cfg.precision.mode])
+                    strategy=strategy, precision=precision)
+
+
+def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, Any]:
+    """Wrap the model for its strategy and build the optimizer in the order that strategy needs: after sharding
+    for FSDP2/TP (the optimizer must see the DTensor parameters)."""
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from dsrun.parallelize import parallelize
+
+    if isinstance(fabric.strategy, ModelParallelStrategy):
+        model = fabric.setup_module(model)  # calls parallelize() with the device mesh
+        return model, fabric.setup_optimizers(make_optimizer(model))
+    model = parallelize(model, cfg)  # activation checkpointing / compile only
+    return fabric.setup(model, make_optimizer(model))
+
+
+def clip_gradients(fabric: Any, model: Any, optimizer: Any, max_norm: float) -> Any:
+    """Clip to max_norm (0: measure only) and return the total norm before clipping.
+
+    Under FSDP2 + TP the gradients live on different meshes (2-D for tensor-parallel weights, 1-D for the rest),
+    which torch's clip_grad_norm_ cannot stack: take the norm per mesh, reduce each, combine."""
+    import torch
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    limit = max_norm if max_norm > 0 else float("inf")
+    if not isinstance(fabric.strategy, ModelParallelStrategy):
+        return fabric.clip_gradients(model, optimizer, max_norm=limit)
+    groups: dict[Any, list[Any]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            key = (getattr(p.grad, "device_mesh", None), getattr(p.grad, "placements", None))
+            groups.setdefault(key, []).append(p)
+    norms = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if limit != float("inf"):
+        for params in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(params, limit, total)
+    return total

@@ -6,7 +6,6 @@ Host syncs (`.item()`) happen only at log steps.
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
 from dsrun.model import add_adapters, build_model, flops_per_token, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
+from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.runs import snapshot, write_json
-from dsrun.strategy import build_fabric, data_parallel_size, global_batch
+from dsrun.strategy import build_fabric, data_parallel_rank, data_parallel_size, global_batch, setup, clip_gradients
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -37,17 +37,19 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     with fabric.init_module(empty_init=False):
         model = add_adapters(build_model(cfg.model, seed=tr.seed), cfg.adapter)
     blocks = build_blocks(cfg.data, tokenizer, tr.seq_len, model.config.vocab_size)
-    dp_rank = fabric.global_rank  # data-parallel rank; tensor-parallel groups share it when that lands
-    batches = BatchStream(blocks, tr.micro_batch, dp_rank, data_parallel_size(cfg), seed=tr.seed)
+    batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
+                          data_parallel_size(cfg), seed=tr.seed)
 
     lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, fused=fabric.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, tr.max_steps))
+
+    def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        return build_optimizer(cfg.optim, trainable, lr, fused=fabric.device.type == "cuda")
+
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
-    model, optimizer = fabric.setup(model, optimizer)
+    model, optimizer = setup(fabric, cfg, model, make_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, tr.max_steps))
 
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
     tokens_per_step = global_batch(cfg) * tr.seq_len
@@ -78,7 +80,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / tr.accumulation
                 fabric.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=clip if clip > 0 else float("inf"))
+        grad_norm = clip_gradients(fabric, model, optimizer, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -100,26 +102,13 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
-    if rank_zero:
-        save_weights(fabric_unwrap(model), weights)
+    save_weights(fabric_unwrap(model), weights, rank_zero)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
     if rank_zero:
         write_json(run_dir / "summary.json", summary)
     monitors.finish(summary)
     fabric.barrier()
     return summary
-
-
-def warmup_cosine(optim_cfg: Any, max_steps: int):
-    warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def peak_flops_per_s(cfg: Any) -> float:
@@ -137,8 +126,9 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def fabric_unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    module = getattr(model, "module", model)  # Fabric's wrapper
-    return getattr(module, "module", module)  # DDP's
+    """The transformers model inside Fabric's wrapper (and DDP's): save_pretrained lives there."""
+    module = getattr(model, "module", model)
+    return getattr(module, "module", module)
 
 
 def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: int,

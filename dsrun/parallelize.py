@@ -1,0 +1,72 @@
+"""One pure function turns a model into its parallel form, in torchtitan's fixed order:
+tensor parallel -> activation checkpointing -> per-block compile -> FSDP2 (each block, then the root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found by the class names transformers marks as unsplittable (peft-wrapped too)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def parallelize(model: nn.Module, cfg: Any, mesh: Any = None) -> nn.Module:
+    """mesh is Fabric's ("data_parallel", "tensor_parallel") DeviceMesh for fsdp/tp, None for single/ddp."""
+    par = cfg.parallel
+    if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
+    blocks = decoder_blocks(model)
+    if par.activation_checkpointing:
+        apply_activation_checkpointing(model, blocks)
+        blocks = decoder_blocks(model)
+    if cfg.train.compile:
+        for block in blocks:
+            block.compile()
+    if mesh is not None:
+        apply_fsdp(model, blocks, mesh["data_parallel"], cfg)
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module]) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing as wrap
+
+    block_types = tuple({type(b) for b in blocks})
+    wrap(model, check_fn=lambda m: isinstance(m, block_types))
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, cfg: Any) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    # Fabric's precision flag does not reach FSDP2: mixed precision is FSDP's policy (PITFALLS)
+    compute = LOW_PRECISION.get(cfg.precision.mode)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else \
+        MixedPrecisionPolicy()
+    options = {"mesh": dp_mesh, "mp_policy": policy,
+               "offload_policy": CPUOffloadPolicy() if cfg.parallel.offload else None}
+    options = {k: v for k, v in options.items() if v is not None}
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed again at once by backward: keep them gathered
+        reshard = cfg.parallel.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard, **options)
+    fully_shard(model, reshard_after_forward=cfg.parallel.reshard_after_forward, **options)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+    """Column-parallel q/k/v and gate/up, row-parallel o and down (Megatron layout) in every block.
+    Attention reshapes with -1 heads, so each rank runs its share of the heads unchanged."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in decoder_blocks(model):
+        parallelize_module(block, tp_mesh, plan)

@@ -1,0 +1,95 @@
+"""The default job, end to end, as a user runs it: learns, fills its run folder, keeps secrets out, reloads."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import FAST, dsrun, read_metrics
+
+SECRETS = {"WANDB_API_KEY": "wandb-secret-123", "HF_TOKEN": "hf-secret-456", "MY_SERVICE_PASSWORD": "pw-secret-789",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-000"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> tuple[Path, float, object]:
+    """`python -m dsrun` exactly as the README says (only the run folder pinned), with secrets in the env."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    started = time.perf_counter()
+    proc = dsrun(run_dir=run_dir, env=SECRETS, timeout=400)
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, wall, proc
+
+
+def test_default_job_learns_in_under_three_minutes(default_run):
+    run_dir, wall, _ = default_run
+    losses = [m["loss"] for m in read_metrics(run_dir)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+    assert wall < 180, f"default job took {wall:.0f} s"
+
+
+def test_run_folder_holds_everything(default_run):
+    run_dir, _, _ = default_run
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "config.yaml", "env.json", "metrics.jsonl",
+                 "summary.json", "model/model.safetensors", "model/config.json"):
+        assert (run_dir / name).is_file(), name
+    for row in read_metrics(run_dir):
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= row.keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 150
+    assert {"final_loss", "tokens_per_s", "peak_memory_gib", "wall_time_s"} <= summary.keys()
+    env = json.loads((run_dir / "env.json").read_text())
+    assert {"python", "torch", "lightning", "transformers", "dsrun", "git_commit", "gpus"} <= env.keys()
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "accelerator: cpu" in resolved and "mode: 32-true" in resolved, "hardware=auto resolved and recorded"
+    with safe_open(run_dir / "model/model.safetensors", "pt") as f:
+        assert any("embed_tokens" in k for k in f.keys())
+
+
+def test_no_secret_reaches_the_run_folder(default_run):
+    run_dir, _, proc = default_run
+    env = json.loads((run_dir / "env.json").read_text())["env"]
+    assert env["WANDB_API_KEY"] == "<redacted>" and env["HF_TOKEN"] == "<redacted>"
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix != ".safetensors":
+            text = path.read_text(errors="replace")
+            for secret in SECRETS.values():
+                assert secret not in text, f"{secret} leaked into {path}"
+    for secret in SECRETS.values():
+        assert secret not in proc.stdout + proc.stderr
+
+
+def test_saved_weights_reload_from_their_local_folder(default_run, tmp_path):
+    """The real loading path (model.init=pretrained, model.path=folder) picks up where the run ended."""
+    run_dir, _, _ = default_run
+    final = json.loads((run_dir / "summary.json").read_text())["final_loss"]
+    proc = dsrun(*FAST, "model.init=pretrained", f"model.path={run_dir / 'model'}", "train.max_steps=2",
+                 "train.lr=1e-9", "optim.warmup_steps=0", run_dir=tmp_path / "again")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = read_metrics(tmp_path / "again")[0]["loss"]
+    assert first < final * 1.5 < 11, (first, final)
+
+
+def test_accumulation_and_two_process_ddp_run_and_agree(tmp_path):
+    """Same global batch three ways (mb 4; mb 2 x acc 2; 2 processes x mb 2): same first-step loss."""
+    common = [*FAST, "train.max_steps=2", "optim.warmup_steps=0"]
+    runs = {
+        "single": dsrun(*common, "train.micro_batch=4", run_dir=tmp_path / "single"),
+        "accumulate": dsrun(*common, "train.micro_batch=2", "train.accumulation=2", run_dir=tmp_path / "accumulate"),
+        "ddp": dsrun(*common, "train.micro_batch=2", "hardware.devices=2", "parallel=ddp", run_dir=tmp_path / "ddp"),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    metrics = {name: read_metrics(tmp_path / name) for name in runs}
+    for name in ("accumulate", "ddp"):
+        for ref, got in zip(metrics["single"], metrics[name]):
+            assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4), name
+            assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3), name
+    assert not list((tmp_path / "ddp").glob("*/.hydra")), "all ranks share one run folder"
