@@ -80,7 +80,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / tr.accumulation
                 fabric.backward(loss)
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(fabric, model, optimizer, clip)
+        grad_norm = clip_gradients(fabric, optimizer, model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
