@@ -6,6 +6,7 @@ so a bad override stops with one line and exit code 2 instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from pathlib import Path
@@ -28,19 +29,39 @@ def fail(message: str) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf errors span several lines with hints for Hydra developers; keep what a user acts on."""
-    text = str(exc)
+    """Hydra/OmegaConf errors span several lines of hints for Hydra developers; say what the user must change."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
     cause = exc.__cause__ or exc.__context__
-    if cause is not None and "full_key" in str(cause):
-        text = f"{text} {cause}"
-    key = re.search(r"full_key: (\S+)", text)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "reference_type", "Set the environment"))]
-    msg = " ".join(keep)
-    msg = msg.replace("To append to your config use ", "to add a new key use ")
-    if key and key.group(1) not in msg:
-        msg = f"{key.group(1)}: {msg}"
-    return msg
+    if cause is not None:
+        text += " " + " ".join(ln.strip() for ln in str(cause).splitlines() if ln.strip())
+    if m := re.search(r"Could not override '([\w.]+)'.*?Key '(\w+)' (?:is )?not in", text):
+        key = m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        known = _known_keys(parent)
+        close = difflib.get_close_matches(m.group(2), known, n=1)
+        hint = f"did you mean {parent}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
+        return f"{key}: no such key; {hint} (a new key needs a leading +: +{key}=...)"
+    if m := re.search(r"Could not find '([\w/]+)/([\w.-]+)' Available options in '[\w/]+': (.*?) Config search", text):
+        group, option, available = m.group(1), m.group(2), m.group(3).split()
+        close = difflib.get_close_matches(option, available, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return f"{group}={option}: no such option{hint}; choose one of {', '.join(available)}"
+    if m := re.search(r"Error merging override ([^ ]+) (Value .*?)(?: full_key|$)", text):
+        return f"{m.group(1)}: {m.group(2)}"
+    return re.sub(r" ?(full_key|object_type|reference_type): \S+| ?Set the environment variable HYDRA_FULL_ERROR.*", "",
+                  text)
+
+
+def _known_keys(dotted: str) -> list[str]:
+    """Field names of the schema node at `dotted` (e.g. 'train'), for did-you-mean hints."""
+    from omegaconf import OmegaConf
+
+    from dsrun.config import RunConfig
+
+    node = OmegaConf.structured(RunConfig)
+    for part in filter(None, dotted.split(".")):
+        node = node[part]
+    return list(node.keys()) if OmegaConf.is_dict(node) else []
 
 
 def _compose_all(args: Any) -> list[DictConfig]:

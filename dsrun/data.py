@@ -210,6 +210,7 @@ class BatchStream:
     rank: int
     world_size: int
     seed: int
+    pin: bool = False  # page-locked batches: the copy to the GPU does not wait for the GPU to go idle
     epoch: int = 0
     position: int = 0  # micro-steps taken in this epoch
 
@@ -234,6 +235,8 @@ class BatchStream:
         self.position += 1
         mine = self._order[start + self.rank * self.micro_batch: start + (self.rank + 1) * self.micro_batch]
         block = self.blocks[mine]
+        if self.pin:
+            block = block.pin_memory()
         return block[:, :-1], block[:, 1:]
 
     def state_dict(self) -> dict[str, int]:

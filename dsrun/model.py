@@ -27,7 +27,11 @@ def architecture(model_cfg: Any):
     else:
         fields = OmegaConf.to_container(model_cfg.fields, resolve=True) if not isinstance(model_cfg.fields, dict) \
             else dict(model_cfg.fields)
-        config = AutoConfig.for_model(model_cfg.arch, **fields)
+        try:
+            config = AutoConfig.for_model(model_cfg.arch, **fields)
+        except Exception as exc:  # noqa: BLE001 - every failure here comes from the user's fields
+            detail = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
+            raise UserError(f"model.fields of model={model_cfg.name}: {detail}") from None
     if model_cfg.experts_implementation and hasattr(config, "n_routed_experts"):
         config.experts_implementation = model_cfg.experts_implementation
     config.use_cache = False
@@ -47,11 +51,11 @@ def _weights_source(model_cfg: Any) -> str:
     return model_cfg.hub_id
 
 
-def build_model(model_cfg: Any, seed: int) -> torch.nn.Module:
-    """The causal LM: random weights (seeded, identical on every rank) or the real ones from safetensors."""
+def build_model(model_cfg: Any, config: Any, seed: int) -> torch.nn.Module:
+    """The causal LM of `config` (from architecture()): random weights (seeded, identical on every rank) or the
+    real ones from safetensors."""
     from transformers import AutoModelForCausalLM
 
-    config = architecture(model_cfg)
     if model_cfg.init == "pretrained":
         source = _weights_source(model_cfg)
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
@@ -74,10 +78,15 @@ def add_adapters(model: torch.nn.Module, adapter_cfg: Any) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
+def numel(p: torch.Tensor) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it away (ds_numel)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    embedding = sum(numel(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return {"total": total, "trainable": trainable, "embedding": embedding}
 
 
@@ -85,9 +94,9 @@ def active_matmul_params(model: torch.nn.Module) -> int:
     """Parameters one token passes through, less the input embedding (a lookup, not a matmul): for MoE only
     num_experts_per_tok of the routed experts count."""
     config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel()
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    total = sum(numel(p) for p in model.parameters())
+    embedding = numel(model.get_input_embeddings().weight)
+    routed = sum(numel(p) for n, p in model.named_parameters() if ".mlp.experts." in n)
     n_routed = getattr(config, "n_routed_experts", None) or 0
     inactive = routed * (n_routed - config.num_experts_per_tok) / n_routed if n_routed else 0
     return int(total - embedding - inactive)
@@ -100,21 +109,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights on CPU. Collective under FSDP2/TP: every rank must call it; rank 0 gets the tensors."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_weights(model: torch.nn.Module, folder: Path, is_rank_zero: bool) -> None:
-    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>.
-    Every rank calls it (gathering shards is collective); rank 0 writes."""
-    state = full_state_dict(model)
-    if is_rank_zero:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)

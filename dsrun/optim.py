@@ -17,7 +17,8 @@ def build_optimizer(optim_cfg: Any, params: list[torch.nn.Parameter], lr: float,
 
 
 def warmup_cosine(optim_cfg: Any, max_steps: int) -> Callable[[int], float]:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    """The lr multiplier of optimizer step `step` (from 0): linear warmup, then cosine decay to min_lr_ratio.
+    A pure function of the step, so resuming needs no scheduler state."""
     warmup, floor = optim_cfg.warmup_steps, optim_cfg.min_lr_ratio
 
     def factor(step: int) -> float:

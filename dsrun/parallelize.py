@@ -1,5 +1,5 @@
 """One pure function turns a model into its parallel form, in torchtitan's fixed order:
-tensor parallel -> activation checkpointing -> per-block compile -> FSDP2 (each block, then the root)."""
+float8 linears -> tensor parallel -> activation checkpointing -> per-block compile -> FSDP2 (blocks, then root)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def parallelize(model: nn.Module, cfg: Any, mesh: Any = None) -> nn.Module:
     """mesh is Fabric's ("data_parallel", "tensor_parallel") DeviceMesh for fsdp/tp, None for single/ddp."""
     par = cfg.parallel
+    if cfg.precision.mode == "fp8":
+        apply_float8(model)
     if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
     blocks = decoder_blocks(model)
@@ -70,3 +72,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
     for block in decoder_blocks(model):
         parallelize_module(block, tp_mesh, plan)
+
+
+def apply_float8(model: nn.Module) -> None:
+    """torchao float8 training (dynamic tensorwise scaling) on every block linear whose dims fp8 GEMMs accept;
+    the output head stays bf16 (its softmax is precision-sensitive)."""
+    from torchao.float8 import convert_to_float8_training
+
+    def eligible(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and "lm_head" not in name and \
+            module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=eligible)

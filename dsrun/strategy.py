@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from dsrun.errors import UserError
 
@@ -50,9 +51,40 @@ def check_environment(cfg: Any) -> None:
                             "or use task=plan to plan without the GPUs")
 
 
+def deepspeed_config(cfg: Any) -> dict[str, Any]:
+    """The DeepSpeed JSON, generated from the composed config (saved in the run folder as deepspeed.json).
+    Clipping lives here, not in the loop: ZeRO keeps gradients partitioned inside its optimizer."""
+    par, mode = cfg.parallel, cfg.precision.mode
+    zero: dict[str, Any] = {"stage": par.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": 5e8}
+    if par.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if par.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if par.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.accumulation,
+        "gradient_clipping": grad_clip(cfg),
+        "zero_optimization": zero,
+        "bf16": {"enabled": mode in ("bf16-mixed", "bf16-true", "fp8")},
+        "fp16": {"enabled": mode == "16-mixed", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        # offload runs torch's AdamW on the host: no JIT-built DeepSpeedCPUAdam needed (slower, always available)
+        "zero_force_ds_cpu_optimizer": False,
+        "wall_clock_breakdown": False,
+    }
+
+
+def grad_clip(cfg: Any) -> float:
+    """optim.grad_clip, or the precision's default when unset (fp16: 0.5, seed 002); 0 turns clipping off."""
+    return cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
+
+
 def build_fabric(cfg: Any):
     import lightning as L
-    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
     from dsrun.parallelize import parallelize
 
@@ -60,11 +92,13 @@ def build_fabric(cfg: Any):
     accelerator = "cuda" if cfg.hardware.accelerator == "cuda" else "cpu"
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    precision = FABRIC_PRECISION[cfg.precision.mode]
+    # fp8 runs bf16 autocast around torchao's float8 linears (parallelize.apply_float8)
+    precision = "bf16-mixed" if cfg.precision.mode == "fp8" else FABRIC_PRECISION[cfg.precision.mode]
     if cfg.parallel.strategy == "single":
         strategy: Any = "auto"
     elif cfg.parallel.strategy == "ddp":
-        strategy = DDPStrategy(process_group_backend=backend, timeout=timeout)
+        # gradients as views into the all-reduce buckets: saves a full fp32 copy of the gradients
+        strategy = DDPStrategy(process_group_backend=backend, timeout=timeout, gradient_as_bucket_view=True)
     elif cfg.parallel.strategy in ("fsdp", "tp"):
         tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
         strategy = ModelParallelStrategy(
@@ -72,15 +106,38 @@ def build_fabric(cfg: Any):
             tensor_parallel_size=tp, process_group_backend=backend, timeout=timeout)
         if precision in ("bf16-mixed", "16-mixed"):
             precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
-    else:  # validate() refuses strategies whose backend has not landed
-        raise AssertionError(cfg.parallel.strategy)
+    elif cfg.parallel.strategy == "deepspeed":
+        strategy = DeepSpeedStrategy(config=deepspeed_config(cfg), process_group_backend=backend, timeout=timeout)
+    else:
+        raise AssertionError(cfg.parallel.strategy)  # validate() knows every strategy
     return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
                     strategy=strategy, precision=precision)
 
 
+def is_deepspeed(fabric: Any) -> bool:
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
+    return isinstance(fabric.strategy, DeepSpeedStrategy)
+
+
+@contextlib.contextmanager
+def model_init(fabric: Any, cfg: Any) -> Iterator[None]:
+    """Where the model is built. ZeRO-3 builds it partitioned (zero.Init); transformers initialises weights
+    correctly there only while an HfDeepSpeedConfig is alive (PITFALLS)."""
+    if is_deepspeed(fabric) and cfg.parallel.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(fabric.strategy.config)  # noqa: F841 (its lifetime is the point)
+        with fabric.init_module(empty_init=True):
+            yield
+        return
+    with fabric.init_module(empty_init=False):
+        yield
+
+
 def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, Any]:
     """Wrap the model for its strategy and build the optimizer in the order that strategy needs: after sharding
-    for FSDP2/TP (the optimizer must see the DTensor parameters)."""
+    for FSDP2/TP (the optimizer must see the DTensor parameters), together with the model for DeepSpeed."""
     from lightning.fabric.strategies import ModelParallelStrategy
 
     from dsrun.parallelize import parallelize
@@ -88,8 +145,49 @@ def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, 
     if isinstance(fabric.strategy, ModelParallelStrategy):
         model = fabric.setup_module(model)  # calls parallelize() with the device mesh
         return model, fabric.setup_optimizers(make_optimizer(model))
-    model = parallelize(model, cfg)  # activation checkpointing / compile only
+    model = parallelize(model, cfg)  # fp8 / activation checkpointing / compile; no mesh
     return fabric.setup(model, make_optimizer(model))
+
+
+@contextlib.contextmanager
+def micro_step(fabric: Any, model: Any, accumulating: bool) -> Iterator[Callable[[Any], None]]:
+    """Forward + backward of one micro-batch; yields `backward(loss)`. Gradients are reduced once per optimizer
+    step: DDP/FSDP skip the sync while accumulating (the context must cover the forward too); DeepSpeed is told
+    where the accumulation boundary is and not to divide the loss again (the loop already did)."""
+    if is_deepspeed(fabric):
+        fabric.strategy.model.set_gradient_accumulation_boundary(not accumulating)
+        yield lambda loss: fabric.backward(loss, scale_wrt_gas=False)
+        return
+    with fabric.no_backward_sync(model, enabled=accumulating and fabric.world_size > 1):
+        yield fabric.backward
+
+
+def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> Any:
+    """Clip, step, zero the gradients; returns the total gradient norm before clipping."""
+    if is_deepspeed(fabric):
+        optimizer.step()  # the engine clips (deepspeed_config) and steps at the boundary
+        norm = fabric.strategy.model.get_global_grad_norm()
+        return norm if norm is not None else float("nan")
+    norm = clip_gradients(fabric, optimizer, params, max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def full_state_dict(fabric: Any, model: Any) -> dict[str, Any]:
+    """Unsharded weights on CPU for rank 0. Collective: every rank calls it."""
+    import torch.distributed as dist
+
+    if is_deepspeed(fabric):
+        engine = fabric.strategy.model
+        if fabric.strategy.zero_stage_3:
+            return engine._zero3_consolidated_16bit_state_dict() or {}  # transformers' Trainer does the same
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def clip_gradients(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> Any:

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
-from dsrun.model import add_adapters, build_model, flops_per_token, parameter_counts, save_weights
+from dsrun.model import add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.runs import snapshot, write_json
-from dsrun.strategy import build_fabric, data_parallel_rank, data_parallel_size, global_batch, setup, clip_gradients
+from dsrun.strategy import (build_fabric, data_parallel_rank, data_parallel_size, full_state_dict, global_batch,
+                            grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup)
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -29,32 +30,35 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     rank_zero = fabric.global_rank == 0
     if rank_zero:
         snapshot(cfg, run_dir)
+        if is_deepspeed(fabric):
+            write_json(run_dir / "deepspeed.json", fabric.strategy.config)
+    monitors = build_monitors(cfg, run_dir, rank_zero)  # a taken port fails before the model costs anything
     tr = cfg.train
     fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
 
     # data first: a bad dataset stops the run before the model costs anything
-    tokenizer = load_tokenizer(cfg.model)
-    with fabric.init_module(empty_init=False):
-        model = add_adapters(build_model(cfg.model, seed=tr.seed), cfg.adapter)
-    blocks = build_blocks(cfg.data, tokenizer, tr.seq_len, model.config.vocab_size)
+    arch = architecture(cfg.model)
+    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
+    with model_init(fabric, cfg):
+        model = add_adapters(build_model(cfg.model, arch, seed=tr.seed), cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
-                          data_parallel_size(cfg), seed=tr.seed)
+                          data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")
 
     lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         trainable = [p for p in module.parameters() if p.requires_grad]
-        return build_optimizer(cfg.optim, trainable, lr, fused=fabric.device.type == "cuda")
+        # fused kernels need the states on the GPU; ZeRO-Offload keeps them in host RAM
+        return build_optimizer(cfg.optim, trainable, lr, fused=fabric.device.type == "cuda" and not cfg.parallel.offload)
 
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
     model, optimizer = setup(fabric, cfg, model, make_optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, tr.max_steps))
+    lr_at = warmup_cosine(cfg.optim, tr.max_steps)
 
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
+    clip = grad_clip(cfg)
     tokens_per_step = global_batch(cfg) * tr.seq_len
     peak_flops = peak_flops_per_s(cfg) * fabric.world_size
-    monitors = build_monitors(cfg, run_dir, rank_zero)
     info = {"max_steps": tr.max_steps, "start_step": 0, "global_batch": global_batch(cfg),
             "tokens_per_step": tokens_per_step, "world_size": fabric.world_size, "parameters": counts}
     if rank_zero:
@@ -70,30 +74,28 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=fabric.device)
     model.train()
     for step in range(1, tr.max_steps + 1):
-        for micro_step in range(tr.accumulation):
+        for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
+            group["lr"] = lr * lr_at(step - 1)
+        for micro in range(tr.accumulation):
             inputs, labels = (t.to(fabric.device, non_blocking=True) for t in next(batches))
-            accumulating = micro_step < tr.accumulation - 1
-            # one gradient all-reduce per optimizer step, not per micro-batch
-            with fabric.no_backward_sync(model, enabled=accumulating and fabric.world_size > 1):
+            # gradients are reduced once per optimizer step, not per micro-batch
+            with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
                 logits = model(input_ids=inputs).logits
                 # loss in fp32 whatever the compute dtype (fp16 softmax overflows: seed 002)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / tr.accumulation
-                fabric.backward(loss)
+                backward(loss)
             loss_sum += loss.detach()
-        grad_norm = clip_gradients(fabric, optimizer, model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        grad_norm = optimizer_step(fabric, optimizer, model.parameters(), clip)
 
         if step % tr.log_every == 0 or step == tr.max_steps:
             mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
-            metrics = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+            metrics = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
                        "samples_per_s": tokens_per_s / tr.seq_len,
                        "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
-                       "tokens_seen": step * tokens_per_step, "peak_memory_gib": peak_memory_gib(fabric.device),
+                       "tokens_seen": step * tokens_per_step, **peak_memory_gib(fabric.device),
                        "elapsed_s": now - started}
             history.append(metrics)
             monitors.log(metrics)
@@ -102,7 +104,9 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
-    save_weights(fabric_unwrap(model), weights, rank_zero)
+    state = full_state_dict(fabric, model)  # collective: every rank takes part
+    if rank_zero:
+        save_weights(fabric_unwrap(model), state, weights)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
     if rank_zero:
         write_json(run_dir / "summary.json", summary)
@@ -119,10 +123,12 @@ def peak_flops_per_s(cfg: Any) -> float:
     return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """Reserved is what decides an OOM; allocated is what tensors used (what most scripts report)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_reserved(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+        return {"peak_memory_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+                "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB: peak RSS
 
 
 def fabric_unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -145,6 +151,7 @@ def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: 
         "tokens_per_s": sum(m["tokens_per_s"] for m in steady) / len(steady),
         "mfu": (sum(m["mfu"] for m in steady) / len(steady)) if last["mfu"] is not None else None,
         "peak_memory_gib": max(m["peak_memory_gib"] for m in history),
+        "peak_allocated_gib": max(m.get("peak_allocated_gib", 0.0) for m in history) or None,
         "tokens_seen": last["tokens_seen"],
         "global_batch": batch,
         "wall_time_s": wall,

@@ -52,6 +52,7 @@ EXPECTED_REFUSALS = {
     ("quant", "int8"): "add adapter=lora",
     ("quant", "nf4"): "add adapter=lora",
     ("data", "jsonl"): "set data.path",
+    ("parallel", "tp"): "tensor parallel covers dense attention/MLP models",
 }
 
 
@@ -126,3 +127,17 @@ def test_dry_run_prints_resolved_config_and_global_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "global batch 32 = micro_batch 4 x accumulation 2 x data-parallel 4" in proc.stdout
     assert "config valid" in proc.stdout
+
+
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"+recipe={recipe}", "task=dry_run"])
+    check(cfg)
+    first_line = (REPO / "recipes" / f"{recipe}.yaml").read_text().splitlines()[1]
+    assert first_line.startswith("# ") and len(first_line) > 20, "each recipe says what it is in one line"
+    assert cfg.hardware.name != "auto", "a recipe names its hardware"
