@@ -1,0 +1,27 @@
+"""TensorBoard event files in <run>/tensorboard: every numeric metric as a scalar under train/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsrun.errors import UserError
+from dsrun.monitor.base import Monitor
+
+
+class TensorboardMonitor(Monitor):
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise UserError(f"monitor=tensorboard: {exc}; install it with `pip install tensorboard`, "
+                            "or leave tensorboard out of monitor=") from None
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):  # bools are ints: health flags plot as 0/1
+                self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.writer.close()
