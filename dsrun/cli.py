@@ -117,13 +117,28 @@ def hydra_main(cfg: DictConfig) -> None:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
 
 
-VERBS: dict[str, Callable[[list[str]], int]] = {}
+def resume_argv(args: list[str]) -> list[str]:
+    """`dsrun resume RUN_DIR [overrides]`: the run's own composed config, in its own folder, from its latest
+    checkpoint. Overrides apply on top (e.g. train.max_steps=2000 to train further)."""
+    if not args or args[0].startswith("-"):
+        fail("usage: dsrun resume RUN_DIR [overrides...]")
+    run = Path(args[0]).resolve()
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        fail(f"{run}: not a dsrun run folder (no .hydra/config.yaml); pass the folder a run wrote")
+    return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run}",
+            "train.resume=auto", *args[1:]]
+
+
+VERBS: dict[str, Callable[[list[str]], list[str]]] = {"resume": resume_argv}
 
 
 def main() -> None:
     register_configs()
     argv = sys.argv[1:]
     if argv and argv[0] in VERBS:
-        raise SystemExit(VERBS[argv[0]](argv[1:]))
+        argv = VERBS[argv[0]](argv[1:])
+        # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
+        sys.argv = [sys.argv[0], *argv]
     precheck(argv)
     hydra_main()

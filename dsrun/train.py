@@ -6,7 +6,9 @@ Host syncs (`.item()`) happen only at log steps.
 
 from __future__ import annotations
 
+import json
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dsrun.checkpoint import Checkpointer
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
 from dsrun.model import add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
@@ -66,14 +69,29 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
               f"{tr.accumulation} x data-parallel {data_parallel_size(cfg)} ({tokens_per_step:,} tokens/step); "
               f"{counts['total'] / 1e6:,.1f} M parameters, {counts['trainable'] / 1e6:,.1f} M trainable; "
               f"{fabric.world_size} x {fabric.device.type}, precision {cfg.precision.mode}", file=sys.stderr)
+    # resume: model, optimizer, data position and the partial log interval, as if never stopped
+    checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints)
+    state = {"model": model, "optimizer": optimizer}
+    start_step, last_log_step, loss_sum = 0, 0, torch.zeros((), device=fabric.device)
+    history: list[dict[str, Any]] = []
+    resume_from = checkpointer.latest() if tr.resume == "auto" else None if tr.resume == "never" else Path(tr.resume)
+    if resume_from is not None:
+        saved = checkpointer.load(resume_from, state)
+        start_step, last_log_step = saved["step"], saved["last_log_step"]
+        batches.load_state_dict(saved["data"])
+        loss_sum.fill_(saved["loss_sum"])
+        if rank_zero:
+            print(f"dsrun: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
+        history = truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    info["start_step"] = start_step
     monitors.start(info)
 
-    history: list[dict[str, Any]] = []
+    stop = StopSignal(fabric)
+    last_checkpoint_time = time.time()
     started = last_log_time = time.perf_counter()
-    last_log_step = 0
-    loss_sum = torch.zeros((), device=fabric.device)
     model.train()
-    for step in range(1, tr.max_steps + 1):
+    for step in range(start_step + 1, tr.max_steps + 1):
         for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
             group["lr"] = lr * lr_at(step - 1)
         for micro in range(tr.accumulation):
@@ -96,11 +114,28 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                        "samples_per_s": tokens_per_s / tr.seq_len,
                        "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
                        "tokens_seen": step * tokens_per_step, **peak_memory_gib(fabric.device),
-                       "elapsed_s": now - started}
+                       "elapsed_s": now - started, "last_checkpoint_time": last_checkpoint_time}
             history.append(metrics)
             monitors.log(metrics)
             loss_sum.zero_()
             last_log_time, last_log_step = now, step
+
+        interrupted = stop.requested()
+        if interrupted or step == tr.max_steps or (tr.checkpoint_every and step % tr.checkpoint_every == 0):
+            checkpointer.save(step, {**state, "step": step, "last_log_step": last_log_step,
+                                     "loss_sum": loss_sum.item(), "data": batches.state_dict()})
+            last_checkpoint_time = time.time()
+        if interrupted:
+            if rank_zero:
+                print(f"dsrun: stopped by {stop.name} after step {step}; checkpoint saved. Resume with: "
+                      f"dsrun resume {run_dir}", file=sys.stderr)
+            summary = summarize(history, time.perf_counter() - started, run_dir, global_batch(cfg), None,
+                                status="interrupted")
+            if rank_zero:
+                write_json(run_dir / "summary.json", summary)
+            monitors.finish(summary)
+            return summary
+    stop.restore()
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
@@ -113,6 +148,40 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     monitors.finish(summary)
     fabric.barrier()
     return summary
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (preemption, Ctrl-C, SLURM) ask the loop to finish its step, checkpoint and exit 0. The
+    ranks agree through one tiny all-reduce per step, since a signal may reach only one of them."""
+
+    def __init__(self, fabric: Any):
+        self.fabric, self.name = fabric, ""
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if self.fabric.world_size == 1:
+            return bool(self.name)
+        flag = torch.tensor(float(bool(self.name)), device=self.fabric.device)
+        agreed = bool(self.fabric.all_reduce(flag, reduce_op="max").item())
+        self.name = self.name or ("a signal to another rank" if agreed else "")
+        return agreed
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the rows up to the resumed step: rows a killed run logged after its last checkpoint are replayed."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [row for row in rows if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return kept
 
 
 def peak_flops_per_s(cfg: Any) -> float:
@@ -138,12 +207,14 @@ def fabric_unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: int,
-              weights: Path | None) -> dict[str, Any]:
+              weights: Path | None, status: str = "completed") -> dict[str, Any]:
+    if not history:
+        return {"status": status, "run_dir": str(run_dir), "steps": 0, "wall_time_s": wall}
     # throughput of the steady state: the first log interval carries start-up (allocation, lazy init)
     steady = history[1:] or history
     last = history[-1]
     return {
-        "status": "completed",
+        "status": status,
         "run_dir": str(run_dir),
         "steps": last["step"],
         "first_loss": history[0]["loss"],
