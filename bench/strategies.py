@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ CASES = {  # cheapest first: a call cut short by its time limit still returns mo
 def run_case(name: str, extra: list[str], steps: int, out: Path, gpus: int) -> dict:
     run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "dsrun", *JOB, *extra, f"train.max_steps={steps}", "train.log_every=5",
+           "train.checkpoint_every=-1",
            "hardware=auto", f"hardware.devices={gpus}", f"hydra.run.dir={run_dir}"]
     if "single" in name or name.startswith("fp8"):
         cmd[cmd.index(f"hardware.devices={gpus}")] = "hardware.devices=1"
@@ -50,6 +52,7 @@ def run_case(name: str, extra: list[str], steps: int, out: Path, gpus: int) -> d
         print(f"--- {name} failed (exit {proc.returncode}):\n{tail}", flush=True)
         return {"case": name, "status": f"failed: exit {proc.returncode}", "wall_s": round(wall)}
     summary = json.loads((run_dir / "summary.json").read_text())
+    shutil.rmtree(run_dir / "model", ignore_errors=True)  # 7 GB each: the device's disk holds few
     return {"case": name, "status": "ok", "final_loss": round(summary["final_loss"], 4),
             "tokens_per_s": round(summary["tokens_per_s"]), "mfu": round(summary["mfu"] or 0, 3),
             "peak_memory_gib": round(summary["peak_memory_gib"], 1), "wall_s": round(wall)}

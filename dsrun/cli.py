@@ -7,6 +7,7 @@ so a bad override stops with one line and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -104,6 +105,21 @@ def precheck(argv: list[str]) -> None:
             validate(cfg, gpu_catalog())
         except UserError as exc:
             fail("\n".join(getattr(exc, "problems", [str(exc)])))
+    check_run_dir(args.overrides)
+
+
+def check_run_dir(overrides: list[str]) -> None:
+    """The run folder must be creatable before anything starts (Hydra would fail later with a traceback)."""
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for folder in explicit or ["outputs"]:
+        folder = folder.strip("'\"")
+        if "${" in folder:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"hydra.run.dir={folder}: cannot create the run folder ({exc.strerror}); "
+                 "choose a writable place, e.g. hydra.run.dir=outputs/runs/my-run")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -140,5 +156,10 @@ def main() -> None:
         argv = VERBS[argv[0]](argv[1:])
         # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
         sys.argv = [sys.argv[0], *argv]
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        # under torchrun every rank runs Hydra: only rank 0 writes .hydra/ and the job log (all share the folder)
+        sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=dsrun_rank{rank}"]
+        argv = sys.argv[1:]
     precheck(argv)
     hydra_main()

@@ -121,7 +121,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             last_log_time, last_log_step = now, step
 
         interrupted = stop.requested()
-        if interrupted or step == tr.max_steps or (tr.checkpoint_every and step % tr.checkpoint_every == 0):
+        every = tr.checkpoint_every
+        if every >= 0 and (interrupted or step == tr.max_steps or (every and step % every == 0)):
             checkpointer.save(step, {**state, "step": step, "last_log_step": last_log_step,
                                      "loss_sum": loss_sum.item(), "data": batches.state_dict()})
             last_checkpoint_time = time.time()

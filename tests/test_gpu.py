@@ -1,0 +1,72 @@
+"""GPU tests, run through the device tool (`python -m pytest -m gpu tests/test_gpu.py`); skipped on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from tests.conftest import REPO, dsrun, read_metrics
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                 reason="needs a CUDA GPU: run through the device tool")]
+
+# a small real shape: R1-Distill-Qwen-1.5B's width, 4 of its 28 layers, bf16, FSDP2
+SMALL = ["hardware=auto", "hardware.devices=1", "model=r1_distill_qwen_1_5b", "model.fields.num_hidden_layers=4",
+         "data=synthetic_tokens", "train.seq_len=1024", "train.micro_batch=2", "precision=bf16", "parallel=fsdp",
+         "monitor=none", "train.log_every=1", "train.max_steps=12", "train.lr=1e-4", "optim.warmup_steps=2"]
+
+
+def test_fsdp_bf16_interrupt_and_resume_matches_within_1e3(tmp_path):
+    full = dsrun(*SMALL, "train.checkpoint_every=-1", run_dir=tmp_path / "full", timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    reference = [row["loss"] for row in read_metrics(tmp_path / "full")]
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "dsrun", *SMALL, "train.checkpoint_every=0",
+                             f"hydra.run.dir={run_dir}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    resumed = dsrun("resume", str(run_dir), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = [row["loss"] for row in read_metrics(run_dir)]
+    assert got == pytest.approx(reference, rel=1e-3)
+    print("losses", json.dumps({"reference": reference, "resumed": got}))
+
+
+def test_prometheus_exporter_reports_real_nvml_values_during_training(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dsrun", *SMALL, "train.max_steps=60", "parallel=single",
+                             "train.checkpoint_every=-1", "monitor=[prometheus]", "monitor.prometheus.port=0",
+                             f"hydra.run.dir={run_dir}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    url = None
+    for line in proc.stderr:
+        if "prometheus metrics on" in line:
+            url = line.split(" on ")[1].strip()
+            break
+    assert url, "the exporter printed its address"
+    best = {}
+    while proc.poll() is None:
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            break
+        for line in text.splitlines():
+            if line.startswith("dsrun_gpu_"):
+                name, value = line.rsplit(" ", 1)
+                best[name] = max(best.get(name, 0.0), float(value))
+        time.sleep(0.5)
+    proc.wait(timeout=300)
+    print("nvml", json.dumps(best))
+    util = [v for k, v in best.items() if k.startswith("dsrun_gpu_utilization_ratio")]
+    assert util and max(util) > 0, best
+    assert any(k.startswith("dsrun_gpu_memory_used_bytes") and v > 2**30 for k, v in best.items()), best
+    assert any(k.startswith("dsrun_gpu_temperature_celsius") and v > 0 for k, v in best.items()), best
