@@ -109,7 +109,7 @@ class TrainConfig:
     lr: float = 3e-3
     seed: int = 42
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | a checkpoint path
     force: bool = False  # launch even when the plan says it will not fit
@@ -119,6 +119,21 @@ class TrainConfig:
 @dataclass
 class TaskConfig:
     name: str = "train"
+
+
+@dataclass
+class PlanConfig:
+    """task=plan: what to plan and the prices it costs with (dsrun/plan.py, docs/planner.md)."""
+    mode: str = "train"  # train | inference
+    context: int = 4096  # inference: tokens per sequence the KV cache holds (prompt + output)
+    batch: int = 1  # inference: sequences decoded together
+    json: bool = False  # print the plan as JSON on stdout (sweeps, tests)
+    electricity_usd_per_kwh: float = 0.15
+    lifetime_years: float = 3.0  # hardware amortised over this many years of continuous use
+    gpu_price_usd: Optional[float] = None  # null: the catalog's indicative price
+    network_gbps: Optional[float] = None  # between nodes; null: 2.5 for ethernet (seed 000), 400 for infiniband
+    host_ram_gib: Optional[float] = None  # per node, checked for offload plans; null: not checked
+    mfu: Optional[float] = None  # null: the planner's assumption for the GPU class
 
 
 @dataclass
@@ -145,6 +160,7 @@ class PrometheusMonitor:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9400  # 0 picks a free port and prints it
+    linger_s: float = 0.0  # keep /metrics up this long after training, so a short job's last values get scraped
 
 
 @dataclass
@@ -168,6 +184,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:
@@ -188,16 +205,11 @@ RUNNABLE_TASKS = ("train", "smoke")
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
 PENDING = {
-    ("parallel", "deepspeed"): "issue #4 (parallel strategies)",
-    ("precision", "fp8"): "issue #4 (fp8 through torchao)",
     ("quant", "int8"): "the quantization issue (bitsandbytes int8 + LoRA)",
     ("quant", "nf4"): "the quantization issue (bitsandbytes nf4 + LoRA)",
-    ("task", "plan"): "issue #6 (planner)",
     ("task", "smoke"): "issue #7 (smoke runs and rollback)",
     ("task", "generate"): "the serving issue",
     ("task", "serve"): "the serving issue",
-    ("monitor", "wandb"): "issue #8 (monitoring)",
-    ("monitor", "prometheus"): "issue #8 (monitoring)",
 }
 
 
@@ -217,8 +229,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     _positive(p, cfg, ("train.max_steps", "train.micro_batch", "train.accumulation", "train.seq_len",
                        "train.log_every", "hardware.devices", "hardware.num_nodes",
-                       "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s"))
-    _positive(p, cfg, ("train.checkpoint_every", "optim.warmup_steps", "data.num_samples"), allow_zero=True)
+                       "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
+                       "plan.context", "plan.batch"))
+    _positive(p, cfg, ("optim.warmup_steps", "data.num_samples"), allow_zero=True)
+    if tr.checkpoint_every < -1:
+        p.append(f"train.checkpoint_every={tr.checkpoint_every}: steps between checkpoints; 0 saves only at the end, "
+                 "-1 never")
     if tr.lr <= 0:
         p.append(f"train.lr={tr.lr}: must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -236,6 +252,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         "optim.name": (cfg.optim.name, ("adamw", "sgd")),
         "task.name": (cfg.task.name, TASKS),
         "monitor.wandb.mode": (cfg.monitor.wandb.mode, ("offline", "online", "disabled")),
+        "plan.mode": (cfg.plan.mode, ("train", "inference")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -248,7 +265,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     gpu = gpu_catalog.get(hw.gpu or "", {})
 
     world_size = hw.devices * hw.num_nodes
-    if par.strategy == "single" and world_size > 1:
+    inference_plan = cfg.task.name == "plan" and cfg.plan.mode == "inference"  # weights split, no strategy runs
+    if par.strategy == "single" and world_size > 1 and not inference_plan:
         p.append(f"parallel=single with {world_size} processes (hardware.devices x hardware.num_nodes): "
                  "use parallel=ddp or fsdp, or set hardware.devices=1")
     if par.strategy == "deepspeed" and hw.accelerator == "cpu":
@@ -278,7 +296,14 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
-    if cfg.quant.method != "none" and cfg.adapter.method == "none":
+    plan = cfg.plan
+    if plan.electricity_usd_per_kwh < 0:
+        p.append(f"plan.electricity_usd_per_kwh={plan.electricity_usd_per_kwh}: must be >= 0")
+    if plan.lifetime_years <= 0:
+        p.append(f"plan.lifetime_years={plan.lifetime_years}: must be > 0")
+    if plan.mfu is not None and not 0 < plan.mfu <= 1:
+        p.append(f"plan.mfu={plan.mfu}: must be in (0, 1]")
+    if cfg.quant.method != "none" and cfg.adapter.method == "none" and not inference_plan:
         p.append(f"quant={cfg.quant.name} with adapter=none: quantized weights cannot be trained directly; "
                  "add adapter=lora (QLoRA)")
 
@@ -294,7 +319,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append("data=jsonl: set data.path=/path/to/file.jsonl")
 
     for (group, option), issue in PENDING.items():
-        if _selected(cfg, group, option):
+        # plans and dry runs describe options that land later; only tasks that execute need the backend now
+        describes = group in ("quant", "parallel", "precision") and cfg.task.name not in RUNNABLE_TASKS
+        if _selected(cfg, group, option) and not describes:
             p.append(f"{group}={option}: lands with {issue}; not available in this version")
 
     if p:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,22 @@ def cuda_devices_present() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# PCIe payload bandwidth per lane and direction, GB/s (128b/130b encoding from gen 3 on)
+PCIE_LANE_GBS = {"3.0": 0.985, "4.0": 1.969, "5.0": 3.938}
+
+
+def pcie_gbs(spec: dict[str, Any]) -> float:
+    """One direction of a catalog GPU's host link, e.g. '4.0 x16' -> 31.5 GB/s."""
+    generation, lanes = spec["pcie"].split(" x")
+    return PCIE_LANE_GBS[generation] * int(lanes)
+
+
+def host_memory_gib() -> float:
+    """This machine's physical memory (what hardware=cpu plans against)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -111,5 +111,9 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write the final weights ({exc.strerror or exc}); the last checkpoint "
+                        "holds them: free disk space, then `dsrun resume <run>`") from None

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.tree import Tree
 from omegaconf import DictConfig, OmegaConf
 
+from dsrun.plan_report import plan_task
 from dsrun.runs import run_dir
 from dsrun.strategy import check_environment, data_parallel_size, global_batch
 
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> None:
     fit(cfg, run_dir())
 
 
-TASKS = {"dry_run": dry_run, "train": train}
+TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task}  # plan_task: no check_environment, no GPU
 
 
 def run_task(cfg: DictConfig) -> Any:

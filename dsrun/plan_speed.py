@@ -1,0 +1,133 @@
+"""Speed and cost of a plan (dsrun/plan.py): FLOPs over an assumed fraction of the card's dense rate, plus the
+communication a strategy cannot hide under backward; decode reads the weights once per step; cost is hardware
+amortisation plus electricity per 1M tokens. The assumptions are constants in dsrun/plan.py (docs/planner.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dsrun.hardware import cpu_cores, pcie_gbs
+from dsrun.plan import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU, DECODE_BANDWIDTH_EFFICIENCY,
+                        FP8_EFFICIENCY, HOST_OPTIMIZER_PARAMS_PER_S, HOST_POWER_FACTOR, LINK_EFFICIENCY, MFU,
+                        MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora,
+                        bytes_per_param, dtypes, shard_counts)
+from dsrun.strategy import data_parallel_size, global_batch, world_size
+
+
+def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) -> tuple[float, float]:
+    """(FLOP/s per device the model's matmuls reach, assumed MFU)."""
+    if spec is None:
+        mfu = cfg.plan.mfu or CPU_MFU
+        return cpu_cores() / cfg.hardware.devices * CPU_FLOPS_PER_CORE * mfu, mfu
+    mode = mode or cfg.precision.mode
+    mfu = cfg.plan.mfu or MFU[spec["class"]]
+    peak = spec["fp32_tflops"] if mode == "32-true" else spec["fp8_tflops"] if mode == "fp8" else spec["bf16_tflops"]
+    efficiency = (FP8_EFFICIENCY if mode == "fp8" else 1) * QUANT_EFFICIENCY[cfg.quant.method] * \
+        (MOE_EFFICIENCY if shape.routed else 1)
+    return peak * 1e12 * mfu * efficiency, mfu
+
+
+def _bandwidth(cfg: Any, spec: dict | None) -> float:
+    """Bytes/s a ring collective reaches per GPU: the slowest link it crosses."""
+    hw = cfg.hardware
+    if spec is None:
+        return 5e9  # gloo over shared memory
+    links = []
+    if hw.devices > 1:
+        if hw.interconnect == "nvlink" and spec.get("nvlink_gbs"):
+            links.append(spec["nvlink_gbs"] / 2)  # the catalog counts both directions
+        else:  # without peer-to-peer, NCCL bounces through host memory
+            links.append(pcie_gbs(spec) * (0.5 if str(hw.env.get("NCCL_P2P_DISABLE")) == "1" else 1))
+    if hw.num_nodes > 1:
+        links.append((cfg.plan.network_gbps or NETWORK_GBPS.get(hw.network, 2.5)) / 8)
+    return min(links) * 1e9 * LINK_EFFICIENCY if links else math.inf
+
+
+def _latency(cfg: Any) -> float:
+    hw = cfg.hardware
+    if hw.num_nodes > 1:
+        return COLLECTIVE_LATENCY_S["network"]
+    return COLLECTIVE_LATENCY_S["nvlink" if hw.interconnect == "nvlink" else "pcie"] if hw.devices > 1 else 0.0
+
+
+def flops_per_token(shape: Shape, seq_len: int) -> float:
+    """model.flops_per_token (6 x active parameters + attention), cached: it walks every parameter."""
+    from dsrun.model import flops_per_token as count
+
+    if ("flops", seq_len) not in shape.cache:
+        shape.cache["flops", seq_len] = count(shape.model, seq_len)
+    return shape.cache["flops", seq_len]
+
+
+def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
+    tr, strategy, d = cfg.train, cfg.parallel.strategy, dtypes(cfg)
+    lora = cfg.adapter.method == "lora"
+    # forward 2, input gradients 2, weight gradients 2 (none for frozen weights), recomputed forward 2
+    passes = 4 + (0 if lora else 2) + (2 if cfg.parallel.activation_checkpointing else 0)
+    flops = flops_per_token(shape, tr.seq_len) * passes / 6
+    tokens = global_batch(cfg) * tr.seq_len
+    world, n = world_size(cfg), data_parallel_size(cfg)
+    rate, mfu = _rate(cfg, spec, shape)
+    share = 0.0  # routed experts run in fp32 under autocast (transformers casts their input to the weights' dtype)
+    if d.autocast and shape.routed and spec is not None:
+        config = shape.model.config
+        share = shape.routed * config.num_experts_per_tok / config.n_routed_experts / shape.active
+    compute = tokens * flops / world * ((1 - share) / rate + share / _rate(cfg, spec, shape, "32-true")[0])
+
+    bandwidth, ring = _bandwidth(cfg, spec), (n - 1) / n
+    trainable_bytes = (_lora(cfg, shape)[0] if lora else shape.total) * bytes_per_param(cfg)["gradients"]
+    if strategy == "ddp":
+        overlapped = 2 * ring * trainable_bytes / bandwidth
+    elif _gathers(cfg):  # weights all-gathered for forward and backward of every micro-batch, gradients
+        # reduce-scattered once
+        gathered = _gather_bytes(cfg, shape.total, shape.matmul if cfg.quant.method != "none" else 0)
+        overlapped = ring * (2 * tr.accumulation * gathered + trainable_bytes) / bandwidth
+    elif strategy == "deepspeed":
+        overlapped = ring * (tr.accumulation + 1) * trainable_bytes / bandwidth
+    else:
+        overlapped = 0.0
+    blocking = 0.0
+    if strategy == "tp" and cfg.parallel.tensor_parallel_size > 1:  # 4 activation all-reduces per block
+        t = cfg.parallel.tensor_parallel_size
+        config = shape.model.config
+        blocking += 4 * config.num_hidden_layers * 2 * (t - 1) / t * tr.micro_batch * tr.seq_len * \
+            config.hidden_size * d.compute * tr.accumulation / bandwidth
+    if host:  # offloaded weights come in per micro-batch, gradients go out once, the host runs the optimizer
+        per_process = {k: v / cfg.hardware.devices for k, v in host.items()}
+        link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
+        blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
+        blocking += (_lora(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] / \
+            HOST_OPTIMIZER_PARAMS_PER_S
+    step = compute + max(0.0, overlapped - 2 / 3 * compute) + blocking  # collectives hide under backward
+    return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
+
+
+def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
+    config, pl, n = shape.model.config, cfg.plan, world_size(cfg)
+    per_weight = (m["weights"] + host.get("weights", 0) / cfg.hardware.devices) * n / shape.total
+    touched = 1.0  # share of the routed experts a decode step reads: any chosen by one of the batch's tokens
+    if shape.routed:
+        touched = 1 - (1 - config.num_experts_per_tok / config.n_routed_experts) ** pl.batch
+    read = per_weight * (shape.total - shape.routed * (1 - touched)) + m["kv_cache"] * n
+    bandwidth = (spec["mem_bandwidth_gbs"] if spec else CPU_MEMORY_GBS) * 1e9 * DECODE_BANDWIDTH_EFFICIENCY
+    rate, mfu = _rate(cfg, spec, shape)
+    forward = flops_per_token(shape, pl.context) / 3  # 2 x active params + attention over the context
+    streamed = host.get("weights", 0) / cfg.hardware.devices / (pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY) if host else 0
+    step = max(read / (n * bandwidth), pl.batch * forward / (n * rate)) + streamed + \
+        2 * config.num_hidden_layers * _latency(cfg)
+    first = pl.batch * pl.context * forward / (n * rate) + streamed
+    return {"flops_per_token": forward, "step_time_s": step, "tokens_per_s": pl.batch / step,
+            "time_to_first_token_s": first, "mfu": mfu}
+
+
+def cost(cfg: Any, spec: dict | None, tokens_per_s: float) -> tuple[float, float | None, dict[str, float], float]:
+    """(hours, USD per 1M tokens, USD per hour by item, hardware USD)."""
+    hours = 1e6 / tokens_per_s / 3600
+    if spec is None:
+        return hours, None, {}, 0.0
+    cards = world_size(cfg)
+    price = cards * (cfg.plan.gpu_price_usd or spec["price_usd"])
+    per_hour = {"amortisation": price / (cfg.plan.lifetime_years * 8766),
+                "electricity": cards * spec["tdp_w"] * HOST_POWER_FACTOR / 1000 * cfg.plan.electricity_usd_per_kwh}
+    return hours, hours * sum(per_hour.values()), per_hour, price
