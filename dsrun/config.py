@@ -113,6 +113,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | a checkpoint path
     force: bool = False  # launch even when the plan says it will not fit
+    max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     compile: bool = False
 
 
@@ -230,6 +231,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     _positive(p, cfg, ("train.max_steps", "train.micro_batch", "train.accumulation", "train.seq_len",
                        "train.log_every", "hardware.devices", "hardware.num_nodes",
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
+                       "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
     _positive(p, cfg, ("optim.warmup_steps", "data.num_samples"), allow_zero=True)
     if tr.checkpoint_every < -1:

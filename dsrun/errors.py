@@ -21,3 +21,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset that cannot be read: names the file and line."""
+
+
+class TrainingDiverged(UserError):
+    """Non-finite loss or gradients for too many steps in a row: the run stops, its checkpoints stay finite."""

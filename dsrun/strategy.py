@@ -162,16 +162,28 @@ def micro_step(fabric: Any, model: Any, accumulating: bool) -> Iterator[Callable
         yield fabric.backward
 
 
-def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> Any:
-    """Clip, step, zero the gradients; returns the total gradient norm before clipping."""
+def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> tuple[Any, bool]:
+    """Clip, step, zero the gradients. Returns (total gradient norm before clipping, whether it stepped): a step
+    whose gradients are not finite is skipped, so the weights (and every checkpoint) stay finite."""
+    import math
+
     if is_deepspeed(fabric):
-        optimizer.step()  # the engine clips (deepspeed_config) and steps at the boundary
+        optimizer.step()  # the engine clips (deepspeed_config), skips overflowed fp16 steps, steps at the boundary
         norm = fabric.strategy.model.get_global_grad_norm()
-        return norm if norm is not None else float("nan")
+        norm = float("nan") if norm is None else float(norm)
+        return norm, math.isfinite(norm)
     norm = clip_gradients(fabric, optimizer, params, max_norm)
-    optimizer.step()
+    finite = bool(torch_isfinite(norm))  # one host sync per step: the price of never stepping on NaN
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return norm
+    return norm, finite
+
+
+def torch_isfinite(value: Any) -> bool:
+    import torch
+
+    return bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
 def full_state_dict(fabric: Any, model: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dsrun.checkpoint import Checkpointer
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
+from dsrun.errors import TrainingDiverged
 from dsrun.model import add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
@@ -88,6 +89,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     monitors.start(info)
 
     stop = StopSignal(fabric)
+    nonfinite_streak = 0
     last_checkpoint_time = time.time()
     started = last_log_time = time.perf_counter()
     model.train()
@@ -98,12 +100,20 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             inputs, labels = (t.to(fabric.device, non_blocking=True) for t in next(batches))
             # gradients are reduced once per optimizer step, not per micro-batch
             with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
-                logits = model(input_ids=inputs).logits
-                # loss in fp32 whatever the compute dtype (fp16 softmax overflows: seed 002)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()) / tr.accumulation
+                # loss in fp32 whatever the compute dtype (fp16 softmax overflows: seed 002); the logits are not
+                # kept in a variable, so backward frees them (2 bytes x vocabulary per token)
+                logits = model(input_ids=inputs).logits.float().flatten(0, 1)
+                loss = F.cross_entropy(logits, labels.flatten()) / tr.accumulation
+                del logits
                 backward(loss)
             loss_sum += loss.detach()
-        grad_norm = optimizer_step(fabric, optimizer, model.parameters(), clip)
+        grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)
+        nonfinite_streak = 0 if stepped else nonfinite_streak + 1
+        if nonfinite_streak >= tr.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"loss or gradients not finite for {nonfinite_streak} steps in a row (step {step}); those steps "
+                f"were skipped and no weights with NaN/Inf were saved; lower train.lr (now {tr.lr}), keep "
+                f"clipping on, or use precision=bf16 instead of fp16, then resume from the last checkpoint")
 
         if step % tr.log_every == 0 or step == tr.max_steps:
             mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)

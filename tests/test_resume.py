@@ -118,3 +118,21 @@ def test_fsdp_resume_same_world_size_is_identical_and_reshards_to_one_process(tm
     one = dsrun("resume", str(half), "hardware.devices=1", "train.micro_batch=4")
     assert one.returncode == 0, one.stderr[-2000:]
     assert [row["loss"] for row in read_metrics(half)] == pytest.approx(reference, rel=1e-5)
+
+
+def test_diverging_run_skips_nonfinite_steps_stops_and_never_saves_nan(tmp_path):
+    """lr 1e30 blows the weights up after one step: every later step has NaN gradients, is skipped, and after
+    train.max_nonfinite_steps the run stops with one line; every checkpoint on disk holds finite weights."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    proc = dsrun(*FAST, "optim=sgd", "train.lr=1e30", "optim.warmup_steps=0", "train.max_steps=20",
+                 "train.checkpoint_every=1", "train.max_nonfinite_steps=3", "train.seq_len=32", run_dir=run_dir)
+    from tests.conftest import assert_user_error
+
+    assert_user_error(proc, "not finite for 3 steps in a row", "lower train.lr")
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert checkpoints, "steps before the divergence were checkpointed"
+    for folder in checkpoints:
+        state = torch.load(folder / "state", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), folder
