@@ -262,6 +262,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     if hw.gpu is not None and hw.gpu not in gpu_catalog:
         p.append(f"hardware.gpu={hw.gpu}: not in the GPU catalog; known: {', '.join(sorted(gpu_catalog))}")
+    if hw.emulate and hw.accelerator != "cuda":
+        p.append("hardware.emulate=true: emulation caps a bigger GPU to a GPU profile's memory; pick a GPU hardware "
+                 "option (e.g. hardware=1x3060) on a machine with a GPU")
     if hw.accelerator == "cuda" and hw.gpu is None and hw.name != "auto":
         p.append("hardware.gpu: a cuda hardware option must name its GPU from the catalog")
     gpu = gpu_catalog.get(hw.gpu or "", {})

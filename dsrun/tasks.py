@@ -38,12 +38,62 @@ def dry_run(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
+    import torch
+
     from dsrun.train import fit
 
     check_environment(cfg)
+    check_plan(cfg)
     if is_rank_zero() and cfg.monitor.console.enabled:
         Console(stderr=True).print(config_tree(cfg))
-    fit(cfg, run_dir())
+    folder = run_dir()
+    try:
+        fit(cfg, folder)
+    except torch.OutOfMemoryError as exc:
+        diagnose_oom(cfg, folder, exc)
+
+
+def check_plan(cfg: DictConfig) -> None:
+    """Refuse, before anything starts, a GPU recipe the planner says will not fit (train.force=true overrides)."""
+    from dsrun.errors import UserError
+    from dsrun.plan import plan
+
+    if cfg.hardware.accelerator != "cuda" or cfg.train.force or cfg.hardware.gpu is None:
+        return
+    verdict = plan(cfg, suggest=True)
+    if verdict.fits:
+        return
+    fixes = "; ".join(f"{s.change} ({' '.join(s.overrides)}: {s.total_gib:.1f} GiB)"
+                      for s in verdict.suggestions if s.fits and not s.pending)[:600]
+    raise UserError(f"the plan says this will not fit: {verdict.verdict}. Cheapest fixes: {fixes or 'none'}. "
+                    "See task=plan for details; train.force=true launches anyway")
+
+
+def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
+    """A real CUDA OOM: one paragraph (what was in memory, what the plan suggests), the allocator's summary saved
+    beside the run, exit code 3 instead of a traceback."""
+    import sys
+
+    import torch
+
+    from dsrun.plan import plan
+    from dsrun.runs import write_json
+
+    peak = torch.cuda.max_memory_reserved() / 2**30
+    (folder / "oom_memory_summary.txt").write_text(torch.cuda.memory_summary())
+    verdict = plan(cfg, suggest=True)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(verdict.components.items(), key=lambda kv: -kv[1])[:4])
+    fixes = "; ".join(f"{s.change} ({' '.join(s.overrides)})" for s in verdict.suggestions[:3] if s.fits)
+    cap = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if cfg.hardware.emulate:
+        cap = min(cap, verdict.vram_gib)
+    write_json(folder / "summary.json", {"status": "oom", "peak_memory_gib": peak, "memory_cap_gib": cap,
+                                         "planned_gib": verdict.total_gib, "error": str(exc).splitlines()[0]})
+    print(f"dsrun: out of GPU memory: the step reached {peak:.1f} GiB reserved against {cap:.1f} GiB "
+          f"(the plan expected {verdict.total_gib:.1f} GiB, largest parts in GiB: {parts}). "
+          f"Try: {fixes or 'a smaller train.micro_batch with a larger train.accumulation'}. "
+          f"The allocator's summary is in {folder / 'oom_memory_summary.txt'}.", file=sys.stderr)
+    raise SystemExit(3)
 
 
 TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task}  # plan_task: no check_environment, no GPU

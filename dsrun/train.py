@@ -36,6 +36,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         snapshot(cfg, run_dir)
         if is_deepspeed(fabric):
             write_json(run_dir / "deepspeed.json", fabric.strategy.config)
+    memory_cap = emulate_memory(cfg, fabric.device)
     monitors = build_monitors(cfg, run_dir, rank_zero)  # a taken port fails before the model costs anything
     tr = cfg.train
     fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
@@ -154,6 +155,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if rank_zero:
         save_weights(fabric_unwrap(model), state, weights)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
+    summary["memory_cap_gib"] = memory_cap
     if rank_zero:
         write_json(run_dir / "summary.json", summary)
     monitors.finish(summary)
@@ -193,6 +195,18 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     kept = [row for row in rows if row["step"] <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     return kept
+
+
+def emulate_memory(cfg: Any, device: torch.device) -> float | None:
+    """hardware.emulate: cap this (bigger) GPU to the profile's VRAM, so a 4060 recipe is proven on an H100."""
+    if not (cfg.hardware.emulate and device.type == "cuda"):
+        return None
+    from dsrun.hardware import gpu_catalog
+
+    cap_gib = gpu_catalog()[cfg.hardware.gpu]["vram_gib"]
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+    return cap_gib
 
 
 def peak_flops_per_s(cfg: Any) -> float:
