@@ -34,6 +34,7 @@ ROWS = [
     ("unknown-task", "config", ["task.name=fly"], ["task.name=fly"]),
     ("tp-not-dividing-heads", "config", ["model=tiny_qwen2", "hardware.devices=3", "parallel=tp",
                                          "parallel.tensor_parallel_size=3"], ["tensor_parallel_size=3", "4 attention"]),
+    ("emulate-without-gpu", "config", ["hardware.emulate=true"], ["hardware.emulate=true", "GPU hardware option"]),
     ("bad-architecture-field", "config", ["model.fields.hidden_size=abc"], ["model.fields", "hidden_size"]),
     ("missing-jsonl", "data", ["data=jsonl", "data.path={tmp}/missing.jsonl"], ["no such file"]),
     ("empty-jsonl", "data", ["data=jsonl", "data.path={tmp}/empty.jsonl"], ["empty"]),
