@@ -51,6 +51,31 @@ def train(cfg: DictConfig) -> None:
         fit(cfg, folder)
     except torch.OutOfMemoryError as exc:
         diagnose_oom(cfg, folder, exc)
+    except RuntimeError as exc:  # torch.distributed.DistBackendError included
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        collective_timeout(cfg, folder, exc)
+
+
+def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
+    """A collective outlived parallel.timeout_s (a peer hung in NCCL/Gloo or died): name this rank, end the ranks
+    this process launched, exit 4 instead of hanging or dumping a traceback."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
+    print(f"dsrun: error: rank {rank}: a collective did not complete within parallel.timeout_s="
+          f"{cfg.parallel.timeout_s} s; another rank hung or died ({str(exc).strip().splitlines()[0][:160]}). "
+          f"The last checkpoint is intact: dsrun resume {folder}", file=sys.stderr)
+    for entry in Path("/proc").iterdir():  # ranks Fabric started from this process
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+    raise SystemExit(4)
 
 
 def check_plan(cfg: DictConfig) -> None:

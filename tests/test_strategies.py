@@ -89,3 +89,32 @@ def test_fsdp_with_activation_checkpointing_matches_without(tmp_path):
     assert plain.returncode == 0 and checkpointed.returncode == 0, checkpointed.stderr[-2000:]
     for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ac")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_a_hung_rank_times_out_naming_the_rank(tmp_path):
+    """SIGSTOP one rank: the other's collective gives up after parallel.timeout_s, names its rank, exits 4, and
+    takes the hung rank down with it."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dsrun", *FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1",
+           "train.max_steps=100000", "parallel.timeout_s=10", f"hydra.run.dir={run_dir}"]
+    main = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+            assert main.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.5)
+        ranks = [pid for pid in _children(main.pid) if b"dsrun" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0], signal.SIGSTOP)
+        stopped = time.time()
+        assert main.wait(timeout=90) == 4
+        assert time.time() - stopped < 60
+        stderr = main.stderr.read()
+        assert "rank 0: a collective did not complete within parallel.timeout_s=10 s" in stderr, stderr[-2000:]
+        time.sleep(0.5)
+        assert not Path(f"/proc/{ranks[0]}").exists() or b"Z" in Path(f"/proc/{ranks[0]}/stat").read_bytes()[:60]
+    finally:
+        for pid in _children(main.pid):
+            os.kill(pid, signal.SIGKILL)
+        if main.poll() is None:
+            main.kill()
