@@ -25,10 +25,12 @@ COMPLETE = "COMPLETE"
 
 
 class Checkpointer:
-    def __init__(self, fabric: Any, run_dir: Path, keep: int):
+    def __init__(self, fabric: Any, run_dir: Path, keep: int, adapter_only: bool = False):
         self.fabric = fabric
         self.root = run_dir / "checkpoints"
         self.keep = keep
+        # LoRA: the frozen base is rebuilt from its source (seeded init or the weights folder); save the adapters
+        self.filter = {"model": lambda name, _: "lora_" in name} if adapter_only else None
 
     # --- find -----------------------------------------------------------------------------------------------
 
@@ -53,7 +55,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a crash mid-save
                 tmp.mkdir(parents=True)
             fabric.barrier()
-            fabric.save(tmp / "state", state)
+            fabric.save(tmp / "state", state, filter=self.filter)
             torch.save(rng_state(), tmp / f"rng-rank{fabric.global_rank}.pt")
             _fsync_tree(tmp)
             fabric.barrier()
@@ -86,7 +88,7 @@ class Checkpointer:
         if not (folder / COMPLETE).is_file():
             raise UserError(f"train.resume={folder}: not a complete dsrun checkpoint (no {COMPLETE} marker)")
         try:
-            remainder = self.fabric.load(folder / "state", state)
+            remainder = self.fabric.load(folder / "state", state, strict=self.filter is None)
         except (RuntimeError, KeyError, ValueError, EOFError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"checkpoint {folder}: cannot load it into this model and strategy ({first[:300]}); "

@@ -186,6 +186,15 @@ def torch_isfinite(value: Any) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
+def checkpoint_state(fabric: Any, model: Any, optimizer: Any) -> dict[str, Any]:
+    """What a checkpoint restores besides the loop's counters: the fp16 loss scaler too, where there is one."""
+    state = {"model": model, "optimizer": optimizer}
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if scaler is not None:
+        state["scaler"] = scaler
+    return state
+
+
 def full_state_dict(fabric: Any, model: Any) -> dict[str, Any]:
     """Unsharded weights on CPU for rank 0. Collective: every rank calls it."""
     import torch.distributed as dist

@@ -24,8 +24,8 @@ from dsrun.model import add_adapters, architecture, build_model, flops_per_token
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.runs import snapshot, write_json
-from dsrun.strategy import (build_fabric, data_parallel_rank, data_parallel_size, full_state_dict, global_batch,
-                            grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup)
+from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
+                            global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup)
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -72,8 +72,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
               f"{counts['total'] / 1e6:,.1f} M parameters, {counts['trainable'] / 1e6:,.1f} M trainable; "
               f"{fabric.world_size} x {fabric.device.type}, precision {cfg.precision.mode}", file=sys.stderr)
     # resume: model, optimizer, data position and the partial log interval, as if never stopped
-    checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints)
-    state = {"model": model, "optimizer": optimizer}
+    checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints, adapter_only=cfg.adapter.method != "none")
+    state = checkpoint_state(fabric, model, optimizer)
     start_step, last_log_step, loss_sum = 0, 0, torch.zeros((), device=fabric.device)
     history: list[dict[str, Any]] = []
     resume_from = checkpointer.latest() if tr.resume == "auto" else None if tr.resume == "never" else Path(tr.resume)

@@ -136,3 +136,22 @@ def test_diverging_run_skips_nonfinite_steps_stops_and_never_saves_nan(tmp_path)
     for folder in checkpoints:
         state = torch.load(folder / "state", weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values()), folder
+
+
+def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
+    import torch
+
+    job = [*FAST, "adapter=lora", "train.max_steps=6", "train.checkpoint_every=3", "train.seq_len=32",
+           "train.micro_batch=2"]
+    full = dsrun(*job, run_dir=tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir = tmp_path / "cut"
+    proc = start([*job, f"hydra.run.dir={run_dir}"])
+    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(run_dir / "checkpoints" / "step-00000003" / "state", weights_only=True)
+    assert state["model"] and all("lora_" in name for name in state["model"]), "adapters only"
+    resumed = dsrun("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["loss"] for r in read_metrics(run_dir)] == [r["loss"] for r in read_metrics(tmp_path / "full")]
