@@ -48,7 +48,7 @@ def check(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     planned = dsrun("task=plan", "plan.json=true", *Q15, *overrides, f"hydra.run.dir={out / 'plans' / name}")
     if planned.returncode != 0:
         return {"case": name, "status": f"plan failed: {planned.stderr.strip()[-300:]}"}
-    p = json.loads(planned.stdout)
+    p = json.loads((out / "plans" / name / "plan.json").read_text())
     run_dir = out / "runs" / name
     run = dsrun(*Q15, *overrides, f"train.max_steps={steps}", f"hydra.run.dir={run_dir}")
     row = {"case": name, "planned_fits": p["fits"], "planned_gib": round(p["total_gib"], 1),
