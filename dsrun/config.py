@@ -120,6 +120,13 @@ class TrainConfig:
 @dataclass
 class TaskConfig:
     name: str = "train"
+    steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
+
+
+@dataclass
+class SweepConfig:
+    """Multirun settings that change each trial's config (docs/sweeps.md)."""
+    fixed_global_batch: Optional[int] = None  # derive train.accumulation = this / (micro_batch x data-parallel)
 
 
 @dataclass
@@ -186,6 +193,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:
@@ -206,9 +214,6 @@ RUNNABLE_TASKS = ("train", "smoke")
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
 PENDING = {
-    ("quant", "int8"): "the quantization issue (bitsandbytes int8 + LoRA)",
-    ("quant", "nf4"): "the quantization issue (bitsandbytes nf4 + LoRA)",
-    ("task", "smoke"): "issue #7 (smoke runs and rollback)",
     ("task", "generate"): "the serving issue",
     ("task", "serve"): "the serving issue",
 }
@@ -237,6 +242,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if tr.checkpoint_every < -1:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: steps between checkpoints; 0 saves only at the end, "
                  "-1 never")
+    if (steps := getattr(cfg.task, "steps", None)) is not None and steps < 1:  # old snapshots lack the key
+        p.append(f"task.steps={steps}: must be >= 1")
+    from dsrun.sweep import fixed_global_batch_problem
+
+    if problem := fixed_global_batch_problem(cfg):
+        p.append(problem)
     if tr.lr <= 0:
         p.append(f"train.lr={tr.lr}: must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -301,6 +312,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
+    if cfg.quant.method != "none" and par.strategy not in ("single", "ddp"):
+        p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "
+                 "(FSDP2/ZeRO corrupt or lose their quantization state); use parallel=ddp or parallel=single")
     plan = cfg.plan
     if plan.electricity_usd_per_kwh < 0:
         p.append(f"plan.electricity_usd_per_kwh={plan.electricity_usd_per_kwh}: must be >= 0")
@@ -367,3 +381,6 @@ def resolve(cfg: Any) -> None:
         # grouped_mm is bf16-only and CUDA-fast; eager runs everywhere (PITFALLS: DeepSeek MoE)
         bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")
         cfg.model.experts_implementation = "grouped_mm" if hw.accelerator == "cuda" and bf16 else "eager"
+    from dsrun.sweep import derive_accumulation
+
+    derive_accumulation(cfg)  # sweep.fixed_global_batch: after parallel is resolved (data-parallel size)

@@ -23,6 +23,7 @@ from dsrun.errors import TrainingDiverged
 from dsrun.model import add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
+from dsrun.quantize import quantize
 from dsrun.runs import snapshot, write_json
 from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
                             global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup)
@@ -45,7 +46,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     arch = architecture(cfg.model)
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
     with model_init(fabric, cfg):
-        model = add_adapters(build_model(cfg.model, arch, seed=tr.seed), cfg.adapter)
+        model = build_model(cfg.model, arch, seed=tr.seed)
+        model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
                           data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")
 

@@ -28,6 +28,7 @@ ROWS = [
     ("fp8-without-fp8-gpu", "config", ["hardware=1x3060", "precision=fp8"], ["no FP8"]),
     ("single-with-two-processes", "config", ["hardware.devices=2", "parallel=single"], ["parallel=ddp"]),
     ("quant-without-adapter", "config", ["quant=nf4"], ["adapter=lora"]),
+    ("quantized-base-sharded", "config", ["quant=nf4", "adapter=lora", "parallel=fsdp"], ["parallel=ddp"]),
     ("jsonl-without-path", "config", ["data=jsonl"], ["data.path"]),
     ("unknown-gpu", "config", ["hardware.gpu=rtx9090"], ["rtx9090", "rtx4090"]),
     ("pretrained-without-path", "config", ["model.init=pretrained"], ["model.path"]),

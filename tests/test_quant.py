@@ -1,0 +1,27 @@
+"""QLoRA for real on CPU (bitsandbytes): frozen 4-bit / 8-bit base layers, LoRA adapters that learn."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import FAST, assert_user_error, dsrun, read_metrics
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_base_with_lora_trains(method, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = dsrun(*FAST, f"quant={method}", "adapter=lora", "train.max_steps=20", "train.lr=3e-3",
+                 "train.seq_len=64", "train.micro_batch=2", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [row["loss"] for row in read_metrics(run_dir)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert "M trainable" in proc.stderr
+    trainable = float(proc.stderr.split(" M trainable")[0].rsplit(",", 1)[1].strip().split()[0])
+    assert trainable < 1.0, "only the adapters train"
+    assert (run_dir / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_quantized_base_is_kept_out_of_sharding(tmp_path):
+    proc = dsrun(*FAST, "quant=nf4", "adapter=lora", "parallel=fsdp", "hardware.devices=2",
+                 run_dir=tmp_path / "run")
+    assert_user_error(proc, "quant=nf4 with parallel=fsdp", "parallel=ddp")
