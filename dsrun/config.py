@@ -312,7 +312,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
-    if cfg.quant.method != "none" and par.strategy not in ("single", "ddp"):
+    if cfg.quant.method != "none" and par.strategy not in ("single", "ddp") and cfg.task.name in RUNNABLE_TASKS:
+        # plans may still describe sharded quantized weights (FSDP-QLoRA with bf16 storage), which dsrun lacks
         p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "
                  "(FSDP2/ZeRO corrupt or lose their quantization state); use parallel=ddp or parallel=single")
     plan = cfg.plan
