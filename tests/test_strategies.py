@@ -59,27 +59,38 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_a_dying_rank_takes_the_job_down_within_60s(tmp_path):
-    run_dir = tmp_path / "run"
+def two_rank_job(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """A long 2-process DDP job, once it is training: (the launching rank-0 process, the pid of rank 1)."""
     cmd = [sys.executable, "-m", "dsrun", *FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1",
-           "train.max_steps=100000", f"hydra.run.dir={run_dir}"]
+           "train.max_steps=100000", *extra, f"hydra.run.dir={run_dir}"]
     main = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+        if main.poll() is not None or time.time() > deadline:
+            main.kill()
+            raise AssertionError("training never started")
+        time.sleep(0.5)
+    ranks = [pid for pid in _children(main.pid) if b"dsrun" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(ranks) == 1, ranks
+    return main, ranks[0]
+
+
+def end(main: subprocess.Popen) -> None:
+    for pid in _children(main.pid):
+        os.kill(pid, signal.SIGKILL)
+    if main.poll() is None:
+        main.kill()
+
+
+def test_a_dying_rank_takes_the_job_down_within_60s(tmp_path):
+    main, rank1 = two_rank_job(tmp_path / "run")
     try:
-        deadline = time.time() + 120
-        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
-            assert main.poll() is None and time.time() < deadline, "training never started"
-            time.sleep(0.5)
-        ranks = [pid for pid in _children(main.pid)
-                 if b"dsrun" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(ranks) == 1, ranks
-        os.kill(ranks[0], signal.SIGKILL)
+        os.kill(rank1, signal.SIGKILL)
         killed = time.time()
-        code = main.wait(timeout=60)
-        assert code != 0
+        assert main.wait(timeout=60) != 0
         assert time.time() - killed < 60
     finally:
-        if main.poll() is None:
-            main.kill()
+        end(main)
 
 
 def test_fsdp_with_activation_checkpointing_matches_without(tmp_path):
@@ -94,27 +105,15 @@ def test_fsdp_with_activation_checkpointing_matches_without(tmp_path):
 def test_a_hung_rank_times_out_naming_the_rank(tmp_path):
     """SIGSTOP one rank: the other's collective gives up after parallel.timeout_s, names its rank, exits 4, and
     takes the hung rank down with it."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dsrun", *FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1",
-           "train.max_steps=100000", "parallel.timeout_s=10", f"hydra.run.dir={run_dir}"]
-    main = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    main, rank1 = two_rank_job(tmp_path / "run", "parallel.timeout_s=10")
     try:
-        deadline = time.time() + 120
-        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
-            assert main.poll() is None and time.time() < deadline, "training never started"
-            time.sleep(0.5)
-        ranks = [pid for pid in _children(main.pid) if b"dsrun" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(ranks) == 1, ranks
-        os.kill(ranks[0], signal.SIGSTOP)
+        os.kill(rank1, signal.SIGSTOP)
         stopped = time.time()
         assert main.wait(timeout=90) == 4
         assert time.time() - stopped < 60
         stderr = main.stderr.read()
         assert "rank 0: a collective did not complete within parallel.timeout_s=10 s" in stderr, stderr[-2000:]
         time.sleep(0.5)
-        assert not Path(f"/proc/{ranks[0]}").exists() or b"Z" in Path(f"/proc/{ranks[0]}/stat").read_bytes()[:60]
+        assert not Path(f"/proc/{rank1}").exists() or b" Z " in Path(f"/proc/{rank1}/stat").read_bytes()[:80]
     finally:
-        for pid in _children(main.pid):
-            os.kill(pid, signal.SIGKILL)
-        if main.poll() is None:
-            main.kill()
+        end(main)
