@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box.
-FAST = ["hardware=cpu", "monitor=none", "train.log_every=1"]
+# Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box. No checkpoints
+# unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run.
+FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1"]
 
 
 def dsrun(*args: str, run_dir: Path | None = None, timeout: float = 300, env: dict | None = None,

@@ -88,7 +88,8 @@ def fingerprint(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ckpt") / "run"
-    proc = dsrun(*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2", run_dir=run_dir)
+    proc = dsrun(*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2", "train.checkpoint_every=0",
+                 run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return run_dir / "checkpoints" / "step-00000002"
 
