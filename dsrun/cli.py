@@ -146,14 +146,37 @@ def resume_argv(args: list[str]) -> list[str]:
             "train.resume=auto", *args[1:]]
 
 
-VERBS: dict[str, Callable[[list[str]], list[str]]] = {"resume": resume_argv}
+def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:
+    """A verb's code is imported only when the verb is used (the training path stays lean)."""
+    def call(args: list[str]) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+    return call
+
+
+# Verbs that become a Hydra command line, and commands that do their work and exit without Hydra.
+VERBS: dict[str, Callable[[list[str]], list[str]]] = {
+    "resume": resume_argv, "replay": _lazy("dsrun.rollback", "replay_argv"),
+    "rollback": _lazy("dsrun.rollback", "rollback_argv")}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "report": _lazy("dsrun.report", "report_command"), "runs": _lazy("dsrun.ledger", "runs_command"),
+    "diff": _lazy("dsrun.rollback", "diff_command")}
 
 
 def main() -> None:
     register_configs()
     argv = sys.argv[1:]
+    if argv and argv[0] in COMMANDS:
+        try:
+            return COMMANDS[argv[0]](argv[1:])
+        except UserError as exc:
+            fail(str(exc))
     if argv and argv[0] in VERBS:
-        argv = VERBS[argv[0]](argv[1:])
+        try:
+            argv = VERBS[argv[0]](argv[1:])
+        except UserError as exc:
+            fail(str(exc))
         # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
         sys.argv = [sys.argv[0], *argv]
     rank = os.environ.get("RANK", "0")

@@ -9,7 +9,10 @@ from rich.console import Console
 from rich.tree import Tree
 from omegaconf import DictConfig, OmegaConf
 
+from dsrun import sweep
+from dsrun.ledger import recorded
 from dsrun.plan_report import plan_task
+from dsrun.rollback import prepare_smoke, smoke_problems
 from dsrun.runs import run_dir
 from dsrun.strategy import check_environment, data_parallel_size, global_batch
 
@@ -37,7 +40,7 @@ def dry_run(cfg: DictConfig) -> None:
     console.print("config valid; nothing started (task=dry_run)")
 
 
-def train(cfg: DictConfig) -> None:
+def train(cfg: DictConfig, check: Any = None) -> None:
     import torch
 
     from dsrun.train import fit
@@ -48,7 +51,7 @@ def train(cfg: DictConfig) -> None:
         Console(stderr=True).print(config_tree(cfg))
     folder = run_dir()
     try:
-        fit(cfg, folder)
+        recorded(cfg, folder, fit, check)  # one ledger record per run, failures included
     except torch.OutOfMemoryError as exc:
         diagnose_oom(cfg, folder, exc)
     except RuntimeError as exc:  # torch.distributed.DistBackendError included
@@ -121,8 +124,15 @@ def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
     raise SystemExit(3)
 
 
-TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task}  # plan_task: no check_environment, no GPU
+def smoke(cfg: DictConfig) -> None:
+    prepare_smoke(cfg)
+    train(cfg, check=smoke_problems)  # passing marks the run good: `dsrun rollback` returns to it
+
+
+TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke}  # plan_task: no GPU needed
 
 
 def run_task(cfg: DictConfig) -> Any:
+    if sweep.isolated(cfg):  # under -m each training trial is its own process: a crash cannot end the sweep
+        return sweep.run_trial(cfg)
     return TASKS[cfg.task.name](cfg)

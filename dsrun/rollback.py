@@ -1,0 +1,162 @@
+"""Snapshots and rollback: replay a past run, roll back to the last good one, smoke-check a config, diff two runs.
+
+A run's `.hydra/config.yaml` is the config exactly as composed (before `auto` was filled in), so composing from
+it again (`--config-path <run>/.hydra`, as `dsrun resume` does) re-runs that run. A replay starts from scratch in
+a new folder and records the run it came from as its parent in the ledger (dsrun/ledger.py reads that from the
+config path). `task=smoke` is a short run whose checks mark it `good`; `dsrun rollback` replays the newest good run.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsrun.errors import UserError
+
+SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
+SMOKE_MAX_GRAD_NORM = 100.0  # pre-clip norm; healthy runs clipped at 1.0 stay within ~0.1-10
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def snapshot_of(folder: str) -> Path:
+    """`<run>/.hydra/config.yaml`, checked to be a dsrun config, or a one-line user error."""
+    run = Path(folder).resolve()
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run}: not a dsrun run folder (no .hydra/config.yaml); pass a folder a run wrote "
+                        "(outputs/runs/<time> or a sweep's outputs/sweeps/<time>/<n>)")
+    try:
+        data = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{saved}: corrupted snapshot, not YAML ({str(exc).splitlines()[0]}); "
+                        "replay another run or restore the file") from None
+    if not isinstance(data, dict) or not {"train", "model", "task"} <= set(data):
+        raise UserError(f"{saved}: corrupted snapshot, not a dsrun config (no train/model/task sections); "
+                        "replay another run or restore the file")
+    return saved
+
+
+def _run_dir_pattern() -> str:
+    """New folders follow conf/config.yaml's hydra.run.dir (a snapshot does not carry Hydra's settings)."""
+    return yaml.safe_load((CONF_DIR / "config.yaml").read_text())["hydra"]["run"]["dir"]
+
+
+def replay_argv(args: list[str]) -> list[str]:
+    """`dsrun replay RUN_DIR [overrides]`: the run's composed config, from scratch, in a new run folder."""
+    if not args or args[0].startswith("-"):
+        raise UserError("usage: dsrun replay RUN_DIR [overrides...]")
+    saved = snapshot_of(args[0])
+    return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={_run_dir_pattern()}",
+            "hydra.job.name=dsrun", "train.resume=never", *args[1:]]
+
+
+def rollback_argv(args: list[str]) -> list[str]:
+    """`dsrun rollback [overrides]`: replay the newest run a smoke check marked good."""
+    from dsrun.ledger import latest_good, ledger_path
+
+    good = latest_good()
+    if good is None:
+        raise UserError(f"no run is marked good in the ledger {ledger_path()}; a passing `python -m dsrun "
+                        "task=smoke ...` marks one")
+    print(f"dsrun: rolling back to run {good['id']} ({good['run_dir']}, {good['time']})", file=sys.stderr)
+    return replay_argv([good["run_dir"], *args])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# task=smoke
+
+def prepare_smoke(cfg: Any) -> None:
+    """At most task.steps steps (a recipe's 1000 become 100; train.max_steps=20 stays 20), logged often enough
+    for the loss check; the shortened values land in the run's config.yaml."""
+    steps = min(cfg.train.max_steps, cfg.task.steps or cfg.train.max_steps)
+    if steps < SMOKE_MIN_LOGGED:  # refuse before the model costs anything
+        raise UserError(f"task=smoke with {steps} steps: the loss check needs at least {SMOKE_MIN_LOGGED} "
+                        "(task.steps and train.max_steps)")
+    cfg.train.max_steps = steps
+    cfg.train.log_every = min(cfg.train.log_every, max(1, steps // (2 * SMOKE_MIN_LOGGED)))
+
+
+def smoke_problems(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """What makes this run not good: unfinished, loss not finite or not falling, gradient norm out of bounds."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    return check_metrics(rows, summary.get("status", "completed"))
+
+
+def check_metrics(rows: list[dict[str, Any]], status: str = "completed") -> list[str]:
+    problems = []
+    if status != "completed":
+        problems.append(f"task=smoke failed: the run ended {status}, not completed")
+    if len(rows) < SMOKE_MIN_LOGGED:
+        return problems + [f"task=smoke failed: {len(rows)} logged steps, the check needs {SMOKE_MIN_LOGGED}; "
+                           "raise task.steps or lower train.log_every"]
+    losses = [row["loss"] for row in rows]
+    bad = next((row["step"] for row in rows if not math.isfinite(row["loss"])), None)
+    if bad is not None:
+        problems.append(f"task=smoke failed: loss not finite at step {bad}; lower train.lr")
+    else:
+        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        if not last < first:
+            problems.append(f"task=smoke failed: loss not falling (first 3 logged {first:.4f}, last 3 {last:.4f}); "
+                            "check train.lr and the data")
+    norms = [(row["step"], row["grad_norm"]) for row in rows]
+    step, worst = max(norms, key=lambda n: n[1] if math.isfinite(n[1]) else math.inf)
+    if not math.isfinite(worst) or worst > SMOKE_MAX_GRAD_NORM:
+        problems.append(f"task=smoke failed: gradient norm {worst:.4g} at step {step} (bound "
+                        f"{SMOKE_MAX_GRAD_NORM:g}); lower train.lr or keep clipping on")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dsrun diff
+
+def diff_command(args: list[str]) -> None:
+    """`dsrun diff RUN_A RUN_B`: every config key that differs, one `key: old → new` line each (stdout)."""
+    if len(args) != 2:
+        raise UserError("usage: dsrun diff RUN_A RUN_B")
+    a, b = (flatten(_resolved_config(folder)) for folder in args)
+    changed = [key for key in sorted(a.keys() | b.keys()) if a.get(key, _ABSENT) != b.get(key, _ABSENT)]
+    for key in changed:
+        print(f"{key}: {_show(a.get(key, _ABSENT))} → {_show(b.get(key, _ABSENT))}")
+    if not changed:
+        print("dsrun: the two runs' configs are identical", file=sys.stderr)
+
+
+_ABSENT = object()
+
+
+def _resolved_config(folder: str) -> dict[str, Any]:
+    """The run's config.yaml (what really ran); a run that died before writing it has only its snapshot."""
+    run = Path(folder)
+    path = next((p for p in (run / "config.yaml", run / ".hydra" / "config.yaml") if p.is_file()), None)
+    if path is None:
+        raise UserError(f"{run.resolve()}: not a dsrun run folder (no config.yaml); pass a folder a run wrote")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: corrupted config, not a YAML mapping")
+    return data
+
+
+def flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
