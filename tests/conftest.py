@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite
+os.environ.setdefault("DSRUN_LEDGER", str(Path(tempfile.mkdtemp(prefix="dsrun-ledger-")) / "ledger.sqlite"))
 # Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box. No checkpoints
 # unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run.
 FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1"]
