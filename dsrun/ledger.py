@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsrun.errors import TrainingDiverged, UserError
+from dsrun.runs import rank_zero
 
 BUSY_TIMEOUT_S = 60.0
 SCHEMA = """
@@ -92,11 +93,6 @@ def status_of_summary(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
-
-def rank_zero() -> bool:
-    """Only the first process of a run writes its record (Fabric, torchrun and SLURM each name it differently)."""
-    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
 
 def config_hash(cfg: Any) -> str:
     from omegaconf import OmegaConf

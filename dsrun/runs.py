@@ -25,6 +25,12 @@ def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def rank_zero() -> bool:
+    """Before Fabric starts, whether this process is the first of its run (Fabric, torchrun and SLURM each name
+    it differently); rank 0 owns the run folder, the ledger record and the console."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def redact_env(environ: dict[str, str]) -> dict[str, str]:
     """Relevant variables; the value of anything whose name says it is a secret is replaced."""
     kept = {}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dsrun import ledger
+from dsrun.runs import rank_zero
 
 RUNNABLE = ("train", "smoke")
 ERROR_LINE = re.compile(r"error|exception|fatal|segmentation|killed|abort", re.IGNORECASE)
@@ -44,7 +45,7 @@ def run_trial(cfg: Any) -> dict[str, Any]:
     label = f"trial {hc.job.num} ({' '.join(hc.overrides.task)})"
     reason = skip_reason(cfg)
     if reason is not None:
-        record = ledger.record_run(job_dir, {"status": f"skipped: {reason}"}, cfg) if ledger.rank_zero() else {}
+        record = ledger.record_run(job_dir, {"status": f"skipped: {reason}"}, cfg) if rank_zero() else {}
     else:
         main = next(s for s in hc.runtime.config_sources if s.provider == "main")
         config_path = main.path if main.schema == "file" else f"{main.schema}://{main.path}"
@@ -53,7 +54,7 @@ def run_trial(cfg: Any) -> dict[str, Any]:
         for stale in ("record.json", "summary.json"):  # a sweep folder used again must not report the old trial
             (job_dir / stale).unlink(missing_ok=True)
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
-        record = outcome(job_dir, cfg, returncode) if ledger.rank_zero() else {}
+        record = outcome(job_dir, cfg, returncode) if rank_zero() else {}
         if stopped_by:  # the user (or SLURM) stopped the sweep: the trial saved a checkpoint; start no more
             raise SystemExit(f"dsrun: sweep stopped by {stopped_by} during {label}; the trial can be continued "
                              f"with: dsrun resume {job_dir}")

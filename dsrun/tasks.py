@@ -13,7 +13,7 @@ from dsrun import sweep
 from dsrun.ledger import recorded
 from dsrun.plan_report import plan_task
 from dsrun.rollback import prepare_smoke, smoke_problems
-from dsrun.runs import run_dir
+from dsrun.runs import rank_zero, run_dir
 from dsrun.strategy import check_environment, data_parallel_size, global_batch
 
 
@@ -23,12 +23,6 @@ def config_tree(cfg: DictConfig) -> Tree:
         branch = tree.add(f"[bold cyan]{group}")
         branch.add(OmegaConf.to_yaml(node, resolve=True).rstrip() if OmegaConf.is_config(node) else str(node))
     return tree
-
-
-def is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -47,7 +41,7 @@ def train(cfg: DictConfig, check: Any = None) -> None:
 
     check_environment(cfg)
     check_plan(cfg)
-    if is_rank_zero() and cfg.monitor.console.enabled:
+    if rank_zero() and cfg.monitor.console.enabled:
         Console(stderr=True).print(config_tree(cfg))
     folder = run_dir()
     try:
