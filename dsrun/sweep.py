@@ -51,6 +51,8 @@ def run_trial(cfg: Any) -> dict[str, Any]:
         config_path = main.path if main.schema == "file" else f"{main.schema}://{main.path}"
         argv = [sys.executable, "-m", "dsrun", "--config-path", config_path, "--config-name", hc.job.config_name,
                 *hc.overrides.task, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null"]
+        if cfg.monitor.wandb.group is None:  # W&B groups a sweep's trials under the sweep's folder name
+            argv.append(f"monitor.wandb.group={job_dir.parent.name}")
         for stale in ("record.json", "summary.json"):  # a sweep folder used again must not report the old trial
             (job_dir / stale).unlink(missing_ok=True)
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
