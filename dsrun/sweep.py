@@ -14,6 +14,7 @@ Plans and dry runs are cheap and cannot crash the sweep: they still run in-proce
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,8 +52,6 @@ def run_trial(cfg: Any) -> dict[str, Any]:
         config_path = main.path if main.schema == "file" else f"{main.schema}://{main.path}"
         argv = [sys.executable, "-m", "dsrun", "--config-path", config_path, "--config-name", hc.job.config_name,
                 *hc.overrides.task, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null"]
-        if cfg.monitor.wandb.group is None:  # W&B groups a sweep's trials under the sweep's folder name
-            argv.append(f"monitor.wandb.group={job_dir.parent.name}")
         for stale in ("record.json", "summary.json"):  # a sweep folder used again must not report the old trial
             (job_dir / stale).unlink(missing_ok=True)
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
@@ -71,7 +70,9 @@ def run_child(argv: list[str], log: Path) -> tuple[int, str]:
     log.parent.mkdir(parents=True, exist_ok=True)
     stopped_by = ""
     with open(log, "w") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # the sweep's name reaches W&B (group) through the environment, so the trial's config stays the sweep's
+        env = {**os.environ, "DSRUN_SWEEP": log.parent.parent.name}
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
         def forward(signum: int, frame: Any) -> None:
             nonlocal stopped_by

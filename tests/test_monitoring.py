@@ -395,3 +395,15 @@ def test_wandb_online_without_a_login_is_a_user_error(tmp_path, monkeypatch):
     cfg = types.SimpleNamespace(mode="online", project="dsrun", entity=None, group=None)
     with pytest.raises(UserError, match="monitor.wandb.mode=online: .*WANDB_API_KEY.*monitor.wandb.mode=offline"):
         WandbMonitor(cfg, tmp_path / "run", {})
+
+
+def test_sweep_trials_are_grouped_in_wandb_by_their_sweep(tmp_path):
+    sweep = tmp_path / "my-sweep"
+    proc = dsrun("-m", *BASE, "train.max_steps=2", "monitor=wandb", "train.micro_batch=1,2",
+                 f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for trial in ("0", "1"):
+        [wandb_file] = (sweep / trial).glob("wandb/offline-run-*/run-*.wandb")
+        [run] = [r.run for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "run"]
+        assert run.run_group == "my-sweep"
+    assert "group: null" in (sweep / "0" / "config.yaml").read_text(), "the trial's config is the sweep's"

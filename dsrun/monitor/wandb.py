@@ -6,6 +6,7 @@ into the logged config (the resolved dsrun config holds no secrets).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ class WandbMonitor(Monitor):
                             "`pip install wandb`, or leave wandb out of monitor=") from None
         self.mode = cfg.mode
         try:
-            self.run = wandb.init(dir=run_dir, mode=cfg.mode, project=cfg.project, entity=cfg.entity,
-                                  group=cfg.group, name=run_dir.name, job_type="train", config=config,
+            group = cfg.group or os.environ.get("DSRUN_SWEEP")  # a sweep's trials are grouped by the sweep
+            self.run = wandb.init(dir=run_dir, mode=cfg.mode, project=cfg.project, entity=cfg.entity, group=group,
+                                  name=run_dir.name, job_type="train", config=config,
                                   settings=wandb.Settings(silent=True))  # dsrun prints its own line
         except wandb.errors.Error as exc:
             reason = " ".join(str(exc).split())
