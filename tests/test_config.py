@@ -21,11 +21,16 @@ def options(group: str) -> list[str]:
     return sorted(p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
 
 
-def composed(*overrides: str):
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    """One Hydra context for the module: initialising it per test costs more than composing."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hardware=cpu", *overrides])
-    return cfg
+        yield
+
+
+def composed(*overrides: str):
+    return compose(config_name="config", overrides=["hardware=cpu", *overrides])
 
 
 def check(cfg) -> None:
@@ -151,9 +156,7 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_and_validates(recipe):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"+recipe={recipe}", "task=dry_run"])
+    cfg = compose(config_name="config", overrides=[f"+recipe={recipe}", "task=dry_run"])
     check(cfg)
     first_line = (REPO / "recipes" / f"{recipe}.yaml").read_text().splitlines()[1]
     assert first_line.startswith("# ") and len(first_line) > 20, "each recipe says what it is in one line"

@@ -10,8 +10,8 @@ from tests.conftest import FAST, assert_user_error, dsrun, read_metrics
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_quantized_base_with_lora_trains(method, tmp_path):
     run_dir = tmp_path / "run"
-    proc = dsrun(*FAST, f"quant={method}", "adapter=lora", "train.max_steps=20", "train.lr=3e-3",
-                 "train.seq_len=64", "train.micro_batch=2", run_dir=run_dir)
+    proc = dsrun(*FAST, f"quant={method}", "adapter=lora", "train.max_steps=12", "train.lr=3e-3",
+                 "train.seq_len=32", "train.micro_batch=2", run_dir=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [row["loss"] for row in read_metrics(run_dir)]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
