@@ -56,7 +56,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         trainable = [p for p in module.parameters() if p.requires_grad]
         # fused kernels need the states on the GPU; ZeRO-Offload keeps them in host RAM
-        return build_optimizer(cfg.optim, trainable, lr, fused=fabric.device.type == "cuda" and not cfg.parallel.offload)
+        fused = fabric.device.type == "cuda" and not cfg.parallel.offload
+        return build_optimizer(cfg.optim, trainable, lr, fused=fused)
 
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
@@ -153,9 +154,9 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
-    state = full_state_dict(fabric, model)  # collective: every rank takes part
+    final_weights = full_state_dict(fabric, model)  # collective: every rank takes part
     if rank_zero:
-        save_weights(fabric_unwrap(model), state, weights)
+        save_weights(fabric_unwrap(model), final_weights, weights)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
     summary["memory_cap_gib"] = memory_cap
     if rank_zero:
