@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from dsrun.checkpoint import Checkpointer
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
 from dsrun.errors import TrainingDiverged
-from dsrun.model import add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights
+from dsrun.model import (add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights,
+                         weight_dtype)
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.quantize import quantize
@@ -46,7 +47,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     arch = architecture(cfg.model)
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
     with model_init(fabric, cfg):
-        model = build_model(cfg.model, arch, seed=tr.seed)
+        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode))
         model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
                           data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")

@@ -90,3 +90,20 @@ def test_accumulation_gives_the_same_step_as_one_big_micro_batch(tmp_path):
     for ref, got in zip(read_metrics(tmp_path / "single"), read_metrics(tmp_path / "accumulate")):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
+
+
+def test_bf16_true_weights_are_created_in_bf16_not_cast_from_fp32():
+    # an fp32 build then cast peaked at 1.5x the weights: 7.1 GiB for a 1.5B model on an 8 GB card
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from dsrun.config import register_configs
+    from dsrun.model import architecture, build_model, weight_dtype
+    from tests.conftest import REPO
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hardware=cpu", "precision=bf16_true"])
+    model = build_model(cfg.model, architecture(cfg.model), seed=0, dtype=weight_dtype(cfg.precision.mode))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert weight_dtype("bf16-mixed") == torch.float32
