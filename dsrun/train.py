@@ -115,10 +115,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)
         nonfinite_streak = 0 if stepped else nonfinite_streak + 1
         if nonfinite_streak >= tr.max_nonfinite_steps:
-            raise TrainingDiverged(
-                f"loss or gradients not finite for {nonfinite_streak} steps in a row (step {step}); those steps "
-                f"were skipped and no weights with NaN/Inf were saved; lower train.lr (now {tr.lr}), keep "
-                f"clipping on, or use precision=bf16 instead of fp16, then resume from the last checkpoint")
+            raise TrainingDiverged(diverged_message(cfg, nonfinite_streak, step, loss_sum, grad_norm))
 
         if step % tr.log_every == 0 or step == tr.max_steps:
             mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
@@ -165,6 +162,15 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     monitors.finish(summary)
     fabric.barrier()
     return summary
+
+
+def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, grad_norm: Any) -> str:
+    """What went non-finite, and the advice that fits this precision (one host sync, on the way out)."""
+    what = "the loss" if not torch.isfinite(loss_sum).item() else f"the gradient norm ({float(grad_norm)})"
+    advice = "use precision=bf16 instead of fp16, " if cfg.precision.mode == "16-mixed" else ""
+    return (f"{what} was not finite for {streak} steps in a row (step {step}); those steps were skipped and no "
+            f"weights with NaN/Inf were saved; lower train.lr (now {cfg.train.lr}), keep clipping on, {advice}then "
+            "resume from the last checkpoint")
 
 
 class StopSignal:
