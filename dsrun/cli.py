@@ -16,6 +16,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
+from dsrun.batch_size import chosen_micro_batch
 from dsrun.config import register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, UserError
 
@@ -127,8 +128,9 @@ def hydra_main(cfg: DictConfig) -> None:
     from dsrun.tasks import run_task
 
     try:
+        probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
-        run_task(cfg)
+        run_task(cfg, probe_micro_batch=probe)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
 
@@ -143,7 +145,8 @@ def resume_argv(args: list[str]) -> list[str]:
     if not saved.is_file():
         fail(f"{run}: not a dsrun run folder (no .hydra/config.yaml); pass the folder a run wrote")
     return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run}",
-            "train.resume=auto", *args[1:]]
+            "train.resume=auto", *chosen_micro_batch(run), *args[1:]]
+
 
 
 def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:

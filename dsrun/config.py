@@ -26,6 +26,7 @@ class HardwareConfig:
     network: str = "none"  # between nodes: none | ethernet | infiniband
     env: Dict[str, str] = field(default_factory=dict)  # NCCL/Gloo variables applied before the process group starts
     emulate: bool = False  # cap a bigger GPU to this profile's VRAM
+    memory_cap_gib: Optional[float] = None  # cap what training may allocate per process (GPU allocator; CPU heap)
 
 
 @dataclass
@@ -103,8 +104,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 150
-    micro_batch: int = 4
+    micro_batch: Any = 4  # a number, or auto: the largest that fits, keeping global_batch (dsrun/batch_size.py)
     accumulation: int = 1
+    global_batch: Optional[int] = None  # when set, accumulation = this / (micro_batch x data-parallel size)
     seq_len: int = 128
     lr: float = 3e-3
     seed: int = 42
@@ -121,12 +123,6 @@ class TrainConfig:
 class TaskConfig:
     name: str = "train"
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
-
-
-@dataclass
-class SweepConfig:
-    """Multirun settings that change each trial's config (docs/sweeps.md)."""
-    fixed_global_batch: Optional[int] = None  # derive train.accumulation = this / (micro_batch x data-parallel)
 
 
 @dataclass
@@ -193,7 +189,6 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:
@@ -233,7 +228,11 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     p: list[str] = []
     hw, par, prec, tr = cfg.hardware, cfg.parallel, cfg.precision, cfg.train
 
-    _positive(p, cfg, ("train.max_steps", "train.micro_batch", "train.accumulation", "train.seq_len",
+    from dsrun.batch_size import auto_problem, global_batch_problem
+
+    if problem := auto_problem(cfg):
+        p.append(problem)
+    _positive(p, cfg, ("train.max_steps", "train.accumulation", "train.seq_len",
                        "train.log_every", "hardware.devices", "hardware.num_nodes",
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
                        "train.max_nonfinite_steps",
@@ -244,10 +243,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "-1 never")
     if (steps := getattr(cfg.task, "steps", None)) is not None and steps < 1:  # old snapshots lack the key
         p.append(f"task.steps={steps}: must be >= 1")
-    from dsrun.sweep import fixed_global_batch_problem
-
-    if problem := fixed_global_batch_problem(cfg):
+    if isinstance(tr.micro_batch, int):
+        _positive(p, cfg, ("train.micro_batch",))
+    if problem := global_batch_problem(cfg):
         p.append(problem)
+    if hw.memory_cap_gib is not None and hw.memory_cap_gib <= 0:
+        p.append(f"hardware.memory_cap_gib={hw.memory_cap_gib}: must be > 0 (GiB a process may allocate)")
     if tr.lr <= 0:
         p.append(f"train.lr={tr.lr}: must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -382,6 +383,8 @@ def resolve(cfg: Any) -> None:
         # grouped_mm is bf16-only and CUDA-fast; eager runs everywhere (PITFALLS: DeepSeek MoE)
         bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")
         cfg.model.experts_implementation = "grouped_mm" if hw.accelerator == "cuda" and bf16 else "eager"
-    from dsrun.sweep import derive_accumulation
+    from dsrun.batch_size import AUTO, auto_problem, derive_accumulation, planned_micro_batch
 
-    derive_accumulation(cfg)  # sweep.fixed_global_batch: after parallel is resolved (data-parallel size)
+    if cfg.train.micro_batch == AUTO and auto_problem(cfg) is None:  # after parallel (data-parallel size)
+        cfg.train.micro_batch = planned_micro_batch(cfg)  # the probe before training may still change it
+    derive_accumulation(cfg)

@@ -474,6 +474,8 @@ def plan(cfg: Any, suggest: bool = True) -> Plan:
     speed = (inference_speed if inference else training_speed)(cfg, shape, spec, m, host)
     hours, usd, per_hour, price = cost(cfg, spec, speed["tokens_per_s"])
     capacity = spec["vram_gib"] if spec else host_memory_gib() / cfg.hardware.devices
+    if cfg.hardware.get("memory_cap_gib"):  # snapshots older than the key lack it
+        capacity = min(capacity, cfg.hardware.memory_cap_gib)
     total, host_total = sum(m.values()) / GIB, sum(host.values()) / GIB
     fits = total <= capacity and (cfg.plan.host_ram_gib is None or host_total <= cfg.plan.host_ram_gib)
     device = f"{world_size(cfg)} x {spec['name']}" if spec else f"{cfg.hardware.devices} x CPU process"
@@ -510,7 +512,9 @@ def _recipe(cfg: Any) -> dict[str, Any]:
 
 def _verdict(p: Plan, cfg: Any, spec: dict | None) -> str:
     where = "per GPU" if spec else "of host RAM per process"
-    has = f"{spec['name'] if spec else 'this machine'} has {p.vram_gib:.1f} GiB"
+    capped = cfg.hardware.get("memory_cap_gib") and cfg.hardware.memory_cap_gib <= p.vram_gib
+    has = (f"hardware.memory_cap_gib caps it at {p.vram_gib:.1f} GiB" if capped else
+           f"{spec['name'] if spec else 'this machine'} has {p.vram_gib:.1f} GiB")
     if not p.fits and p.total_gib > p.vram_gib:
         weights = sum(p.components.get(k, 0) + p.host_components.get(k, 0) / cfg.hardware.devices
                       for k in ("weights", "quant_constants"))

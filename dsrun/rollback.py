@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from dsrun.batch_size import chosen_micro_batch
 from dsrun.errors import UserError
 
 SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
@@ -51,7 +52,7 @@ def replay_argv(args: list[str]) -> list[str]:
         raise UserError("usage: dsrun replay RUN_DIR [overrides...]")
     saved = snapshot_of(args[0])
     return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={_run_dir_pattern()}",
-            "hydra.job.name=dsrun", "train.resume=never", *args[1:]]
+            "hydra.job.name=dsrun", "train.resume=never", *chosen_micro_batch(saved.parent.parent), *args[1:]]
 
 
 def rollback_argv(args: list[str]) -> list[str]:

@@ -64,15 +64,16 @@ def run_trial(cfg: Any) -> dict[str, Any]:
     return record
 
 
-def run_child(argv: list[str], log: Path) -> tuple[int, str]:
+def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the trial with its output in `log`. SIGTERM/SIGINT are passed on, so the trial checkpoints and exits
     as a single run would; returns (exit code, the signal that stopped the sweep or '')."""
     log.parent.mkdir(parents=True, exist_ok=True)
     stopped_by = ""
     with open(log, "w") as out:
         # the sweep's name reaches W&B (group) through the environment, so the trial's config stays the sweep's
-        env = {**os.environ, "DSRUN_SWEEP": log.parent.parent.name}
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        extra = env if env is not None else {"DSRUN_SWEEP": log.parent.parent.name}
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, **extra})
 
         def forward(signum: int, frame: Any) -> None:
             nonlocal stopped_by
@@ -150,33 +151,3 @@ def skip_reason(cfg: Any) -> str | None:
 
     p = plan(cfg, suggest=False)
     return None if p.fits else p.verdict
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# sweep.fixed_global_batch: compare micro-batch sizes at the same optimisation (same global batch)
-
-def fixed_global_batch_problem(cfg: Any) -> str | None:
-    """Why this config cannot hold `sweep.fixed_global_batch` (None when it can, or when it is unset)."""
-    from dsrun.strategy import data_parallel_size
-
-    target = _fixed_global_batch(cfg)
-    if target is None:
-        return None
-    per_micro_step = cfg.train.micro_batch * data_parallel_size(cfg)
-    if target < 1 or per_micro_step < 1 or target % per_micro_step:
-        return (f"sweep.fixed_global_batch={target}: not a multiple of train.micro_batch {cfg.train.micro_batch} x "
-                f"data-parallel {data_parallel_size(cfg)} = {per_micro_step}; pick micro-batch sizes that divide it")
-    return None
-
-
-def derive_accumulation(cfg: Any) -> None:
-    """accumulation = global batch / (micro-batch x data-parallel size); undividable splits are left to validate."""
-    from dsrun.strategy import data_parallel_size
-
-    target = _fixed_global_batch(cfg)
-    if target is not None and fixed_global_batch_problem(cfg) is None:
-        cfg.train.accumulation = target // (cfg.train.micro_batch * data_parallel_size(cfg))
-
-
-def _fixed_global_batch(cfg: Any) -> int | None:
-    return getattr(getattr(cfg, "sweep", None), "fixed_global_batch", None)  # snapshots older than it lack `sweep`

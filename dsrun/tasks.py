@@ -46,9 +46,11 @@ def train(cfg: DictConfig, check: Any = None) -> None:
     folder = run_dir()
     try:
         recorded(cfg, folder, fit, check)  # one ledger record per run, failures included
-    except torch.OutOfMemoryError as exc:
+    except (torch.OutOfMemoryError, MemoryError) as exc:
         diagnose_oom(cfg, folder, exc)
-    except RuntimeError as exc:  # torch.distributed.DistBackendError included
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc):  # the CPU allocator at hardware.memory_cap_gib (RLIMIT_DATA)
+            diagnose_oom(cfg, folder, exc)
         if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
             raise
         collective_timeout(cfg, folder, exc)
@@ -101,17 +103,25 @@ def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
     from dsrun.plan import plan
     from dsrun.runs import write_json
 
-    peak = torch.cuda.max_memory_reserved() / 2**30
-    (folder / "oom_memory_summary.txt").write_text(torch.cuda.memory_summary())
     verdict = plan(cfg, suggest=True)
+    if cfg.hardware.accelerator == "cuda":
+        kind, peak = "GPU", torch.cuda.max_memory_reserved() / 2**30
+        (folder / "oom_memory_summary.txt").write_text(torch.cuda.memory_summary())
+        cap = torch.cuda.get_device_properties(0).total_memory / 2**30
+        if cfg.hardware.emulate or cfg.hardware.memory_cap_gib:
+            cap = min(cap, verdict.vram_gib)
+    else:
+        import resource
+
+        kind, peak, cap = "host", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, verdict.vram_gib
+        (folder / "oom_memory_summary.txt").write_text(f"peak RSS {peak:.2f} GiB; cap {cap:.2f} GiB\n{exc}\n")
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(verdict.components.items(), key=lambda kv: -kv[1])[:4])
     fixes = "; ".join(f"{s.change} ({' '.join(s.overrides)})" for s in verdict.suggestions[:3] if s.fits)
-    cap = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if cfg.hardware.emulate:
-        cap = min(cap, verdict.vram_gib)
     write_json(folder / "summary.json", {"status": "oom", "peak_memory_gib": peak, "memory_cap_gib": cap,
                                          "planned_gib": verdict.total_gib, "error": str(exc).splitlines()[0]})
-    print(f"dsrun: out of GPU memory: the step reached {peak:.1f} GiB reserved against {cap:.1f} GiB "
+    reached = (f"the step reached {peak:.1f} GiB reserved against {cap:.1f} GiB" if kind == "GPU" else
+               f"an allocation beyond the {cap:.1f} GiB cap failed (peak RSS {peak:.1f} GiB, the interpreter included)")
+    print(f"dsrun: out of {kind} memory: {reached} "
           f"(the plan expected {verdict.total_gib:.1f} GiB, largest parts in GiB: {parts}). "
           f"Try: {fixes or 'a smaller train.micro_batch with a larger train.accumulation'}. "
           f"The allocator's summary is in {folder / 'oom_memory_summary.txt'}.", file=sys.stderr)
@@ -126,7 +136,12 @@ def smoke(cfg: DictConfig) -> None:
 TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke}  # plan_task: no GPU needed
 
 
-def run_task(cfg: DictConfig) -> Any:
+def run_task(cfg: DictConfig, probe_micro_batch: bool = False) -> Any:
     if sweep.isolated(cfg):  # under -m each training trial is its own process: a crash cannot end the sweep
-        return sweep.run_trial(cfg)
+        return sweep.run_trial(cfg)  # the trial probes its own train.micro_batch=auto
+    if probe_micro_batch and cfg.task.name in sweep.RUNNABLE and rank_zero():
+        from dsrun.batch_size import probe_micro_batch as probe
+
+        check_environment(cfg)
+        probe(cfg, run_dir())
     return TASKS[cfg.task.name](cfg)

@@ -242,10 +242,49 @@ def test_gpu_trials_the_plan_refuses_are_skipped_without_starting(tmp_path):
 def test_fixed_global_batch_derives_accumulation():
     for overrides, accumulation in ((["train.micro_batch=2"], 4), (["train.micro_batch=8"], 1),
                                     (["train.micro_batch=2", "hardware.devices=2", "parallel=ddp"], 2)):
-        cfg = composed("hardware=cpu", "sweep.fixed_global_batch=8", *overrides)
+        cfg = composed("hardware=cpu", "train.global_batch=8", *overrides)
         resolve(cfg)
         validate(cfg, gpu_catalog())
         assert cfg.train.accumulation == accumulation
+
+
+def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(tmp_path):
+    """1 GiB cap on the process's heap: the plan guesses 2, the probe at 4 runs out of memory for real, 2 fits."""
+    run = tmp_path / "run"
+    proc = dsrun(*FAST, "train.max_steps=2", "train.micro_batch=auto", "train.global_batch=16",
+                 "hardware.memory_cap_gib=1", run_dir=run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads((run / "micro_batch_probe" / "probe.json").read_text())
+    assert [(p["micro_batch"], p["result"]) for p in probe["probes"]] == [(4, "out of memory"), (2, "fits")]
+    assert probe["planned"] == probe["chosen"] == 2
+    assert "out of host memory" in (run / "micro_batch_probe" / "4" / "probe.log").read_text()
+    import yaml
+
+    train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (2, 8, 16)
+    assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
+    assert "chose 2" in proc.stderr
+    # the probes are part of this run: the ledger holds the run once, not its probes
+    from dsrun.batch_size import chosen_micro_batch
+
+    assert chosen_micro_batch(run) == ["train.micro_batch=2"]  # what resume and replay pin
+
+
+def test_auto_micro_batch_needs_a_global_batch_and_one_node():
+    from dsrun.errors import ConfigError
+
+    for overrides, fragment in (([], "set train.global_batch=N"),
+                                (["train.global_batch=3", "hardware.devices=2", "parallel=ddp"],
+                                 "multiple of the data-parallel size 2"),
+                                (["train.global_batch=8", "hardware.num_nodes=2", "parallel=ddp"], "probes on one node")):
+        cfg = composed("hardware=cpu", "train.micro_batch=auto", *overrides)
+        resolve(cfg)
+        with pytest.raises(ConfigError, match=fragment):
+            validate(cfg, gpu_catalog())
+    cfg = composed("hardware=cpu", "train.micro_batch=auto", "train.global_batch=8", "hardware.memory_cap_gib=0.6")
+    resolve(cfg)
+    validate(cfg, gpu_catalog())
+    assert cfg.train.micro_batch * cfg.train.accumulation == 8 and cfg.train.micro_batch < 8  # the plan's guess
 
 
 def test_smoke_checks():
@@ -270,7 +309,7 @@ BAD = {
     "replay of a folder that is not a run": (["replay", "{tmp}"], "not a dsrun run folder"),
     "replay of a corrupted snapshot": (["replay", "{corrupt}"], "corrupted snapshot"),
     "sweep over an unknown key": (["-m", "hardware=cpu", "train.micro_bach=1,2"], "did you mean train.micro_batch"),
-    "fixed global batch that does not divide": (["-m", "hardware=cpu", "sweep.fixed_global_batch=4",
+    "fixed global batch that does not divide": (["-m", "hardware=cpu", "train.global_batch=4",
                                                  "train.micro_batch=1,3"], "not a multiple of train.micro_batch 3"),
     "report of a folder that is not a sweep": (["report", "{tmp}"], "no sweep trials"),
     "diff with a folder that is not a run": (["diff", "{tmp}", "{tmp}"], "not a dsrun run folder"),
