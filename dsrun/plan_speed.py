@@ -9,9 +9,11 @@ from typing import Any
 
 from dsrun.hardware import cpu_cores, pcie_gbs
 from dsrun.plan import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU, DECODE_BANDWIDTH_EFFICIENCY,
-                        FP8_EFFICIENCY, HOST_OPTIMIZER_PARAMS_PER_S, HOST_POWER_FACTOR, LINK_EFFICIENCY, MFU,
-                        MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora,
-                        bytes_per_param, dtypes, shard_counts)
+                        FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR,
+                        HOST_LORA_BLOCK_S, HOST_MOE_FACTOR, HOST_OPTIMIZER_PARAMS_PER_S, HOST_POWER_FACTOR,
+                        LINK_EFFICIENCY, MFU, MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY,
+                        STEP_BANDWIDTH_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora, bytes_per_param, dtypes,
+                        shard_counts)
 from dsrun.strategy import data_parallel_size, global_batch, world_size
 
 
@@ -98,9 +100,34 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
         link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
         blocking += (_lora(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] / \
-            HOST_OPTIMIZER_PARAMS_PER_S
-    step = compute + max(0.0, overlapped - 2 / 3 * compute) + blocking  # collectives hide under backward
+            HOST_OPTIMIZER_PARAMS_PER_S[strategy]
+    gpu = compute + max(0.0, overlapped - 2 / 3 * compute)  # collectives hide under backward
+    step = max(gpu, host_time(cfg, shape, spec)) + optimizer_time(cfg, shape, spec, host) + blocking
     return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
+
+
+def host_time(cfg: Any, shape: Shape, spec: dict | None) -> float:
+    """Seconds the host spends issuing one optimizer step's forward passes (backward runs in autograd's C++ engine):
+    the GPU cannot go faster than it is fed, which decides small micro-batches."""
+    if spec is None:
+        return 0.0
+    d, lora = dtypes(cfg), cfg.adapter.method == "lora"
+    per_block = [HOST_BLOCK_FORWARD_S * (HOST_AUTOCAST_FACTOR if d.autocast else 1) * (HOST_MOE_FACTOR if moe else 1)
+                 + (HOST_LORA_BLOCK_S if lora else 0) for moe in shape.moe_blocks]
+    passes = 2 if cfg.parallel.activation_checkpointing else 1  # checkpointing runs each forward again
+    return sum(per_block) * passes * cfg.train.accumulation * (HOST_COMPILED_FACTOR if cfg.train.compile else 1)
+
+
+def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> float:
+    """The optimizer step, gradient norm and clipping stream every local trainable parameter through HBM: Adam reads
+    and writes weights and states, the gradients are read three times and written once (host-side optimizers are
+    counted with the offload)."""
+    if spec is None or "optimizer_states" in host:
+        return 0.0
+    b, div = bytes_per_param(cfg), shard_counts(cfg)
+    trainable = _lora(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
+    per_param = 2 * (b["weights"] + b["optimizer"]) + 4 * b["gradients"]
+    return trainable / div["optimizer"] * per_param / (spec["mem_bandwidth_gbs"] * 1e9 * STEP_BANDWIDTH_EFFICIENCY)
 
 
 def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:

@@ -65,7 +65,10 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e5)
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "gradient_accumulation_steps": cfg.train.accumulation,
+        # the loop accumulates (its loss is already divided by train.accumulation) and steps the engine once per
+        # optimizer step: DeepSpeed must neither count micro-steps nor divide the loss again
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
         "gradient_clipping": grad_clip(cfg),
         "zero_optimization": zero,
         "bf16": {"enabled": mode in ("bf16-mixed", "bf16-true", "fp8")},
@@ -168,8 +171,12 @@ def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
     import math
 
     if is_deepspeed(fabric):
-        optimizer.step()  # the engine clips (deepspeed_config), skips overflowed fp16 steps, steps at the boundary
-        norm = fabric.strategy.model.get_global_grad_norm()
+        # the engine's own step: Fabric's optimizer wrapper steps the ZeRO optimizer underneath it, so the engine
+        # never recorded the gradient norm (None) nor zeroed its gradients. Every call is the accumulation boundary
+        # (managed_gradient_accumulation off, deepspeed_config); the engine clips and skips overflowed fp16 steps.
+        engine = fabric.strategy.model
+        engine.step()
+        norm = engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         return norm, math.isfinite(norm)
     norm = clip_gradients(fabric, optimizer, params, max_norm)
@@ -178,6 +185,19 @@ def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
+
+
+NORM_CHUNK = 1 << 24  # elements cast to fp64 at a time: 128 MiB, not a copy of the whole gradient
+
+
+def _squared_norm_fp64(grad: Any) -> Any:
+    """Sum of squares in fp64. Sharded (DTensor) gradients reduce through DTensor; a plain one is cast in chunks:
+    casting a 1.5B model's embedding gradient whole put a 1.7 GiB fp64 copy at the step's peak."""
+    import torch
+
+    if hasattr(grad, "full_tensor") or grad.numel() <= NORM_CHUNK:
+        return torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+    return sum(torch.linalg.vector_norm(chunk, dtype=torch.float64) ** 2 for chunk in grad.reshape(-1).split(NORM_CHUNK))
 
 
 def torch_isfinite(value: Any) -> bool:
@@ -215,7 +235,8 @@ def clip_gradients(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
     """Clip to max_norm (0: measure only) and return the total gradient norm before clipping.
 
     Norms accumulate in fp64, so every strategy reports the same norm whatever its summation order (an fp32 sum
-    over a 129k-row embedding drifts ~1e-5 between sharded and unsharded layouts). Under FSDP2 + TP gradients live
+    over a 129k-row embedding drifts ~1e-5 between sharded and unsharded layouts; per-tensor fp32 norms combined in
+    fp64 still drifted 1e-4 over 20 clipped FSDP steps). Under FSDP2 + TP gradients live
     on different meshes (2-D for tensor-parallel weights, 1-D for the rest), which torch's clip_grad_norm_ cannot
     stack: take the norm per mesh, reduce each, combine."""
     import torch
@@ -228,7 +249,7 @@ def clip_gradients(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
             groups.setdefault(key, []).append(p)
     squares = []
     for group in groups.values():
-        sq = sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2 for p in group)
+        sq = sum(_squared_norm_fp64(p.grad) for p in group)
         squares.append(sq.full_tensor() if hasattr(sq, "full_tensor") else sq)
     total = torch.stack(squares).sum().sqrt().float()
     if max_norm > 0:

@@ -330,3 +330,21 @@ def test_plan_settings_are_validated():
         planned("plan.mfu=1.5", "plan.lifetime_years=0", "hardware.num_nodes=-2")
     assert [p.split(":")[0] for p in exc.value.problems] == ["hardware.num_nodes=-2", "plan.lifetime_years=0.0",
                                                               "plan.mfu=1.5"]
+
+
+def test_small_steps_are_host_bound_and_the_optimizer_streams_its_state():
+    from dsrun.plan import HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, STEP_BANDWIDTH_EFFICIENCY, model_shape
+    from dsrun.plan_speed import host_time, optimizer_time
+
+    base = ["model=r1_distill_qwen_1_5b", "hardware=1xh100", "precision=bf16", "train.micro_batch=1"]
+    cfg, short = planned(*base, "train.seq_len=128")
+    _, longer = planned(*base, "train.seq_len=256")
+    assert longer.step_time_s == pytest.approx(short.step_time_s, rel=0.02)  # the host issues the same ops
+    shape = model_shape(cfg.model)
+    assert host_time(cfg, shape, gpu_catalog()["h100_sxm"]) == pytest.approx(
+        28 * HOST_BLOCK_FORWARD_S * HOST_AUTOCAST_FACTOR)
+    # fused AdamW on fp32 weights and moments + norm and clip on fp32 gradients: 40 bytes per parameter
+    seconds = optimizer_time(cfg, shape, gpu_catalog()["h100_sxm"], {})
+    assert seconds == pytest.approx(shape.total * 40 / (3350e9 * STEP_BANDWIDTH_EFFICIENCY), rel=0.01)
+    _, big = planned(*base, "train.seq_len=2048", "train.micro_batch=4")  # here the GPU decides
+    assert big.step_time_s > 2 * longer.step_time_s

@@ -117,3 +117,70 @@ def test_a_hung_rank_times_out_naming_the_rank(tmp_path):
         assert not Path(f"/proc/{rank1}").exists() or b" Z " in Path(f"/proc/{rank1}/stat").read_bytes()[:80]
     finally:
         end(main)
+
+
+DEEPSPEED_STEP = r'''
+import copy, json, os, sys
+from types import SimpleNamespace
+import torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+from lightning.fabric.strategies import DeepSpeedStrategy
+from omegaconf import OmegaConf
+from dsrun.strategy import deepspeed_config, optimizer_step
+
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+torch.manual_seed(0)
+base = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+data = [torch.randn(8, 32) for _ in range(3)]
+out = {}
+for stage, offload in ((2, False), (3, False), (3, True)):
+    for accumulation in (1, 2):
+        cfg = OmegaConf.create({"parallel": {"zero_stage": stage, "offload": offload}, "precision": {"mode": "32-true",
+                                "default_grad_clip": 1.0}, "optim": {"grad_clip": None},
+                                "train": {"micro_batch": 8 // accumulation, "accumulation": accumulation}})
+        model = copy.deepcopy(base)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                          config=deepspeed_config(cfg))
+        strategy = DeepSpeedStrategy(config=deepspeed_config(cfg))
+        strategy._deepspeed_engine = engine  # what Fabric's setup leaves there
+        norms = []
+        for x in data:
+            for part in x.chunk(accumulation):  # the loop: loss / accumulation, one engine backward per micro-batch
+                engine.backward(engine(part).pow(2).mean() / accumulation)
+            norm, stepped = optimizer_step(SimpleNamespace(strategy=strategy), engine.optimizer, None, 1.0)
+            norms.append([norm, stepped])
+        out[f"{stage}{'o' if offload else ''}/{accumulation}"] = norms
+print(json.dumps(out))
+'''
+
+
+def test_deepspeed_steps_its_engine_and_accumulates_like_one_big_batch(tmp_path):
+    """Fabric's optimizer wrapper stepped the ZeRO optimizer beneath the engine: the engine never recorded the norm
+    (every step looked non-finite) and DeepSpeed divided the loss by the accumulation a second time. A real ZeRO-2/3
+    (and offload) engine on CPU: norms finite, accumulation 2 equals one micro-batch of twice the size."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_STEP, str(port)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for layout in ("2", "3", "3o"):
+        one, two = out[f"{layout}/1"], out[f"{layout}/2"]
+        assert all(stepped for _, stepped in one + two), (layout, one, two)
+        assert [n for n, _ in two] == pytest.approx([n for n, _ in one], rel=1e-5), layout
+
+
+def test_gradient_norm_in_fp64_chunks_equals_the_whole(monkeypatch):
+    import torch
+
+    from dsrun import strategy
+
+    grad = torch.randn(1000, 3, dtype=torch.bfloat16)
+    whole = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+    monkeypatch.setattr(strategy, "NORM_CHUNK", 7)
+    assert float(strategy._squared_norm_fp64(grad)) == pytest.approx(float(whole), rel=1e-12)
