@@ -155,10 +155,9 @@ def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, 
 @contextlib.contextmanager
 def micro_step(fabric: Any, model: Any, accumulating: bool) -> Iterator[Callable[[Any], None]]:
     """Forward + backward of one micro-batch; yields `backward(loss)`. Gradients are reduced once per optimizer
-    step: DDP/FSDP skip the sync while accumulating (the context must cover the forward too); DeepSpeed is told
-    where the accumulation boundary is and not to divide the loss again (the loop already did)."""
+    step: DDP/FSDP skip the sync while accumulating (the context must cover the forward too); DeepSpeed's engine
+    accumulates until optimizer_step steps it (unmanaged accumulation) and must not divide the loss again."""
     if is_deepspeed(fabric):
-        fabric.strategy.model.set_gradient_accumulation_boundary(not accumulating)
         yield lambda loss: fabric.backward(loss, scale_wrt_gas=False)
         return
     with fabric.no_backward_sync(model, enabled=accumulating and fabric.world_size > 1):

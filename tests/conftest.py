@@ -8,8 +8,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parent.parent
 # every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite
@@ -20,13 +23,30 @@ FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_e
 
 
 def dsrun(*args: str, run_dir: Path | None = None, timeout: float = 300, env: dict | None = None,
-          cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m dsrun args...` with the run folder pinned (hydra.run.dir) so tests find it."""
-    cmd = [sys.executable, "-m", "dsrun", *args]
-    if run_dir is not None:
-        cmd.append(f"hydra.run.dir={run_dir}")
+          cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m dsrun args...` with the run folder pinned (hydra.run.dir) so tests find it. Forked from a zygote
+    that has dsrun's imports loaded (tests/forkserver.py); `fresh` starts a new interpreter, as a user does."""
+    argv = [*args, *([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or REPO)
+    server = None if fresh or forkserver.needs_fresh(env or {}) else forkserver.zygote(REPO)
+    if server is not None:
+        return server.run(argv, full_env, cwd or REPO, timeout)
+    return subprocess.run([sys.executable, "-m", "dsrun", *argv], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO)
+
+
+def start(*args: str, env: dict | None = None) -> Any:
+    """`python -m dsrun args...` running in the background (stdout discarded): a Popen, or its forked equivalent."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    server = None if forkserver.needs_fresh(env or {}) else forkserver.zygote(REPO)
+    if server is not None:
+        return server.start(list(args), full_env, REPO, stdout=False)
+    return subprocess.Popen([sys.executable, "-m", "dsrun", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    forkserver.shutdown()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, REPO, dsrun, read_metrics
+from tests.conftest import start as start_dsrun
 
 STEPS = 16
 JOB = [*FAST, f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.micro_batch=2", "train.seq_len=64"]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dsrun", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return start_dsrun(*args)
 
 
 def rows(run_dir: Path) -> int:

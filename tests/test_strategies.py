@@ -127,7 +127,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from lightning.fabric.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
-from dsrun.strategy import deepspeed_config, optimizer_step
+from dsrun.strategy import deepspeed_config, micro_step, optimizer_step
 
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 torch.manual_seed(0)
@@ -144,11 +144,13 @@ for stage, offload in ((2, False), (3, False), (3, True)):
                                           config=deepspeed_config(cfg))
         strategy = DeepSpeedStrategy(config=deepspeed_config(cfg))
         strategy._deepspeed_engine = engine  # what Fabric's setup leaves there
+        fabric = SimpleNamespace(strategy=strategy, backward=lambda loss, **kw: engine.backward(loss, **kw))
         norms = []
         for x in data:
-            for part in x.chunk(accumulation):  # the loop: loss / accumulation, one engine backward per micro-batch
-                engine.backward(engine(part).pow(2).mean() / accumulation)
-            norm, stepped = optimizer_step(SimpleNamespace(strategy=strategy), engine.optimizer, None, 1.0)
+            for i, part in enumerate(x.chunk(accumulation)):  # the loop's micro-steps: loss / accumulation
+                with micro_step(fabric, engine, accumulating=i < accumulation - 1) as backward:
+                    backward(engine(part).pow(2).mean() / accumulation)
+            norm, stepped = optimizer_step(fabric, engine.optimizer, None, 1.0)
             norms.append([norm, stepped])
         out[f"{stage}{'o' if offload else ''}/{accumulation}"] = norms
 print(json.dumps(out))
