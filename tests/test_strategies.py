@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO, read_metrics, dsrun
+from tests.conftest import FAST, REPO, dsrun, read_metrics, start
 
 STEPS = 20
 PARITY = [*FAST, "model=tiny_qwen2", "optim=sgd", f"train.max_steps={STEPS}", "optim.warmup_steps=2",
@@ -61,9 +61,8 @@ def _children(pid: int) -> list[int]:
 
 def two_rank_job(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     """A long 2-process DDP job, once it is training: (the launching rank-0 process, the pid of rank 1)."""
-    cmd = [sys.executable, "-m", "dsrun", *FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1",
-           "train.max_steps=100000", *extra, f"hydra.run.dir={run_dir}"]
-    main = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    main = start(*FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1", "train.max_steps=100000",
+                 *extra, f"hydra.run.dir={run_dir}")
     deadline = time.time() + 120
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
         if main.poll() is not None or time.time() > deadline:
