@@ -280,8 +280,9 @@ def test_a_real_prometheus_scrapes_the_job_and_loads_the_alert_rules(tmp_path, r
                 time.sleep(0.2)
         else:
             pytest.fail("prometheus did not become ready in 30 s:\n" + (tmp_path / "prometheus.log").read_text())
+        # the exporter is up for the job plus linger_s: at a 1 s scrape interval that is several scrapes
         proc = dsrun(*BASE, "train.max_steps=4", "monitor=[console,prometheus]",
-                     f"monitor.prometheus.port={exporter}", "monitor.prometheus.linger_s=3", run_dir=run_dir)
+                     f"monitor.prometheus.port={exporter}", "monitor.prometheus.linger_s=6", run_dir=run_dir)
         assert proc.returncode == 0, proc.stderr[-3000:]
         final = read_metrics(run_dir)[-1]
         assert final["loss_nonfinite"] is False and final["loss_spike"] is False, "health flags reach metrics.jsonl"
