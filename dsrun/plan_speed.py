@@ -10,7 +10,7 @@ from typing import Any
 from dsrun.hardware import cpu_cores, pcie_gbs
 from dsrun.plan import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU, DECODE_BANDWIDTH_EFFICIENCY,
                         FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR,
-                        HOST_LORA_BLOCK_S, HOST_MOE_FACTOR, HOST_OPTIMIZER_PARAMS_PER_S, HOST_POWER_FACTOR,
+                        HOST_LORA_BLOCK_S, HOST_MOE_FACTOR, HOST_OPTIMIZER_BYTES_PER_S, HOST_POWER_FACTOR,
                         LINK_EFFICIENCY, MFU, MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY,
                         STEP_BANDWIDTH_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora, bytes_per_param, dtypes,
                         shard_counts)
@@ -99,8 +99,9 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
         per_process = {k: v / cfg.hardware.devices for k, v in host.items()}
         link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
-        blocking += (_lora(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] / \
-            HOST_OPTIMIZER_PARAMS_PER_S[strategy]
+        b = bytes_per_param(cfg)
+        blocking += (_lora(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] * \
+            (b["weights"] + b["gradients"] + b["optimizer"]) / HOST_OPTIMIZER_BYTES_PER_S[strategy]
     gpu = compute + max(0.0, overlapped - 2 / 3 * compute)  # collectives hide under backward
     step = max(gpu, host_time(cfg, shape, spec)) + optimizer_time(cfg, shape, spec, host) + blocking
     return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
