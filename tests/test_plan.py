@@ -347,4 +347,4 @@ def test_small_steps_are_host_bound_and_the_optimizer_streams_its_state():
     seconds = optimizer_time(cfg, shape, gpu_catalog()["h100_sxm"], {})
     assert seconds == pytest.approx(shape.total * 40 / (3350e9 * STEP_BANDWIDTH_EFFICIENCY), rel=0.01)
     _, big = planned(*base, "train.seq_len=2048", "train.micro_batch=4")  # here the GPU decides
-    assert big.step_time_s > 2 * longer.step_time_s
+    assert big.step_time_s > 1.5 * longer.step_time_s
