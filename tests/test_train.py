@@ -105,5 +105,9 @@ def test_bf16_true_weights_are_created_in_bf16_not_cast_from_fp32():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["hardware=cpu", "precision=bf16_true"])
     model = build_model(cfg.model, architecture(cfg.model), seed=0, dtype=weight_dtype(cfg.precision.mode))
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # transformers may keep a few modules in fp32 on purpose (5.24: the MoE router's gate), nothing else
+    kept = [*(model._keep_in_fp32_modules or []), *(getattr(model, "_keep_in_fp32_modules_strict", None) or [])]
+    wide = {n: p.dtype for n, p in model.named_parameters()
+            if p.dtype != torch.bfloat16 and not any(k in n for k in kept)}
+    assert not wide, wide
     assert weight_dtype("bf16-mixed") == torch.float32
