@@ -434,8 +434,6 @@ def inference_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[st
         on_gpu = min(m["weights"], max(0.0, room))
         host["weights"], m["weights"] = (m["weights"] - on_gpu) * cfg.hardware.devices, on_gpu
     m["allocator"] = ALLOCATOR_FRACTION * sum(m.get(k, 0) for k in TRANSIENT)
-    if cfg.parallel.offload and strategy == "fsdp":
-        m["allocator"] += OFFLOAD_GATHERED_COPIES * m["gathered"]
     return m, host
 
 

@@ -348,3 +348,9 @@ def test_small_steps_are_host_bound_and_the_optimizer_streams_its_state():
     assert seconds == pytest.approx(shape.total * 40 / (3350e9 * STEP_BANDWIDTH_EFFICIENCY), rel=0.01)
     _, big = planned(*base, "train.seq_len=2048", "train.micro_batch=4")  # here the GPU decides
     assert big.step_time_s > 1.5 * longer.step_time_s
+
+
+def test_inference_plan_with_offload_keeps_what_does_not_fit_in_host_ram():
+    # an FSDP-offload term copied into the inference planner once named a variable it does not have
+    _, p = planned("model=r1_distill_qwen_7b", "hardware=1x3060", "plan.mode=inference", "parallel.offload=true")
+    assert p.host_components["weights"] > 0 and p.total_gib <= p.vram_gib
