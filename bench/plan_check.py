@@ -1,8 +1,8 @@
 """GPU self-check of the planner: each configuration is planned (`task=plan plan.json=true`) and then run for real;
-planned vs measured peak memory (torch.cuda.max_memory_reserved) and tokens/s (the second half of the run). Emulated cards run under
-`hardware.emulate=true` (the H100 capped to the card's VRAM; their speed is planned for the H100 that runs them):
-a recipe the plan refuses must really run out of memory there (forced with train.force=true; dsrun exits 3), one
-it accepts must really run.
+planned vs measured peak memory (torch.cuda.max_memory_reserved) and tokens/s (the second half of the run).
+Emulated cards run under `hardware.emulate=true` (the H100 capped to the card's VRAM; their speed is planned for
+the H100 that runs them): a recipe the plan refuses must really run out of memory there (forced with
+train.force=true; dsrun exits 3), one it accepts must really run.
 
     python bench/plan_check.py [--steps 10] [--only name,name]      # writes $OUT/plan_check.json
 """

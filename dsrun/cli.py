@@ -148,7 +148,6 @@ def resume_argv(args: list[str]) -> list[str]:
             "train.resume=auto", *chosen_micro_batch(run), *args[1:]]
 
 
-
 def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:
     """A verb's code is imported only when the verb is used (the training path stays lean)."""
     def call(args: list[str]) -> Any:

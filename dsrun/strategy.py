@@ -196,7 +196,8 @@ def _squared_norm_fp64(grad: Any) -> Any:
 
     if hasattr(grad, "full_tensor") or grad.numel() <= NORM_CHUNK:
         return torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
-    return sum(torch.linalg.vector_norm(chunk, dtype=torch.float64) ** 2 for chunk in grad.reshape(-1).split(NORM_CHUNK))
+    chunks = grad.reshape(-1).split(NORM_CHUNK)
+    return sum(torch.linalg.vector_norm(chunk, dtype=torch.float64) ** 2 for chunk in chunks)
 
 
 def torch_isfinite(value: Any) -> bool:

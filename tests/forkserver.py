@@ -4,8 +4,9 @@ Most CPU test runs take a few seconds of training after ~5 s of importing torch,
 on a 2-core box, so a suite of ~90 runs spends most of its time importing. The zygote imports those once and forks
 one child per run. The child is a separate process that runs dsrun's real entry point (`python -m dsrun` as runpy
 runs it) with the run's own argv, environment, working directory, stdin/stdout/stderr and signal dispositions, and
-exits as the interpreter would (threads joined, atexit handlers run) without tearing down its modules one by one. Only the imports are shared: what a fresh interpreter would do
-differently (PYTHON* variables, a different sys.path) is run as a plain subprocess instead (`needs_fresh`).
+exits as the interpreter would (threads joined, atexit handlers run) without tearing down its modules one by one.
+Only the imports are shared: what a fresh interpreter would do differently (PYTHON* variables, a different
+sys.path) is run as a plain subprocess instead (`needs_fresh`).
 
 Set DSRUN_TEST_FORKSERVER=0 to run every test run as a plain subprocess.
 """

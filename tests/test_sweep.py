@@ -276,7 +276,8 @@ def test_auto_micro_batch_needs_a_global_batch_and_one_node():
     for overrides, fragment in (([], "set train.global_batch=N"),
                                 (["train.global_batch=3", "hardware.devices=2", "parallel=ddp"],
                                  "multiple of the data-parallel size 2"),
-                                (["train.global_batch=8", "hardware.num_nodes=2", "parallel=ddp"], "probes on one node")):
+                                (["train.global_batch=8", "hardware.num_nodes=2", "parallel=ddp"],
+                                 "probes on one node")):
         cfg = composed("hardware=cpu", "train.micro_batch=auto", *overrides)
         resolve(cfg)
         with pytest.raises(ConfigError, match=fragment):
