@@ -1,4 +1,4 @@
-from dsrun.cli import main
+from dsrun.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

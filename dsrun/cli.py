@@ -188,3 +188,27 @@ def main() -> None:
         argv = sys.argv[1:]
     precheck(argv)
     hydra_main()
+
+
+def entry() -> None:
+    """`python -m dsrun` and the `dsrun` script: run `main`, then leave without the interpreter tearing down the
+    ~3000 modules torch, Lightning and transformers load (about a second per process, rank or probe). What shutdown
+    must still do is done here: non-daemon threads joined, atexit handlers run (logging, W&B, multiprocessing),
+    stdio flushed. A bug's traceback still takes the normal exit."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # what the interpreter does with sys.exit("message")
+            print(exc.code, file=sys.stderr)
+            code = 1
+    import atexit
+    import threading
+
+    threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

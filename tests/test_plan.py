@@ -4,6 +4,9 @@ measurements of ../shared/anchors, re-planned suggestions, every model option, a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -354,3 +357,16 @@ def test_inference_plan_with_offload_keeps_what_does_not_fit_in_host_ram():
     # an FSDP-offload term copied into the inference planner once named a variable it does not have
     _, p = planned("model=r1_distill_qwen_7b", "hardware=1x3060", "plan.mode=inference", "parallel.offload=true")
     assert p.host_components["weights"] > 0 and p.total_gib <= p.vram_gib
+
+
+def test_fast_exit_loses_no_output(tmp_path):
+    """`python -m dsrun` leaves through os._exit (no module teardown): with stdout a block-buffered pipe, as under
+    `| jq`, the whole JSON must still arrive, and a user error must still exit 2."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    argv = [sys.executable, "-m", "dsrun", "task=plan", "model=deepseek_r1", "hardware=1x3060", "plan.json=true",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((tmp_path / "run" / "plan.json").read_text())
+    bad = subprocess.run([*argv, "plan.mode=fly"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert_user_error(bad, "plan.mode=fly")
