@@ -164,10 +164,12 @@ def micro_step(fabric: Any, model: Any, accumulating: bool) -> Iterator[Callable
         yield fabric.backward
 
 
-def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> tuple[Any, bool]:
-    """Clip, step, zero the gradients. Returns (total gradient norm before clipping, whether it stepped): a step
-    whose gradients are not finite is skipped, so the weights (and every checkpoint) stay finite."""
-    import math
+def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> tuple[Any, Any]:
+    """Clip, step, zero the gradients. Returns (total gradient norm before clipping, whether it stepped), both
+    0-d tensors on the device: a step whose gradients are not finite is skipped, so the weights (and every
+    checkpoint) stay finite. Fused AdamW skips on the device (`found_inf`, what GradScaler uses), so the host
+    never waits for the step it has just queued; other optimizers decide on the host (one sync)."""
+    import torch
 
     if is_deepspeed(fabric):
         # the engine's own step: Fabric's optimizer wrapper steps the ZeRO optimizer underneath it, so the engine
@@ -176,11 +178,16 @@ def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
         engine = fabric.strategy.model
         engine.step()
         norm = engine.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        return norm, math.isfinite(norm)
+        norm = torch.tensor(float("nan") if norm is None else float(norm), device=fabric.device)
+        return norm, torch.isfinite(norm)
     norm = clip_gradients(fabric, optimizer, params, max_norm)
-    finite = bool(torch_isfinite(norm))  # one host sync per step: the price of never stepping on NaN
-    if finite:
+    finite = torch.isfinite(norm)
+    inner = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper shares no new attributes with it
+    if inner.defaults.get("fused") and getattr(fabric.strategy.precision, "scaler", None) is None:
+        inner.found_inf = (~finite).float()  # the fused kernel leaves weights, states and step count as they were
+        optimizer.step()
+        del inner.found_inf
+    elif finite.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
@@ -198,12 +205,6 @@ def _squared_norm_fp64(grad: Any) -> Any:
         return torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
     chunks = grad.reshape(-1).split(NORM_CHUNK)
     return sum(torch.linalg.vector_norm(chunk, dtype=torch.float64) ** 2 for chunk in chunks)
-
-
-def torch_isfinite(value: Any) -> bool:
-    import torch
-
-    return bool(torch.isfinite(torch.as_tensor(value)).all())
 
 
 def checkpoint_state(fabric: Any, model: Any, optimizer: Any) -> dict[str, Any]:

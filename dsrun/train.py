@@ -56,8 +56,9 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         trainable = [p for p in module.parameters() if p.requires_grad]
-        # fused kernels need the states on the GPU; ZeRO-Offload keeps them in host RAM
-        fused = fabric.device.type == "cuda" and not cfg.parallel.offload
+        # fused AdamW skips a non-finite step on the device (optimizer_step); offloaded states stay with torch's
+        # reference kernels
+        fused = not cfg.parallel.offload
         return build_optimizer(cfg.optim, trainable, lr, fused=fused)
 
     counts = parameter_counts(model)
@@ -94,7 +95,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     monitors.start(info)
 
     stop = StopSignal(fabric)
-    nonfinite_streak = 0
+    skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=fabric.device)
+    skipped_seen = OneStepLate(fabric.device)
     last_checkpoint_time = time.time() if tr.checkpoint_every >= 0 else None  # the age alert needs no lie
     started = last_log_time = time.perf_counter()
     model.train()
@@ -113,9 +115,10 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 backward(loss)
             loss_sum += loss.detach()
         grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)
-        nonfinite_streak = 0 if stepped else nonfinite_streak + 1
-        if nonfinite_streak >= tr.max_nonfinite_steps:
-            raise TrainingDiverged(diverged_message(cfg, nonfinite_streak, step, loss_sum, grad_norm))
+        skipped_in_a_row = torch.where(stepped, 0, skipped_in_a_row + 1)
+        streak = int(skipped_seen.swap(skipped_in_a_row))  # as of the previous step
+        if streak >= tr.max_nonfinite_steps:
+            raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm))
 
         if step % tr.log_every == 0 or step == tr.max_steps:
             mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
@@ -149,6 +152,9 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             monitors.finish(summary)
             return summary
     stop.restore()
+    streak = int(skipped_in_a_row)  # the last step, which the loop saw only one step late
+    if streak >= tr.max_nonfinite_steps:
+        raise TrainingDiverged(diverged_message(cfg, streak, tr.max_steps, loss_sum, grad_norm))
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
@@ -173,13 +179,39 @@ def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, g
             "resume from the last checkpoint")
 
 
+class OneStepLate:
+    """A small device value read on the host one step after it was queued: a pinned copy behind a CUDA event.
+    `.item()` on the value itself would wait for the whole step just queued, and the GPU would then idle while
+    the host issues the next forward. Every rank reads the same step, so ranks still agree. CPU: no wait to save,
+    the same one-step lag (one code path, tested on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+        self.host: torch.Tensor | None = None
+
+    def swap(self, value: torch.Tensor) -> float:
+        """Queue `value`; return the value queued by the previous call (0 at the first)."""
+        if self.event is not None:
+            self.event.synchronize()  # the previous step's copy: that step has run, or nearly
+        previous = self.host.item() if self.host is not None else 0
+        if self.host is None:
+            self.host = torch.empty_like(value, device="cpu", pin_memory=self.event is not None)
+        self.host.copy_(value.detach(), non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        return previous
+
+
 class StopSignal:
     """SIGTERM/SIGINT (preemption, Ctrl-C, SLURM) ask the loop to finish its step, checkpoint and exit 0. The
-    ranks agree through one tiny all-reduce per step, since a signal may reach only one of them."""
+    ranks agree through one tiny all-reduce per step, since a signal may reach only one of them; they read it one
+    step late (OneStepLate), all at the same step."""
 
     def __init__(self, fabric: Any):
         self.fabric, self.name = fabric, ""
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.flag = torch.zeros((), device=fabric.device)
+        self.agreed = OneStepLate(fabric.device)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.name = signal.Signals(signum).name
@@ -187,8 +219,8 @@ class StopSignal:
     def requested(self) -> bool:
         if self.fabric.world_size == 1:
             return bool(self.name)
-        flag = torch.tensor(float(bool(self.name)), device=self.fabric.device)
-        agreed = bool(self.fabric.all_reduce(flag, reduce_op="max").item())
+        self.flag.fill_(float(bool(self.name)))  # fill_, not torch.tensor(...): a host-to-device copy syncs
+        agreed = bool(self.agreed.swap(self.fabric.all_reduce(self.flag, reduce_op="max")))
         self.name = self.name or ("a signal to another rank" if agreed else "")
         return agreed
 

@@ -143,14 +143,15 @@ for stage, offload in ((2, False), (3, False), (3, True)):
                                           config=deepspeed_config(cfg))
         strategy = DeepSpeedStrategy(config=deepspeed_config(cfg))
         strategy._deepspeed_engine = engine  # what Fabric's setup leaves there
-        fabric = SimpleNamespace(strategy=strategy, backward=lambda loss, **kw: engine.backward(loss, **kw))
+        fabric = SimpleNamespace(strategy=strategy, device=torch.device("cpu"),
+                                 backward=lambda loss, **kw: engine.backward(loss, **kw))
         norms = []
         for x in data:
             for i, part in enumerate(x.chunk(accumulation)):  # the loop's micro-steps: loss / accumulation
                 with micro_step(fabric, engine, accumulating=i < accumulation - 1) as backward:
                     backward(engine(part).pow(2).mean() / accumulation)
             norm, stepped = optimizer_step(fabric, engine.optimizer, None, 1.0)
-            norms.append([norm, stepped])
+            norms.append([float(norm), bool(stepped)])
         out[f"{stage}{'o' if offload else ''}/{accumulation}"] = norms
 print(json.dumps(out))
 '''
@@ -185,3 +186,37 @@ def test_gradient_norm_in_fp64_chunks_equals_the_whole(monkeypatch):
     whole = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
     monkeypatch.setattr(strategy, "NORM_CHUNK", 7)
     assert float(strategy._squared_norm_fp64(grad)) == pytest.approx(float(whole), rel=1e-12)
+
+
+def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
+    """The loop never asks the host whether a step was finite: fused AdamW gets `found_inf` and leaves weights,
+    moments and its step count untouched; the next finite step is an ordinary first step."""
+    import lightning as L
+    import torch
+
+    from dsrun.strategy import optimizer_step
+
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision="32-true")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    reference = torch.nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(3, 4)
+    (model(x).sum() * float("nan")).backward()
+    norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), 1.0)
+    assert not bool(stepped) and not torch.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.optimizer.state.values())
+    assert not hasattr(optimizer.optimizer, "found_inf") and all(p.grad is None for p in model.parameters())
+
+    expected = torch.optim.AdamW(reference.parameters(), lr=0.1)  # the unfused reference, one clipped step
+    reference(x).sum().backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    expected.step()
+    model(x).sum().backward()
+    norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), 1.0)
+    assert bool(stepped)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
