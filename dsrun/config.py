@@ -117,6 +117,7 @@ class TrainConfig:
     force: bool = False  # launch even when the plan says it will not fit
     max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     compile: bool = False
+    profile_steps: int = 0  # torch.profiler over this many steps after two (dsrun/profiling.py); 0: off
 
 
 @dataclass
@@ -237,7 +238,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
                        "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
-    _positive(p, cfg, ("optim.warmup_steps", "data.num_samples"), allow_zero=True)
+    _positive(p, cfg, ("optim.warmup_steps", "data.num_samples", "train.profile_steps"), allow_zero=True)
+    if tr.profile_steps > 0 and tr.max_steps < tr.profile_steps + 2:
+        p.append(f"train.profile_steps={tr.profile_steps}: needs train.max_steps >= {tr.profile_steps + 2} (one step "
+                 f"skipped, one to warm the profiler up); train.max_steps is {tr.max_steps}")
     if tr.checkpoint_every < -1:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: steps between checkpoints; 0 saves only at the end, "
                  "-1 never")

@@ -24,6 +24,7 @@ from dsrun.model import (add_adapters, architecture, build_model, flops_per_toke
                          weight_dtype)
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
+from dsrun.profiling import StepProfiler
 from dsrun.quantize import quantize
 from dsrun.runs import snapshot, write_json
 from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
@@ -98,6 +99,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=fabric.device)
     skipped_seen = OneStepLate(fabric.device)
     last_checkpoint_time = time.time() if tr.checkpoint_every >= 0 else None  # the age alert needs no lie
+    profiler = StepProfiler(tr.profile_steps, run_dir, fabric.global_rank, fabric.device, start_step)
     started = last_log_time = time.perf_counter()
     model.train()
     for step in range(start_step + 1, tr.max_steps + 1):
@@ -119,6 +121,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         streak = int(skipped_seen.swap(skipped_in_a_row))  # as of the previous step
         if streak >= tr.max_nonfinite_steps:
             raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm))
+        profiler.step()
 
         if step % tr.log_every == 0 or step == tr.max_steps:
             mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
@@ -142,6 +145,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                                      "loss_sum": loss_sum.item(), "data": batches.state_dict()})
             last_checkpoint_time = time.time()
         if interrupted:
+            profiler.stop()
             if rank_zero:
                 print(f"dsrun: stopped by {stop.name} after step {step}; checkpoint saved. Resume with: "
                       f"dsrun resume {run_dir}", file=sys.stderr)
@@ -152,6 +156,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             monitors.finish(summary)
             return summary
     stop.restore()
+    profiler.stop()
     streak = int(skipped_in_a_row)  # the last step, which the loop saw only one step late
     if streak >= tr.max_nonfinite_steps:
         raise TrainingDiverged(diverged_message(cfg, streak, tr.max_steps, loss_sum, grad_norm))

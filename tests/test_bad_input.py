@@ -22,6 +22,8 @@ ROWS = [
     ("negative-seq-len", "config", ["train.seq_len=-8"], ["train.seq_len=-8"]),
     ("zero-devices", "config", ["hardware.devices=0"], ["hardware.devices=0"]),
     ("negative-lr", "config", ["train.lr=-1"], ["train.lr=-1"]),
+    ("profile-longer-than-run", "config", ["train.profile_steps=4", "train.max_steps=5"],
+     ["train.profile_steps=4", "train.max_steps >= 6"]),
     ("seq-len-above-model-max", "config", ["train.seq_len=4096"], ["train.seq_len=4096", "maximum of 2048"]),
     ("deepspeed-on-cpu", "config", ["parallel=zero3"], ["DeepSpeed needs CUDA"]),
     ("fp16-on-cpu", "config", ["precision=fp16"], ["precision=fp16", "bf16"]),

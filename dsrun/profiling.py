@@ -1,0 +1,76 @@
+"""`train.profile_steps=N`: torch.profiler over N optimizer steps after two unprofiled ones (one to skip, one to
+warm the profiler up). Each rank writes `profile/trace_rank<r>.json` (chrome://tracing, Perfetto) and
+`profile/ops_rank<r>.txt` (operators by self time); rank 0 prints one line saying how busy the device was, which
+tells a host-bound step (Python issuing kernels) from a device-bound one before anyone opens the trace."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WAIT, WARMUP = 1, 1
+
+
+class StepProfiler:
+    def __init__(self, steps: int, run_dir: Path, rank: int, device: torch.device, start_step: int = 0):
+        self.steps, self.out, self.rank, self.device = steps, run_dir / "profile", rank, device
+        self.start_step = start_step
+        self.calls, self.started = 0, 0.0
+        self.prof: Any = None
+        if steps <= 0:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(
+            activities=activities, on_trace_ready=self._write,
+            schedule=torch.profiler.schedule(wait=WAIT, warmup=WARMUP, active=steps, repeat=1))
+        self.prof.start()
+
+    def step(self) -> None:
+        """Call once after every optimizer step."""
+        if self.prof is None:
+            return
+        self.calls += 1
+        if self.calls == WAIT + WARMUP:
+            self._sync()
+            self.started = time.perf_counter()
+        self.prof.step()
+        if self.calls == WAIT + WARMUP + self.steps:
+            self.prof.stop()
+            self.prof = None
+
+    def stop(self) -> None:
+        """A run that ends (or is interrupted) before the profiled steps are over writes nothing."""
+        if self.prof is not None:
+            self.prof.on_trace_ready = None
+            self.prof.stop()
+            self.prof = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _write(self, prof: Any) -> None:
+        self._sync()
+        wall_us = (time.perf_counter() - self.started) * 1e6
+        self.out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.out / f"trace_rank{self.rank}.json"))
+        device = self.device.type == "cuda"
+        key = "self_device_time_total" if device else "self_cpu_time_total"
+        ops = prof.key_averages()
+        (self.out / f"ops_rank{self.rank}.txt").write_text(ops.table(sort_by=key, row_limit=40))
+        if self.rank != 0:
+            return
+        total = sum(getattr(op, key) for op in ops)
+        top = sorted(ops, key=lambda op: getattr(op, key), reverse=True)[:3]
+        shares = ", ".join(f"{op.key} {getattr(op, key) / total:.0%}" for op in top) if total else "none"
+        first = self.start_step + WAIT + WARMUP + 1
+        busy = (f"GPU kernels busy {total / wall_us:.0%} of the wall time (below ~80 %: the host issuing kernels "
+                "is the limit); " if device else "")
+        print(f"dsrun: profiled steps {first}-{first + self.steps - 1} ({self.out}): {busy}"
+              f"largest self time: {shares}", file=sys.stderr)
