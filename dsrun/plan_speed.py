@@ -121,13 +121,16 @@ def host_time(cfg: Any, shape: Shape, spec: dict | None) -> float:
 
 def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> float:
     """The optimizer step, gradient norm and clipping stream every local trainable parameter through HBM: Adam reads
-    and writes weights and states, the gradients are read three times and written once (host-side optimizers are
-    counted with the offload)."""
+    and writes weights and states; the gradients are read by the norm and by fused AdamW, which also clips, or
+    (fp16's scaler, DeepSpeed, SGD) read three times and written once (host-side optimizers are counted with the
+    offload)."""
     if spec is None or "optimizer_states" in host:
         return 0.0
     b, div = bytes_per_param(cfg), shard_counts(cfg)
     trainable = _lora(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
-    per_param = 2 * (b["weights"] + b["optimizer"]) + 4 * b["gradients"]
+    clips_in_kernel = (cfg.optim.name == "adamw" and cfg.precision.mode != "16-mixed"
+                       and cfg.parallel.strategy != "deepspeed")  # strategy.optimizer_step
+    per_param = 2 * (b["weights"] + b["optimizer"]) + (2 if clips_in_kernel else 4) * b["gradients"]
     return trainable / div["optimizer"] * per_param / (spec["mem_bandwidth_gbs"] * 1e9 * STEP_BANDWIDTH_EFFICIENCY)
 
 

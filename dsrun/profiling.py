@@ -1,10 +1,11 @@
 """`train.profile_steps=N`: torch.profiler over N optimizer steps after two unprofiled ones (one to skip, one to
 warm the profiler up). Each rank writes `profile/trace_rank<r>.json` (chrome://tracing, Perfetto) and
-`profile/ops_rank<r>.txt` (operators by self time); rank 0 prints one line saying how busy the device was, which
-tells a host-bound step (Python issuing kernels) from a device-bound one before anyone opens the trace."""
+`profile/ops_rank<r>.txt` (operators by self time); rank 0 prints one line saying how busy the GPU was, which tells
+a host-bound step (Python issuing kernels) from a device-bound one before anyone opens the trace."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -59,18 +60,34 @@ class StepProfiler:
         self._sync()
         wall_us = (time.perf_counter() - self.started) * 1e6
         self.out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.out / f"trace_rank{self.rank}.json"))
+        trace = self.out / f"trace_rank{self.rank}.json"
+        prof.export_chrome_trace(str(trace))
         device = self.device.type == "cuda"
         key = "self_device_time_total" if device else "self_cpu_time_total"
         ops = prof.key_averages()
-        (self.out / f"ops_rank{self.rank}.txt").write_text(ops.table(sort_by=key, row_limit=40))
+        (self.out / f"ops_rank{self.rank}.txt").write_text(ops.table(sort_by=key, row_limit=60))
         if self.rank != 0:
             return
+        # operators only: ProfilerStep#N and Optimizer.step#... are ranges that contain them
+        ops = [op for op in ops if op.key.startswith("aten::") or op.key.startswith("c10d::")]
         total = sum(getattr(op, key) for op in ops)
-        top = sorted(ops, key=lambda op: getattr(op, key), reverse=True)[:3]
+        top = sorted(ops, key=lambda op: getattr(op, key), reverse=True)[:4]
         shares = ", ".join(f"{op.key} {getattr(op, key) / total:.0%}" for op in top) if total else "none"
         first = self.start_step + WAIT + WARMUP + 1
-        busy = (f"GPU kernels busy {total / wall_us:.0%} of the wall time (below ~80 %: the host issuing kernels "
-                "is the limit); " if device else "")
-        print(f"dsrun: profiled steps {first}-{first + self.steps - 1} ({self.out}): {busy}"
-              f"largest self time: {shares}", file=sys.stderr)
+        busy = f"GPU busy {device_busy_us(trace) / wall_us:.0%} of the wall time; " if device else ""
+        print(f"dsrun: profiled steps {first}-{first + self.steps - 1} ({self.out}): {busy}largest operators: "
+              f"{shares}", file=sys.stderr)
+
+
+def device_busy_us(trace: Path) -> float:
+    """Microseconds in which at least one kernel, copy or memset ran (the union over streams): below ~90 % of the
+    wall time the GPU waits for the host to issue work."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy

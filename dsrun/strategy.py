@@ -167,8 +167,9 @@ def micro_step(fabric: Any, model: Any, accumulating: bool) -> Iterator[Callable
 def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) -> tuple[Any, Any]:
     """Clip, step, zero the gradients. Returns (total gradient norm before clipping, whether it stepped), both
     0-d tensors on the device: a step whose gradients are not finite is skipped, so the weights (and every
-    checkpoint) stay finite. Fused AdamW skips on the device (`found_inf`, what GradScaler uses), so the host
-    never waits for the step it has just queued; other optimizers decide on the host (one sync)."""
+    checkpoint) stay finite. Fused AdamW skips and clips on the device (`found_inf` and `grad_scale`, what
+    GradScaler uses), so the host never waits for the step it has just queued and the gradients are read once
+    less; other optimizers clip in place and decide on the host (one sync)."""
     import torch
 
     if is_deepspeed(fabric):
@@ -180,15 +181,21 @@ def optimizer_step(fabric: Any, optimizer: Any, params: Any, max_norm: float) ->
         norm = engine.get_global_grad_norm()
         norm = torch.tensor(float("nan") if norm is None else float(norm), device=fabric.device)
         return norm, torch.isfinite(norm)
-    norm = clip_gradients(fabric, optimizer, params, max_norm)
-    finite = torch.isfinite(norm)
     inner = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper shares no new attributes with it
     if inner.defaults.get("fused") and getattr(fabric.strategy.precision, "scaler", None) is None:
+        norm = clip_gradients(fabric, optimizer, params, 0)
+        finite = torch.isfinite(norm)
         inner.found_inf = (~finite).float()  # the fused kernel leaves weights, states and step count as they were
+        if max_norm > 0:  # clipping inside the kernel (it divides each gradient by grad_scale): no pass over them
+            inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
         optimizer.step()
+        inner.__dict__.pop("grad_scale", None)
         del inner.found_inf
-    elif finite.item():
-        optimizer.step()
+    else:
+        norm = clip_gradients(fabric, optimizer, params, max_norm)
+        finite = torch.isfinite(norm)
+        if finite.item():
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm, finite
 

@@ -346,8 +346,12 @@ def test_small_steps_are_host_bound_and_the_optimizer_streams_its_state():
     shape = model_shape(cfg.model)
     assert host_time(cfg, shape, gpu_catalog()["h100_sxm"]) == pytest.approx(
         28 * HOST_BLOCK_FORWARD_S * HOST_AUTOCAST_FACTOR)
-    # fused AdamW on fp32 weights and moments + norm and clip on fp32 gradients: 40 bytes per parameter
+    # fused AdamW on fp32 weights and moments, clipping inside it, + the norm's read of fp32 gradients: 32 bytes
+    # per parameter; 40 under fp16, whose scaler leaves clipping a pass of its own
     seconds = optimizer_time(cfg, shape, gpu_catalog()["h100_sxm"], {})
+    assert seconds == pytest.approx(shape.total * 32 / (3350e9 * STEP_BANDWIDTH_EFFICIENCY), rel=0.01)
+    fp16, _ = planned(*base, "train.seq_len=128", "precision=fp16")
+    seconds = optimizer_time(fp16, shape, gpu_catalog()["h100_sxm"], {})
     assert seconds == pytest.approx(shape.total * 40 / (3350e9 * STEP_BANDWIDTH_EFFICIENCY), rel=0.01)
     _, big = planned(*base, "train.seq_len=2048", "train.micro_batch=4")  # here the GPU decides
     assert big.step_time_s > 1.5 * longer.step_time_s

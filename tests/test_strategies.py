@@ -190,7 +190,8 @@ def test_gradient_norm_in_fp64_chunks_equals_the_whole(monkeypatch):
 
 def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
     """The loop never asks the host whether a step was finite: fused AdamW gets `found_inf` and leaves weights,
-    moments and its step count untouched; the next finite step is an ordinary first step."""
+    moments and its step count untouched; the next finite step is an ordinary first step, clipped inside the
+    kernel (`grad_scale`) exactly as clip_grad_norm_ + AdamW would."""
     import lightning as L
     import torch
 
@@ -201,7 +202,7 @@ def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
     model = torch.nn.Linear(4, 2)
     reference = torch.nn.Linear(4, 2)
     reference.load_state_dict(model.state_dict())
-    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=0.1, eps=1.0, fused=True))
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randn(3, 4)
     (model(x).sum() * float("nan")).backward()
@@ -211,12 +212,13 @@ def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
     assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.optimizer.state.values())
     assert not hasattr(optimizer.optimizer, "found_inf") and all(p.grad is None for p in model.parameters())
 
-    expected = torch.optim.AdamW(reference.parameters(), lr=0.1)  # the unfused reference, one clipped step
+    # the unfused reference, one clipped step; eps=1 makes AdamW feel the gradient's scale (Adam ignores it)
+    expected = torch.optim.AdamW(reference.parameters(), lr=0.1, eps=1.0)
     reference(x).sum().backward()
     torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
     expected.step()
     model(x).sum().backward()
     norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), 1.0)
-    assert bool(stepped)
+    assert bool(stepped) and float(norm) > 2, "the step must clip, or clipping goes untested"
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want)

@@ -124,4 +124,15 @@ def test_profile_steps_write_a_trace_and_an_operator_table(tmp_path):
     assert steps == ["ProfilerStep#2", "ProfilerStep#3"], steps  # the profiler counts from 0: loop steps 3 and 4
     assert "aten::mm" in (run_dir / "profile" / "ops_rank0.txt").read_text()
     line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("dsrun: profiled steps"))
-    assert "profiled steps 3-4" in line and "largest self time: aten::" in line, line
+    assert "profiled steps 3-4" in line and "largest operators: aten::" in line, line
+
+
+def test_gpu_busy_time_is_the_union_of_kernels_over_streams(tmp_path):
+    from dsrun.profiling import device_busy_us
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},  # two streams overlap
+        {"cat": "kernel", "ts": 6, "dur": 2}, {"cat": "gpu_memcpy", "ts": 20, "dur": 5},
+        {"cat": "cpu_op", "ts": 0, "dur": 100}, {"cat": "gpu_user_annotation", "ts": 0, "dur": 100}]}))
+    assert device_busy_us(trace) == 20
