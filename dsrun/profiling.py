@@ -20,7 +20,7 @@ class StepProfiler:
     def __init__(self, steps: int, run_dir: Path, rank: int, device: torch.device, start_step: int = 0):
         self.steps, self.out, self.rank, self.device = steps, run_dir / "profile", rank, device
         self.start_step = start_step
-        self.calls, self.started = 0, 0.0
+        self.calls, self.started, self.wall_us = 0, 0.0, 0.0
         self.prof: Any = None
         if steps <= 0:
             return
@@ -40,6 +40,9 @@ class StepProfiler:
         if self.calls == WAIT + WARMUP:
             self._sync()
             self.started = time.perf_counter()
+        if self.calls == WAIT + WARMUP + self.steps:
+            self._sync()
+            self.wall_us = (time.perf_counter() - self.started) * 1e6  # before the profiler collects its events
         self.prof.step()
         if self.calls == WAIT + WARMUP + self.steps:
             self.prof.stop()
@@ -57,8 +60,6 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
 
     def _write(self, prof: Any) -> None:
-        self._sync()
-        wall_us = (time.perf_counter() - self.started) * 1e6
         self.out.mkdir(parents=True, exist_ok=True)
         trace = self.out / f"trace_rank{self.rank}.json"
         prof.export_chrome_trace(str(trace))
@@ -74,7 +75,7 @@ class StepProfiler:
         top = sorted(ops, key=lambda op: getattr(op, key), reverse=True)[:4]
         shares = ", ".join(f"{op.key} {getattr(op, key) / total:.0%}" for op in top) if total else "none"
         first = self.start_step + WAIT + WARMUP + 1
-        busy = f"GPU busy {device_busy_us(trace) / wall_us:.0%} of the wall time; " if device else ""
+        busy = f"GPU busy {device_busy_us(trace) / self.wall_us:.0%} of the wall time; " if device else ""
         print(f"dsrun: profiled steps {first}-{first + self.steps - 1} ({self.out}): {busy}largest operators: "
               f"{shares}", file=sys.stderr)
 
