@@ -191,19 +191,28 @@ def main() -> None:
 
 
 def entry() -> None:
-    """`python -m dsrun` and the `dsrun` script: run `main`, then leave without the interpreter tearing down the
-    ~3000 modules torch, Lightning and transformers load (about a second per process, rank or probe). What shutdown
-    must still do is done here: non-daemon threads joined, atexit handlers run (logging, W&B, multiprocessing),
-    stdio flushed. A bug's traceback still takes the normal exit."""
+    """`python -m dsrun` and the `dsrun` script: run `main`, then `leave`. A bug's traceback still takes the normal
+    exit."""
     try:
         main()
         code = 0
     except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:  # what the interpreter does with sys.exit("message")
-            print(exc.code, file=sys.stderr)
-            code = 1
+        code = exit_status(exc)
+    leave(code)
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The status the interpreter makes of sys.exit(...): a message is printed and exits 1."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def leave(code: int) -> None:
+    """Exit without the interpreter tearing down the ~3000 modules torch, Lightning and transformers load (about a
+    second per process, rank or probe). What shutdown must still do is done here: non-daemon threads joined, atexit
+    handlers run (logging, W&B, multiprocessing), stdio flushed."""
     import atexit
     import threading
 

@@ -63,26 +63,17 @@ def child(request, fds):
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     sys.argv = ["dsrun", *request["argv"]]
-    import atexit, runpy, threading, traceback
-    code = 0
+    import runpy, traceback
+    from dsrun.cli import exit_status, leave
     try:
-        runpy.run_module("dsrun", run_name="__main__", alter_sys=True)
-    except SystemExit as exc:  # what the interpreter makes of sys.exit(...)
-        if isinstance(exc.code, int) or exc.code is None:
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
+        runpy.run_module("dsrun", run_name="__main__", alter_sys=True)  # dsrun's entry leaves by itself
+        code = 0
+    except SystemExit as exc:
+        code = exit_status(exc)
     except BaseException:
         traceback.print_exc()
         code = 1
-    # the interpreter's shutdown minus tearing down ~3000 modules (a second per run): wait for non-daemon
-    # threads, run atexit handlers (logging, W&B, ...), flush
-    getattr(threading, "_shutdown", lambda: None)()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave(code)  # what dsrun's entry does: the interpreter's shutdown minus the module teardown
 
 
 while True:
