@@ -40,11 +40,12 @@ class StepProfiler:
         if self.calls == WAIT + WARMUP:
             self._sync()
             self.started = time.perf_counter()
-        if self.calls == WAIT + WARMUP + self.steps:
+        last = self.calls == WAIT + WARMUP + self.steps
+        if last:
             self._sync()
             self.wall_us = (time.perf_counter() - self.started) * 1e6  # before the profiler collects its events
-        self.prof.step()
-        if self.calls == WAIT + WARMUP + self.steps:
+        self.prof.step()  # the last one writes (_write)
+        if last:
             self.prof.stop()
             self.prof = None
 
