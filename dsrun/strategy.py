@@ -123,11 +123,16 @@ def is_deepspeed(fabric: Any) -> bool:
     return isinstance(fabric.strategy, DeepSpeedStrategy)
 
 
+def zero3_partitioned(fabric: Any, cfg: Any) -> bool:
+    """ZeRO-3 partitions every weight; one is whole only while its own module runs."""
+    return is_deepspeed(fabric) and cfg.parallel.zero_stage == 3
+
+
 @contextlib.contextmanager
 def model_init(fabric: Any, cfg: Any) -> Iterator[None]:
     """Where the model is built. ZeRO-3 builds it partitioned (zero.Init); transformers initialises weights
-    correctly there only while an HfDeepSpeedConfig is alive (PITFALLS)."""
-    if is_deepspeed(fabric) and cfg.parallel.zero_stage == 3:
+    correctly there only while an HfDeepSpeedConfig is alive."""
+    if zero3_partitioned(fabric, cfg):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(fabric.strategy.config)  # noqa: F841 (its lifetime is the point)

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dsrun.checkpoint import Checkpointer
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
 from dsrun.errors import TrainingDiverged
+from dsrun.loss import attach_chunked_loss
 from dsrun.model import (add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights,
                          weight_dtype)
 from dsrun.monitor import build_monitors
@@ -28,7 +28,8 @@ from dsrun.profiling import StepProfiler
 from dsrun.quantize import quantize
 from dsrun.runs import snapshot, write_json
 from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
-                            global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup)
+                            global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
+                            zero3_partitioned)
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
     with model_init(fabric, cfg):
         model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode))
+        model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
         model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
                           data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")
@@ -109,11 +111,10 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             inputs, labels = (t.to(fabric.device, non_blocking=True) for t in next(batches))
             # gradients are reduced once per optimizer step, not per micro-batch
             with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
-                # loss in fp32 whatever the compute dtype (fp16 softmax overflows: seed 002); the logits are not
-                # kept in a variable, so backward frees them (2 bytes x vocabulary per token)
-                logits = model(input_ids=inputs).logits.float().flatten(0, 1)
-                loss = F.cross_entropy(logits, labels.flatten()) / tr.accumulation
-                del logits
+                # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
+                # at a time (dsrun/loss.py)
+                token_losses, labelled = model(input_ids=inputs, labels=labels)
+                loss = token_losses / labelled.clamp(min=1) / tr.accumulation
                 backward(loss)
             loss_sum += loss.detach()
         grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)

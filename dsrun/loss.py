@@ -1,0 +1,109 @@
+"""The causal-LM loss without `tokens x vocab` fp32 logits: the output head and cross-entropy run chunk by chunk.
+
+A 152k vocabulary makes the logits the largest tensor of a small-batch step: 2,048 tokens hold 1.2 GiB of fp32
+logits, plus their gradient in backward, where the whole 7B QLoRA step needs ~6 GiB. Here each chunk's logits live
+only while that chunk's loss and gradients (with respect to the hidden states and the head weight) are computed,
+during the forward pass; backward only scales those gradients. Same arithmetic as `head(h).float()` then
+`cross_entropy`: logits in the compute dtype, softmax in fp32.
+
+The loss is computed inside the model's own forward (`attach_chunked_loss` replaces it), so every wrapper — DDP,
+FSDP2 (the root unit gathers the head), peft, Fabric — sees an ordinary forward call returning
+`(sum of token losses, number of tokens with a label)`.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # labels of positions that carry no loss (prompts, padding)
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32 (441 tokens of a 152k vocabulary)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """What the head's matmul runs in: the autocast dtype where autocast is on, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over labelled tokens of cross_entropy(hidden @ weight.T, labels), gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            y = labels[start:start + chunk]
+            logits = (h @ w.T).float()
+            valid = y != IGNORE_INDEX
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if not (want_hidden or want_weight):
+                continue
+            # d(sum loss)/d(logits) = softmax - one_hot, zero on unlabelled rows; built in place over the logits
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(y), device=y.device), target] -= 1
+            grad.mul_(valid[:, None])
+            grad = grad.to(dtype)
+            if want_hidden:
+                grad_hidden[start:start + chunk] = (grad @ w).to(hidden.dtype)
+            if want_weight:
+                grad_weight.add_(grad.T @ h)  # fp32 sum of the chunks' products
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.wants = (want_hidden, want_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        saved = iter(ctx.saved_tensors)
+        want_hidden, want_weight = ctx.wants
+        grad_hidden = next(saved) * grad_output if want_hidden else None
+        grad_weight = (next(saved) * grad_output).to(ctx.weight_dtype) if want_weight else None
+        return grad_hidden, grad_weight, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the token losses of `hidden` [tokens, d] through the head `weight` [vocab, d]."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+def full_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain path, through the head module's own forward: what ZeRO-3 needs (it gathers a partitioned weight
+    only when its module runs)."""
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
+    """Make `model(input_ids=..., labels=...)` return (loss sum, labelled tokens) computed inside its forward.
+    `model` is a transformers causal LM (before adapters or wrappers, which call its forward)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+
+    def forward(self: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any):
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k in ("position_ids", "attention_mask")}
+        hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state.flatten(0, 1)
+        labels = labels.flatten()
+        if chunked:
+            loss = chunked_cross_entropy(hidden, head.weight, labels)
+        else:
+            loss = full_cross_entropy(head, hidden, labels)
+        return loss, (labels != IGNORE_INDEX).sum()
+
+    model.forward = types.MethodType(forward, model)
+    return model
