@@ -37,6 +37,7 @@ class ParallelConfig:
     offload: bool = False
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
+    offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
     tensor_parallel_size: int = 1
     timeout_s: int = 1800  # collective timeout before the job aborts
 
@@ -317,6 +318,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
+    if par.offload_activations and not par.activation_checkpointing:
+        p.append("parallel.offload_activations=true: offloads the inputs activation checkpointing keeps; set "
+                 "parallel.activation_checkpointing=true too")
+    if par.offload_activations and par.strategy not in ("single", "ddp"):
+        p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
+                 "unsharded models; use parallel=single or ddp, or turn it off")
     if cfg.quant.method != "none" and par.strategy not in ("single", "ddp") and cfg.task.name in RUNNABLE_TASKS:
         # plans may still describe sharded quantized weights (FSDP-QLoRA with bf16 storage), which dsrun lacks
         p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "

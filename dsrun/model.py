@@ -51,25 +51,89 @@ def _weights_source(model_cfg: Any) -> str:
     return model_cfg.hub_id
 
 
-def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = torch.float32, quant_cfg: Any = None,
+                compute_dtype: torch.dtype = torch.float32, device: Any = None) -> torch.nn.Module:
     """The causal LM of `config` (from architecture()): random weights (seeded, identical on every rank) or the
-    real ones from safetensors, created in `dtype`, the dtype its weights train in (weight_dtype())."""
+    real ones from safetensors, created in `dtype`, the dtype its weights train in (weight_dtype()).
+
+    With a quantized base (quant.method nf4/int8) the full-precision model never exists on `device`: real weights
+    are quantized one by one as transformers loads them, random ones block by block as they are created."""
     from transformers import AutoModelForCausalLM
 
+    quantized = quant_cfg is not None and quant_cfg.method != "none"
     if model_cfg.init == "pretrained":
         source = _weights_source(model_cfg)
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
-        return AutoModelForCausalLM.from_pretrained(
+        extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
+            if quantized else {}
+        model = AutoModelForCausalLM.from_pretrained(
             source, config=config, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
-            dtype=dtype)
+            dtype=dtype, **extra)
+        return freeze(model) if quantized else model
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if not quantized:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return freeze(materialize_quantized(model, quant_cfg, compute_dtype, torch.device(device or "cpu")))
 
 
-def weight_dtype(precision_mode: str) -> torch.dtype:
-    """bf16-true weights are created in bf16: building them in fp32 and casting afterwards peaks at 1.5x the
-    weights (a 1.5B model reached 7.1 GiB on an 8 GB card before its first step)."""
+def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype: torch.dtype,
+                          device: torch.device) -> torch.nn.Module:
+    """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
+    head, norms and rotary buffers first, then each decoder block, quantized before the next one is created, so
+    the device holds at most one block in 16 bits."""
+    from dsrun.parallelize import decoder_blocks
+    from dsrun.quantize import quantize_linears
+
+    blocks = decoder_blocks(model)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    with torch.no_grad():
+        for module in outside:
+            module.to_empty(device=device, recurse=False)
+        model.tie_weights()  # a tied head shares the embedding's new storage
+        for module in outside:
+            model._init_weights(module)
+        for block in blocks:
+            block.to_empty(device=device)
+            for module in block.modules():
+                model._init_weights(module)
+            quantize_linears(block, quant_cfg, compute_dtype)
+    return model
+
+
+def bnb_config(quant_cfg: Any, compute_dtype: torch.dtype) -> Any:
+    """transformers' bitsandbytes settings for loading real weights: the same layers dsrun's own quantization
+    makes (quantize.quantize_linears), quantized as each weight is loaded."""
+    from transformers import BitsAndBytesConfig
+
+    if quant_cfg.method == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_use_double_quant=quant_cfg.double_quant)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """A quantized base is frozen: only adapters added afterwards train."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+FROZEN_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "fp8": torch.bfloat16,
+                "16-mixed": torch.float16}
+
+
+def weight_dtype(precision_mode: str, frozen: bool = False) -> torch.dtype:
+    """The dtype the base weights are created in. A frozen base (adapters train, it does not) is stored in the
+    compute dtype: no optimizer ever reads an fp32 copy of it, and autocast would only cast it down again
+    (peft's prepare_model_for_kbit_training upcasts embedding and head to fp32: 4.4 GB for a 7B, not done here).
+    bf16-true weights are created in bf16: building them in fp32 and casting afterwards peaks at 1.5x the weights
+    (a 1.5B model reached 7.1 GiB on an 8 GB card before its first step)."""
+    if frozen:
+        return FROZEN_DTYPE.get(precision_mode, torch.float32)
     return torch.bfloat16 if precision_mode == "bf16-true" else torch.float32
 
 
@@ -79,9 +143,17 @@ def add_adapters(model: torch.nn.Module, adapter_cfg: Any) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = list(adapter_cfg.target_modules)
+    if targets != ["all-linear"]:
+        head = model.get_output_embeddings()
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head})
+        if missing := [t for t in targets if t not in names]:
+            raise UserError(f"adapter.target_modules: {', '.join(missing)} not in this model; its linear layers are "
+                            f"{', '.join(names)} (or all-linear)")
     lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    # adapter weights (and so their optimizer states) in fp32 over a 16-bit frozen base
+    return get_peft_model(model, lora, autocast_adapter_dtype=True)
 
 
 def numel(p: torch.Tensor) -> int:

@@ -1,5 +1,6 @@
 """One pure function turns a model into its parallel form, in torchtitan's fixed order:
-float8 linears -> tensor parallel -> activation checkpointing -> per-block compile -> FSDP2 (blocks, then root)."""
+float8 linears -> tensor parallel -> activation checkpointing (block inputs on the GPU, or offloaded to host
+memory) -> per-block compile -> FSDP2 (blocks, then root)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dsrun.activation_offload import offload_checkpointing
 
 LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -27,7 +30,9 @@ def parallelize(model: nn.Module, cfg: Any, mesh: Any = None) -> nn.Module:
     if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
     blocks = decoder_blocks(model)
-    if par.activation_checkpointing:
+    if par.activation_checkpointing and par.offload_activations:
+        offload_checkpointing(blocks)
+    elif par.activation_checkpointing:
         apply_activation_checkpointing(model, blocks)
         blocks = decoder_blocks(model)
     if cfg.train.compile:

@@ -25,7 +25,6 @@ from dsrun.model import (add_adapters, architecture, build_model, flops_per_toke
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.profiling import StepProfiler
-from dsrun.quantize import quantize
 from dsrun.runs import snapshot, write_json
 from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
                             global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
@@ -48,10 +47,13 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     # data first: a bad dataset stops the run before the model costs anything
     arch = architecture(cfg.model)
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
+    frozen_base = cfg.adapter.method != "none"
     with model_init(fabric, cfg):
-        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode))
+        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode, frozen_base),
+                            quant_cfg=cfg.quant, compute_dtype=weight_dtype(cfg.precision.mode, frozen=True),
+                            device=fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
-        model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
+        model = add_adapters(model, cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
                           data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")
 

@@ -25,3 +25,14 @@ def test_quantized_base_is_kept_out_of_sharding(tmp_path):
     proc = dsrun(*FAST, "quant=nf4", "adapter=lora", "parallel=fsdp", "hardware.devices=2",
                  run_dir=tmp_path / "run")
     assert_user_error(proc, "quant=nf4 with parallel=fsdp", "parallel=ddp")
+
+
+def test_qlora_with_ddp_on_two_processes_matches_one(tmp_path):
+    """QLoRA's multi-card path: DDP over 2 CPU processes (gloo) gives the single process's losses."""
+    job = [*FAST, "quant=nf4", "adapter=lora", "train.max_steps=4", "train.seq_len=32", "optim=sgd", "train.lr=0.5"]
+    single = dsrun(*job, "train.micro_batch=4", run_dir=tmp_path / "single")
+    ddp = dsrun(*job, "parallel=ddp", "hardware.devices=2", "train.micro_batch=2", run_dir=tmp_path / "ddp")
+    assert single.returncode == 0 and ddp.returncode == 0, (single.stderr[-2000:], ddp.stderr[-2000:])
+    ref, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref], rel=1e-3)

@@ -1,0 +1,121 @@
+"""What makes a 7B QLoRA fit an 8 GB card, checked on the tiny models in process: the chunked loss equals the plain
+one, a quantized base is built block by block and stays 16-bit where it is not quantized, only adapters get
+gradients, and offloaded checkpointing gives the same gradients as plain checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from dsrun import loss as loss_module
+from dsrun.config import AdapterConfig, ModelConfig, ParallelConfig, QuantConfig
+from dsrun.errors import UserError
+from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy
+from dsrun.model import add_adapters, architecture, build_model, weight_dtype
+from dsrun.parallelize import decoder_blocks
+from tests.conftest import REPO
+
+
+def model_cfg(name: str):
+    """A model option as the run composes it (schema defaults under the option's file)."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                           OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), {"experts_implementation": "eager"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * 8)  # 8 tokens a chunk: 5 chunks, the last one short
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = IGNORE_INDEX
+    grads = []
+    for fn in (lambda: chunked_cross_entropy(hidden, weight, labels),
+               lambda: F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX,
+                                       reduction="sum")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            value = fn()
+        (0.5 * value).backward()
+        grads.append((value.detach(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    (loss_a, gh_a, gw_a), (loss_b, gh_b, gw_b) = grads
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(gh_a, gh_b, rtol=tol, atol=tol)
+    torch.testing.assert_close(gw_a, gw_b, rtol=tol, atol=tol)
+
+
+def _qlora_tiny(name: str, precision: str, method: str = "nf4"):
+    cfg = model_cfg(name)
+    model = build_model(cfg, architecture(cfg), seed=0, dtype=weight_dtype(precision, frozen=True),
+                        quant_cfg=QuantConfig(name=method, method=method),
+                        compute_dtype=weight_dtype(precision, frozen=True), device="cpu")
+    return add_adapters(attach_chunked_loss(model), AdapterConfig(method="lora", r=4, alpha=8))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen2"])
+def test_quantized_base_is_16_bit_where_not_quantized_and_only_adapters_learn(name):
+    import bitsandbytes as bnb
+
+    model = _qlora_tiny(name, "bf16-mixed")
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for n, p in base.named_parameters() if "norm" in n)
+    blocks = decoder_blocks(base)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in blocks[0].modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trainable)
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, count = model(input_ids=ids, labels=ids)
+    assert int(count) == 32 and torch.isfinite(total)
+    (total / count).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+
+
+def test_random_quantized_build_is_seeded():
+    a, b = (_qlora_tiny("tiny_qwen2", "bf16-mixed") for _ in range(2))
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(a(input_ids=ids, labels=ids)[0], b(input_ids=ids, labels=ids)[0])
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen2"])
+def test_offloaded_checkpointing_gives_the_gradients_of_plain_checkpointing(name):
+    from dsrun.parallelize import parallelize
+
+    grads = []
+    for offload in (False, True):
+        cfg = model_cfg(name)
+        torch.manual_seed(0)
+        model = add_adapters(attach_chunked_loss(build_model(cfg, architecture(cfg), seed=0)),  # dropout: RNG replayed
+                             AdapterConfig(method="lora", r=4, alpha=8, dropout=0.1 if name == "tiny_qwen2" else 0.0))
+        run = OmegaConf.structured({"parallel": ParallelConfig(activation_checkpointing=True,
+                                                               offload_activations=offload),
+                                    "precision": {"mode": "32-true"}, "train": {"compile": False}})
+        parallelize(model, run)
+        model.train()
+        ids = torch.randint(0, 1000, (2, 16))
+        torch.manual_seed(1)  # the same dropout draws
+        total, count = model(input_ids=ids, labels=ids)
+        (total / count).backward()
+        grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_targets_missing_from_the_model_are_named_with_the_real_layers():
+    cfg = model_cfg("tiny_qwen2")
+    model = build_model(cfg, architecture(cfg), seed=0)
+    with pytest.raises(UserError) as err:
+        add_adapters(model, AdapterConfig(method="lora", target_modules=["q_proj", "qkv_proj"]))
+    message = str(err.value)
+    assert "qkv_proj" in message and "q_proj" in message.split("linear layers are")[1] and "down_proj" in message
