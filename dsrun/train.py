@@ -7,6 +7,7 @@ Host syncs (`.item()`) happen only at log steps.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -32,6 +33,8 @@ from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, 
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    # growable segments instead of fixed blocks: what a step frees can serve the next one's different sizes
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     fabric = build_fabric(cfg)
     fabric.launch()
     rank_zero = fabric.global_rank == 0
@@ -69,6 +72,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
     model, optimizer = setup(fabric, cfg, model, make_optimizer)
+    load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
     lr_at = warmup_cosine(cfg.optim, tr.max_steps)
 
     clip = grad_clip(cfg)
@@ -171,6 +175,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         save_weights(fabric_unwrap(model), final_weights, weights)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
     summary["memory_cap_gib"] = memory_cap
+    summary["load_peak_gib"] = load_peak
     if rank_zero:
         write_json(run_dir / "summary.json", summary)
     monitors.finish(summary)
@@ -273,6 +278,15 @@ def peak_flops_per_s(cfg: Any) -> float:
 
     spec = gpu_catalog().get(cfg.hardware.gpu or "")
     return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
+
+
+def load_peak_gib(device: torch.device) -> float | None:
+    """The allocated peak so far (the model's build and placement); the step's peak is counted from here."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
