@@ -7,7 +7,7 @@ no schedule), seq 2048, micro-batch 1, LoRA r16/alpha 32 on the seven projection
 (Unsloth patches transformers on import; peak-memory counters stay apart): 5 warm-up steps, then 3 windows of 20
 timed steps (CUDA-synchronised); tokens/s is the median window. Peaks are the allocator's (reserved decides an OOM).
 
-    python bench/qlora.py [--steps 20] [--only stock,unsloth,dsrun] [--anchors-site /tmp/anchors] [--cap-gib 8]
+    python bench/qlora.py [--steps 20] [--only stock,unsloth,dsrun,dsrun_compile] [--anchors-site /tmp/anchors] [--cap-gib 8]
 
 Unsloth's wheels: ../shared/anchors/unsloth-wheels.sh, installed into --anchors-site. Writes $OUT/qlora.json and
 prints a Markdown table for BENCHMARKS.md.
@@ -143,9 +143,12 @@ def case_unsloth(steps: int) -> dict:
     return {**timed_loop(model, steps), "version": getattr(unsloth, "__version__", None)}
 
 
-def case_dsrun(steps: int, cap_gib: float | None, out: Path) -> dict:
-    """dsrun as a user runs it, on the saved model; log every `steps` steps gives the windows."""
-    run_dir = out / "runs" / "dsrun_qlora"
+DSRUN_CASES = {"dsrun": [], "dsrun_compile": ["train.compile=true"]}
+
+
+def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:
+    """dsrun as a user runs it, on the saved model; its per-step log rows give the windows."""
+    run_dir = out / "runs" / name
     total = WARMUP + WINDOWS * steps
     cmd = [sys.executable, "-m", "dsrun", "model=r1_distill_qwen_7b", "model.init=pretrained",
            f"model.path={MODEL_DIR}", "quant=nf4", "adapter=lora", "precision=bf16", "data=synthetic_tokens",
@@ -154,7 +157,7 @@ def case_dsrun(steps: int, cap_gib: float | None, out: Path) -> dict:
            "optim.betas=[0.9,0.999]", "optim.weight_decay=0.01", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
            "optim.grad_clip=0", "parallel.activation_checkpointing=true", "parallel.offload_activations=true",
            "train.log_every=1", "train.checkpoint_every=-1", "monitor=none", "hardware=auto",
-           f"hydra.run.dir={run_dir}"]
+           f"hydra.run.dir={run_dir}", *DSRUN_CASES[name]]
     if cap_gib:
         cmd.append(f"hardware.memory_cap_gib={cap_gib}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -175,7 +178,7 @@ def case_dsrun(steps: int, cap_gib: float | None, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--only", default="stock,unsloth,dsrun")
+    parser.add_argument("--only", default="stock,unsloth," + ",".join(DSRUN_CASES))
     parser.add_argument("--case")  # internal: run one case in this process, print its JSON
     parser.add_argument("--anchors-site", default="/tmp/anchors")
     parser.add_argument("--cap-gib", type=float)
@@ -189,8 +192,8 @@ def main() -> None:
     for name in args.only.split(","):
         started = time.perf_counter()
         try:
-            if name == "dsrun":
-                results[name] = case_dsrun(args.steps, args.cap_gib, out)
+            if name in DSRUN_CASES:
+                results[name] = case_dsrun(name, args.steps, args.cap_gib, out)
             else:
                 env = {**os.environ}
                 if name == "unsloth":

@@ -45,13 +45,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
         return None, hidden.grad
 
 
-def offload_checkpointing(blocks: list[nn.Module]) -> None:
-    """Checkpoint every block with its input kept in host memory (training only; eval runs the block as is)."""
+def offload_checkpointing(blocks: list[nn.Module], compile: bool = False) -> None:
+    """Checkpoint every block with its input kept in host memory (training only; eval runs the block as is);
+    `compile`: the block's own forward compiled, inside the checkpoint."""
     for block in blocks:
-        inner = block.forward
+        inner = torch.compile(block.forward) if compile else block.forward
 
-        def forward(hidden: torch.Tensor, *args: Any, _inner: Callable = inner, **kwargs: Any) -> torch.Tensor:
-            if not (torch.is_grad_enabled() and block_training(_inner)):
+        def forward(hidden: torch.Tensor, *args: Any, _inner: Callable = inner, _block: nn.Module = block,
+                    **kwargs: Any) -> torch.Tensor:
+            if not (torch.is_grad_enabled() and _block.training):
                 return _inner(hidden, *args, **kwargs)
             if not hidden.requires_grad:  # a frozen embedding: the adapters inside still need this block's backward
                 hidden = hidden.detach().requires_grad_(True)
@@ -59,6 +61,3 @@ def offload_checkpointing(blocks: list[nn.Module]) -> None:
 
         block.forward = forward
 
-
-def block_training(bound_forward: Callable) -> bool:
-    return bound_forward.__self__.training

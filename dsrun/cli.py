@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import hydra
+# Growable allocator segments instead of fixed blocks: what one step frees serves the next one's other sizes (a 7B
+# QLoRA step held 0.4 GiB more reserved than allocated without). Read when CUDA first allocates: set before torch.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import hydra  # noqa: E402
 from omegaconf import DictConfig
 
 from dsrun.batch_size import chosen_micro_batch

@@ -30,12 +30,13 @@ def parallelize(model: nn.Module, cfg: Any, mesh: Any = None) -> nn.Module:
     if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
     blocks = decoder_blocks(model)
-    if par.activation_checkpointing and par.offload_activations:
-        offload_checkpointing(blocks)
+    offload = par.activation_checkpointing and par.offload_activations
+    if offload:  # compiles the block inside the checkpoint: the offloading wrapper stays eager
+        offload_checkpointing(blocks, compile=cfg.train.compile)
     elif par.activation_checkpointing:
         apply_activation_checkpointing(model, blocks)
         blocks = decoder_blocks(model)
-    if cfg.train.compile:
+    if cfg.train.compile and not offload:
         for block in blocks:
             block.compile()
     if mesh is not None:

@@ -7,7 +7,6 @@ Host syncs (`.item()`) happen only at log steps.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import sys
@@ -33,8 +32,6 @@ from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, 
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    # growable segments instead of fixed blocks: what a step frees can serve the next one's different sizes
-    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     fabric = build_fabric(cfg)
     fabric.launch()
     rank_zero = fabric.global_rank == 0
