@@ -92,10 +92,13 @@ def gradient_sync(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
     counts the parameters; not hidden under backward here, so an upper bound per optimizer step)."""
     if not result.get("bus_bandwidth_gbs"):
         return None
-    from dsrun.plan import bytes_per_param, plan
+    from dsrun.errors import UserError
+    from dsrun.plan import apply_overrides, bytes_per_param, plan
 
-    p = plan(cfg, suggest=False)
-    trainable = p.parameters["trainable"]
+    try:  # counted as a CPU plan: the count does not depend on the card, which may be missing from the catalog
+        trainable = plan(apply_overrides(cfg, ["hardware.accelerator=cpu"]), suggest=False).parameters["trainable"]
+    except UserError:  # e.g. model.init=pretrained without a local config.json
+        return None
     gradient_bytes = trainable * bytes_per_param(cfg)["gradients"]
     planned = "cpu" if cfg.hardware.accelerator == "cpu" else cfg.hardware.gpu
     # the option's data-parallel size when the sweep ran on its device, else the ranks that were measured
@@ -153,7 +156,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                   f"({hw['devices']} x {hw['gpu'] or hw['accelerator']} per node, {hw['num_nodes']} node(s))")
     software = Table("software", "version", "verdict", title="software")
     for name, line in report["software"].items():
-        software.add_row(name, str(line["version"]), f"[{COLOURS[line['level']]}]{line['verdict']}")
+        software.add_row(name, line["version"] or "-", f"[{COLOURS[line['level']]}]{line['verdict']}")
     console.print(software)
     gpus = report["gpus"]
     if gpus:
@@ -174,8 +177,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print("interfaces: " + ", ".join(_interface(name, i) for name, i in net["interfaces"].items())
                   + f"; InfiniBand: {', '.join(net['infiniband']) or 'none'}")
     for name, value in report["env"].items():
-        console.print(f"  {name}={value['effective']}" + ("" if value["effective"] == value["option"] else
-                                                         f" (option says {value['option']})"))
+        source = ("from the option" if value["effective"] == value["option"] else "exported" if value["option"] is None
+                  else f"exported; the option says {value['option']}")
+        console.print(f"  {name}={value['effective']} ({source})")
     _render_sweep(report, console)
     for f in report["findings"]:
         console.print(f"[{COLOURS[f['level']]}]{f['level']}[/] {f['topic']}: {f['message']}", soft_wrap=True)
@@ -205,4 +209,5 @@ def _render_sweep(report: dict[str, Any], console: Console) -> None:
                       f"{sync['seconds'] * 1e3:.1f} ms per optimizer step at this bandwidth (DDP, before any overlap "
                       "with backward)", soft_wrap=True)
     if report.get("saved_to"):
-        console.print(f"the planner now uses this bandwidth on this machine ({report['saved_to']})")
+        console.print(f"saved for the planner: plans for {result['device']} on this machine use this bandwidth "
+                      f"({report['saved_to']})")

@@ -60,7 +60,8 @@ def software_verdicts(found: dict[str, str | None], ranges: dict[str, str], comp
         if version is None:
             use = compat["optional"].get(name)
             verdicts[name] = (("note", f"not installed: {use} unavailable") if use else
-                              ("ok", "none") if name in ("torch_cuda", "cudnn", "nccl") else ("fail", "not installed"))
+                              ("ok", "not in this torch build") if name in ("torch_cuda", "cudnn", "nccl") else
+                              ("fail", "not installed"))
         elif why:
             verdicts[name] = ("fail", f"{version} has {why}; install another release within {spec or 'the pins'}")
         elif spec and not SpecifierSet(spec).contains(version, prereleases=True):
@@ -203,14 +204,15 @@ def allreduce_findings(hardware: Any, sweep: dict[str, Any]) -> list[dict[str, s
         return [finding("warn", "allreduce", f"the all-reduce sweep failed: {sweep['error']}")]
     if sweep.get("skipped"):
         return [finding("note", "allreduce", sweep["skipped"])]
+    out = []
     if hardware.accelerator == "cuda" and sweep.get("backend") == "gloo":
-        return [finding("note", "allreduce", f"no GPU here: measured Gloo between CPU processes, not the links of "
-                                             f"hardware={hardware.name}")]
+        out.append(finding("note", "allreduce", "no GPU here: measured Gloo between CPU processes, not the links of "
+                                                f"hardware={hardware.name}"))
     if hardware.num_nodes > 1 and sweep.get("nodes", 1) < 2:
-        return [finding("note", "allreduce", f"hardware={hardware.name} spans {hardware.num_nodes} nodes; this "
-                                             "sweep stayed on one. Run doctor under torchrun --nnodes "
-                                             f"{hardware.num_nodes} to measure the network")]
-    return []
+        out.append(finding("note", "allreduce", f"hardware={hardware.name} spans {hardware.num_nodes} nodes; this "
+                                                "sweep stayed on one. Run doctor under torchrun --nnodes "
+                                                f"{hardware.num_nodes} to measure the network"))
+    return out
 
 
 def worst(findings: list[dict[str, str]]) -> str:
