@@ -156,7 +156,7 @@ def hardware_findings(hardware: Any, nvml: dict[str, Any], cuda: dict[str, Any],
     return out
 
 
-def _ifname_missing(value: str, interfaces: list[str], prefixes: bool) -> list[str]:
+def ifname_missing(value: str, interfaces: list[str], prefixes: bool) -> list[str]:
     """Names in an NCCL_SOCKET_IFNAME-style list (comma-separated prefixes; '=' exact; '^' excludes) or a
     GLOO_SOCKET_IFNAME list (exact names) that match no interface here."""
     if value.startswith("^"):
@@ -177,7 +177,7 @@ def network_findings(hardware: Any, env: dict[str, dict[str, str | None]],
         value = (env.get(variable) or {}).get("effective")
         if not value:
             continue
-        missing = _ifname_missing(value, list(interfaces), prefixes)
+        missing = ifname_missing(value, list(interfaces), prefixes)
         if missing:
             out.append(finding("warn", "network", f"{variable}={value}: no interface {', '.join(missing)} on this "
                                                   f"machine (it has {', '.join(interfaces) or 'none'}); collectives "

@@ -8,20 +8,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from dsrun.config import register_configs, resolve, validate
-from dsrun.doctor_checks import _ifname_missing, judge
+from dsrun.doctor_checks import ifname_missing, judge
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import plan
 from tests.conftest import REPO, dsrun
 from tests.test_multinode import veth_pair  # noqa: F401 (the two-host fixture)
 
-SMALL = ["doctor.json=true", "doctor.max_bytes=65536", "doctor.iterations=5"]  # 8 B, x4 up to 32 KiB, then 64 KiB: 8 sizes
+
+SMALL = ["doctor.json=true", "doctor.max_bytes=65536", "doctor.iterations=5"]  # 8 B, x4 to 32 KiB, 64 KiB
 
 
 def composed(*overrides: str):
@@ -147,10 +147,10 @@ def test_ib_enabled_without_devices_and_nvlink_option_without_links_are_flagged(
 
 def test_socket_ifname_lists_follow_nccl_rules():
     interfaces = ["lo", "eth0", "ib0"]
-    assert _ifname_missing("eth", interfaces, prefixes=True) == []
-    assert _ifname_missing("=eth", interfaces, prefixes=True) == ["=eth"]
-    assert _ifname_missing("^docker,lo", interfaces, prefixes=True) == []
-    assert _ifname_missing("eth0,enp1s0", interfaces, prefixes=False) == ["enp1s0"]
+    assert ifname_missing("eth", interfaces, prefixes=True) == []
+    assert ifname_missing("=eth", interfaces, prefixes=True) == ["=eth"]
+    assert ifname_missing("^docker,lo", interfaces, prefixes=True) == []
+    assert ifname_missing("eth0,enp1s0", interfaces, prefixes=False) == ["enp1s0"]
 
 
 def test_planner_uses_a_saved_bandwidth_only_for_the_device_it_was_measured_on(tmp_path, monkeypatch):
