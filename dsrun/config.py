@@ -143,6 +143,16 @@ class PlanConfig:
 
 
 @dataclass
+class DoctorConfig:
+    """task=doctor: what the machine check measures (dsrun/doctor.py, docs/doctor.md)."""
+    json: bool = False  # print the report as JSON on stdout
+    min_bytes: int = 8  # all-reduce sweep: smallest message (its time is the latency)
+    max_bytes: Optional[int] = None  # largest message; null: 4 MiB over CPU processes, 256 MiB over GPUs
+    iterations: int = 20  # timed all-reduces per message size
+    timeout_s: int = 120  # a collective that takes longer fails the sweep instead of hanging
+
+
+@dataclass
 class ConsoleMonitor:
     enabled: bool = False
 
@@ -191,6 +201,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
 def register_configs() -> None:
@@ -206,7 +217,7 @@ QUANT_METHODS = ("none", "int8", "nf4")
 ADAPTERS = ("none", "lora")
 ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 DATA_SOURCES = ("reasoning", "jsonl", "synthetic_tokens")
-TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve")
+TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve", "doctor")
 RUNNABLE_TASKS = ("train", "smoke")
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
@@ -349,6 +360,13 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append(f"model={cfg.model.name}: model.init=random needs architecture fields under model.fields")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         p.append("data=jsonl: set data.path=/path/to/file.jsonl")
+
+    if (doctor := getattr(cfg, "doctor", None)) is not None:  # run folders saved before task=doctor lack the group
+        _positive(p, cfg, ("doctor.iterations", "doctor.timeout_s"))
+        if doctor.min_bytes < 4:
+            p.append(f"doctor.min_bytes={doctor.min_bytes}: must be >= 4 (one float32)")
+        if doctor.max_bytes is not None and doctor.max_bytes < doctor.min_bytes:
+            p.append(f"doctor.max_bytes={doctor.max_bytes}: must be >= doctor.min_bytes ({doctor.min_bytes})")
 
     for (group, option), issue in PENDING.items():
         # plans and dry runs describe options that land later; only tasks that execute need the backend now

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,22 @@ def host_memory_gib() -> float:
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def measured_path() -> Path:
+    """Where `dsrun doctor` keeps this machine's measured collective bandwidth ($DSRUN_DOCTOR_DIR or
+    outputs/doctor, one file per host name)."""
+    return Path(os.environ.get("DSRUN_DOCTOR_DIR") or "outputs/doctor") / f"{socket.gethostname()}.json"
+
+
+def measured_links(hardware_cfg: Any) -> dict[str, dict[str, Any]]:
+    """The all-reduce measurements `dsrun doctor` saved on this machine that fit a hardware option: by scope
+    ('local': within a node, 'network': across nodes), only those taken on the device the option plans for
+    (its catalog GPU, or CPU processes). The planner's one lookup of measured bandwidth (docs/planner.md)."""
+    try:
+        saved = json.loads(measured_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    device = "cpu" if hardware_cfg.accelerator == "cpu" else hardware_cfg.gpu
+    return {scope: entry for scope, entry in saved.items()
+            if isinstance(entry, dict) and entry.get("device") == device and entry.get("bus_bandwidth_gbs")}

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dsrun.errors import UserError
-from dsrun.hardware import cpu_cores, gpu_catalog, host_memory_gib
+from dsrun.hardware import cpu_cores, gpu_catalog, host_memory_gib, measured_links, measured_path
 from dsrun.strategy import data_parallel_size, global_batch, world_size
 
 GIB = 2**30
@@ -476,6 +476,15 @@ def gpu_spec(cfg: Any) -> dict | None:
     return gpu_catalog()[hw.gpu]
 
 
+def measured_bandwidth(cfg: Any) -> dict[str, dict[str, Any]]:
+    """The links `dsrun doctor` measured on this machine that this plan crosses, by scope: 'local' when it spans
+    several devices of a node, 'network' when it spans nodes (unless plan.network_gbps is set by hand)."""
+    hw = cfg.hardware
+    return {scope: entry for scope, entry in measured_links(hw).items()
+            if (scope == "local" and hw.devices > 1) or (scope == "network" and hw.num_nodes > 1
+                                                          and not cfg.plan.network_gbps)}
+
+
 def plan(cfg: Any, suggest: bool = True) -> Plan:
     """Memory, speed and cost of a composed, resolved, validated config (a DictConfig, dict or Box); when it does
     not fit and `suggest`, the changes that make it fit, each planned again."""
@@ -559,6 +568,11 @@ def assumptions(cfg: Any, spec: dict | None) -> list[str]:
                      "machine, so no cost")
     items.append("mixed precision = fp32 weights, gradients and Adam states + autocast copies (16 bytes/param; "
                  "ZeRO: 16-bit weights and gradients, fp32 master in the optimizer)")
+    if measured := measured_bandwidth(cfg):
+        items.append(f"links measured by dsrun doctor on this machine ({measured_path()}), not the catalog's: " +
+                     "; ".join(f"{'within the node' if scope == 'local' else 'between nodes'} "
+                               f"{e['bus_bandwidth_gbs']:.2f} GB/s bus bandwidth ({e['backend']}, {e['ranks']} ranks, "
+                               f"{e['measured_at']})" for scope, e in measured.items()))
     if cfg.plan.mode == "train":
         items.append("peak at the start of backward; gradients reuse freed activations when accumulation is 1")
     else:

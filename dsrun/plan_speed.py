@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dsrun.allreduce import all_reduce_seconds
 from dsrun.hardware import cpu_cores, pcie_gbs
 from dsrun.plan import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU, DECODE_BANDWIDTH_EFFICIENCY,
                         FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR,
                         HOST_LORA_BLOCK_S, HOST_MOE_FACTOR, HOST_OPTIMIZER_BYTES_PER_S, HOST_POWER_FACTOR,
                         LINK_EFFICIENCY, MFU, MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY,
                         STEP_BANDWIDTH_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora, bytes_per_param, dtypes,
-                        shard_counts)
+                        measured_bandwidth, shard_counts)
 from dsrun.strategy import data_parallel_size, global_batch, world_size
 
 
@@ -31,19 +32,29 @@ def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) ->
 
 
 def _bandwidth(cfg: Any, spec: dict | None) -> float:
-    """Bytes/s a ring collective reaches per GPU: the slowest link it crosses."""
-    hw = cfg.hardware
-    if spec is None:
-        return 5e9  # gloo over shared memory
+    """Bytes/s a ring collective reaches per GPU (its bus bandwidth): the slowest link it crosses. A link
+    `dsrun doctor` measured on this machine replaces the catalog's figure; plan.network_gbps set by hand wins."""
+    hw, measured = cfg.hardware, measured_bandwidth(cfg)
     links = []
     if hw.devices > 1:
-        if hw.interconnect == "nvlink" and spec.get("nvlink_gbs"):
-            links.append(spec["nvlink_gbs"] / 2)  # the catalog counts both directions
-        else:  # without peer-to-peer, NCCL bounces through host memory
-            links.append(pcie_gbs(spec) * (0.5 if str(hw.env.get("NCCL_P2P_DISABLE")) == "1" else 1))
-    if hw.num_nodes > 1:
-        links.append((cfg.plan.network_gbps or NETWORK_GBPS.get(hw.network, 2.5)) / 8)
-    return min(links) * 1e9 * LINK_EFFICIENCY if links else math.inf
+        links.append(measured["local"]["bus_bandwidth_gbs"] * 1e9 if "local" in measured else _node_link(hw, spec))
+    if "network" in measured:
+        links.append(measured["network"]["bus_bandwidth_gbs"] * 1e9)
+    elif hw.num_nodes > 1:
+        links.append(5e9 if spec is None else
+                     (cfg.plan.network_gbps or NETWORK_GBPS.get(hw.network, 2.5)) / 8 * 1e9 * LINK_EFFICIENCY)
+    return min(links) if links else math.inf
+
+
+def _node_link(hw: Any, spec: dict | None) -> float:
+    """The catalog's link between the GPUs of one node, bytes/s."""
+    if spec is None:
+        return 5e9  # gloo over shared memory
+    if hw.interconnect == "nvlink" and spec.get("nvlink_gbs"):
+        gbs = spec["nvlink_gbs"] / 2  # the catalog counts both directions
+    else:  # without peer-to-peer, NCCL bounces through host memory
+        gbs = pcie_gbs(spec) * (0.5 if str(hw.env.get("NCCL_P2P_DISABLE")) == "1" else 1)
+    return gbs * 1e9 * LINK_EFFICIENCY
 
 
 def _latency(cfg: Any) -> float:
@@ -80,7 +91,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     bandwidth, ring = _bandwidth(cfg, spec), (n - 1) / n
     trainable_bytes = (_lora(cfg, shape)[0] if lora else shape.total) * bytes_per_param(cfg)["gradients"]
     if strategy == "ddp":
-        overlapped = 2 * ring * trainable_bytes / bandwidth
+        overlapped = all_reduce_seconds(trainable_bytes, n, bandwidth)
     elif _gathers(cfg):  # weights all-gathered for forward and backward of every micro-batch, gradients
         # reduce-scattered once
         gathered = _gather_bytes(cfg, shape.total, shape.matmul if cfg.quant.method != "none" else 0)

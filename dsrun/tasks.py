@@ -10,6 +10,7 @@ from rich.tree import Tree
 from omegaconf import DictConfig, OmegaConf
 
 from dsrun import sweep
+from dsrun.doctor import doctor_task
 from dsrun.ledger import recorded
 from dsrun.plan_report import plan_task
 from dsrun.rollback import prepare_smoke, smoke_problems
@@ -133,7 +134,8 @@ def smoke(cfg: DictConfig) -> None:
     train(cfg, check=smoke_problems)  # passing marks the run good: `dsrun rollback` returns to it
 
 
-TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke}  # plan_task: no GPU needed
+TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke,  # plan_task: no GPU needed
+         "doctor": doctor_task}
 
 
 def run_task(cfg: DictConfig, probe_micro_batch: bool = False) -> Any:

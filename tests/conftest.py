@@ -17,6 +17,8 @@ from tests import forkserver
 REPO = Path(__file__).resolve().parent.parent
 # every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite
 os.environ.setdefault("DSRUN_LEDGER", str(Path(tempfile.mkdtemp(prefix="dsrun-ledger-")) / "ledger.sqlite"))
+# and plan with the catalog's links, not a bandwidth `dsrun doctor` once saved for this machine (docs/doctor.md)
+os.environ.setdefault("DSRUN_DOCTOR_DIR", tempfile.mkdtemp(prefix="dsrun-doctor-"))
 # Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box. No checkpoints
 # unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run.
 FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1"]

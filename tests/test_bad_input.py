@@ -33,6 +33,8 @@ ROWS = [
     ("quantized-base-sharded", "config", ["quant=nf4", "adapter=lora", "parallel=fsdp"], ["parallel=ddp"]),
     ("jsonl-without-path", "config", ["data=jsonl"], ["data.path"]),
     ("unknown-gpu", "config", ["hardware.gpu=rtx9090"], ["rtx9090", "rtx4090"]),
+    ("doctor-sizes-reversed", "config", ["task=doctor", "doctor.min_bytes=64", "doctor.max_bytes=4"],
+     ["doctor.max_bytes=4", "doctor.min_bytes (64)"]),
     ("pretrained-without-path", "config", ["model.init=pretrained"], ["model.path"]),
     ("unknown-task", "config", ["task.name=fly"], ["task.name=fly"]),
     ("tp-not-dividing-heads", "config", ["model=tiny_qwen2", "hardware.devices=3", "parallel=tp",
