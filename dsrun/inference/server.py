@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -66,6 +67,7 @@ def serve_task(cfg: Any) -> None:
         httpd.serve_forever(poll_interval=0.2)
     finally:
         engine.stop(DRAIN_TIMEOUT_S)
+        httpd.close_idle()
         httpd.server_close()  # joins the connection threads: every response is written
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -88,6 +90,32 @@ class Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() waits for running responses
     block_on_close = True
     allow_reuse_address = False  # a port held by another server is refused, not shared
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_idle(self) -> None:
+        """End the reading side of every connection: a client's idle keep-alive connection (the openai client keeps
+        them) would otherwise hold its thread, and server_close() would wait for it forever. A response being
+        written is not affected."""
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
 
 
 def bind(host: str, port: int) -> Server:
@@ -156,6 +184,7 @@ class App:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "dsrun"
+    timeout = 300  # seconds a connection may sit idle between requests
 
     @property
     def app(self) -> App:
