@@ -42,7 +42,8 @@ def static_settings(max_cache_len: int, backend: str = "inductor") -> dict[str, 
 
 def warm_up(model: Any, batch_sizes: list[int], max_cache_len: int, extra: dict[str, Any]) -> None:
     """One short generate per batch size at the fixed cache length: compiles (and captures) every decode shape
-    that will run, so nothing recompiles while timed or serving."""
+    that will run, so nothing recompiles while timed or serving. Under inference_mode, as every later call must be:
+    a call in grad mode guards differently and compiles again (seen on CPU)."""
     vocab = model.config.get_text_config().vocab_size
     for batch in batch_sizes:
         ids = torch.randint(0, vocab, (batch, 16), device=model.device)
