@@ -181,6 +181,7 @@ class BenchInferConfig:
     prompt_tokens: int = 512
     new_tokens: int = 256
     concurrent: int = 32  # requests sent at once through the continuous-batching engine
+    quants: List[str] = field(default_factory=lambda: ["none"])  # each is loaded and measured in turn
     json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
 
 
@@ -428,6 +429,9 @@ def inference_problems(cfg: Any) -> list[str]:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
+        p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
+                 f"{', '.join(QUANT_METHODS)}")
     if gen.prompt is not None and gen.prompts_file is not None:
         p.append("generate.prompt and generate.prompts_file: give one of them")
     return p

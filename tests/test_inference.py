@@ -142,3 +142,16 @@ def test_think_splitter_and_detokenizer():
     pieces = split.feed("a<thi") + split.feed("nk>b</think>c") + split.flush()
     assert pieces == [(False, "a"), (True, "b"), (False, "c")]
     assert ThinkSplitter(thinking=True).feed("x</think>y") == [(True, "x"), (False, "y")]
+
+
+def test_bench_infer_runs_on_cpu_and_prints_its_table(tmp_path):
+    import json
+
+    proc = dsrun("task=bench_infer", "model=tiny_qwen2", "hardware=cpu", "bench_infer.batches=[1,2]",
+                 "bench_infer.prompt_tokens=16", "bench_infer.new_tokens=4", "bench_infer.concurrent=4",
+                 run_dir=tmp_path / "bench")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "decode_tok_s" in proc.stdout and "hf_generate" in proc.stdout
+    rows = json.loads((tmp_path / "bench" / "bench_infer.json").read_text())
+    assert [r["batch"] for r in rows] == [1, 2, 4]
+    assert rows[-1]["max_batch_seen"] >= 2, "the engine batched the concurrent requests"

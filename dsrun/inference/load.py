@@ -58,6 +58,10 @@ def load(cfg: Any) -> Loaded:
     kind = describe(source)
     device = torch.device("cuda" if cfg.hardware.accelerator == "cuda" else "cpu")
     dtype = compute_dtype(cfg.precision.mode)
+    if device.type == "cuda":
+        from dsrun.train import emulate_memory
+
+        emulate_memory(cfg, device)  # hardware.emulate / memory_cap_gib: prove a small card's recipe on a big one
     if kind == "option":
         model = _build(cfg.model, seed=cfg.train.seed, dtype=dtype, build_device=_build_device(cfg, device, dtype))
         tokenizer_folder, name = None, cfg.model.name
