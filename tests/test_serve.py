@@ -151,8 +151,3 @@ def test_a_taken_port_is_one_line_and_exit_2(tmp_path):
         port = taken.getsockname()[1]
         proc = dsrun("serve", "model=tiny_qwen2", *FAST, f"serve.port={port}", run_dir=tmp_path / "run")
     assert_user_error(proc, f"serve.port={port}", "serve.port=0")
-
-
-def test_vllm_engine_without_vllm_says_how_to_install(tmp_path):
-    proc = dsrun("serve", *FAST, "serve.engine=vllm", run_dir=tmp_path / "run", env={"PATH": "/usr/bin:/bin"})
-    assert_user_error(proc, "serve.engine=vllm", "pip install vllm")
