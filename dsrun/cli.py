@@ -164,10 +164,11 @@ def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:
 # Verbs that become a Hydra command line, and commands that do their work and exit without Hydra.
 VERBS: dict[str, Callable[[list[str]], list[str]]] = {
     "resume": resume_argv, "replay": _lazy("dsrun.rollback", "replay_argv"),
-    "rollback": _lazy("dsrun.rollback", "rollback_argv"), "doctor": _lazy("dsrun.doctor", "doctor_argv")}
+    "rollback": _lazy("dsrun.rollback", "rollback_argv"), "doctor": _lazy("dsrun.doctor", "doctor_argv"),
+    "generate": _lazy("dsrun.inference.verbs", "generate_argv"), "serve": _lazy("dsrun.inference.verbs", "serve_argv")}
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "report": _lazy("dsrun.report", "report_command"), "runs": _lazy("dsrun.ledger", "runs_command"),
-    "diff": _lazy("dsrun.rollback", "diff_command")}
+    "diff": _lazy("dsrun.rollback", "diff_command"), "export": _lazy("dsrun.export", "export_argv")}
 
 
 def main() -> None:

@@ -125,6 +125,7 @@ class TrainConfig:
 class TaskConfig:
     name: str = "train"
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
+    source: Optional[str] = None  # generate/serve/bench_infer: a run or model folder; null: the model option
 
 
 @dataclass
@@ -150,6 +151,49 @@ class DoctorConfig:
     max_bytes: Optional[int] = None  # largest message; null: 4 MiB over CPU processes, 256 MiB over GPUs
     iterations: int = 20  # timed all-reduces per message size
     timeout_s: int = 120  # a collective that takes longer fails the sweep instead of hanging
+
+
+@dataclass
+class GenerateConfig:
+    """task=generate (dsrun/inference/generate.py): one prompt, a file of prompts, or an interactive loop."""
+    prompt: Optional[str] = None
+    prompts_file: Optional[str] = None  # one prompt per line
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    show_thinking: str = "dim"  # dim | show | hide: the <think> part on the console (stdout keeps only the answer
+    # when hidden)
+    static_cache: str = "auto"  # auto (on CUDA) | true | false: static KV cache + compiled decode, bucketed prompts
+
+
+@dataclass
+class ServeConfig:
+    """task=serve (dsrun/inference/server.py): an OpenAI-compatible HTTP endpoint."""
+    engine: str = "transformers"  # transformers (continuous batching, in process) | vllm (`vllm serve`, its own env)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port and prints it
+    model_name: Optional[str] = None  # the id /v1/models lists; null: the source folder's name or the model option
+    api_key_env: Optional[str] = None  # name of the environment variable holding the API key; null: no key
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the most a request may ask for (and the default when it asks for none)
+    max_queue: int = 64  # requests waiting or running; more get 503
+    max_batch: int = 32  # sequences decoded together
+    kv_cache_tokens: int = 32768  # paged KV cache size, in tokens
+    temperature: float = 0.6  # default for requests that set none (R1's recommended sampling)
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class BenchInferConfig:
+    """task=bench_infer (dsrun/inference/bench.py): TTFT, decode and aggregate tokens/s, peak memory."""
+    batches: List[int] = field(default_factory=lambda: [1, 8, 32])
+    prompt_tokens: int = 512
+    new_tokens: int = 256
+    concurrent: int = 32  # requests sent at once through the continuous-batching engine
+    quants: List[str] = field(default_factory=lambda: ["none"])  # each is loaded and measured in turn
+    json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
 
 
 @dataclass
@@ -202,6 +246,9 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    bench_infer: BenchInferConfig = field(default_factory=BenchInferConfig)
 
 
 def register_configs() -> None:
@@ -217,14 +264,14 @@ QUANT_METHODS = ("none", "int8", "nf4")
 ADAPTERS = ("none", "lora")
 ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 DATA_SOURCES = ("reasoning", "jsonl", "synthetic_tokens")
-TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve", "doctor")
+TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve", "bench_infer", "doctor")
 RUNNABLE_TASKS = ("train", "smoke")
+INFERENCE_TASKS = ("generate", "serve", "bench_infer")  # load weights, train nothing (dsrun/inference/)
+SERVE_ENGINES = ("transformers", "vllm")
+THINKING_DISPLAY = ("dim", "show", "hide")
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
-PENDING = {
-    ("task", "generate"): "the serving issue",
-    ("task", "serve"): "the serving issue",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _positive(problems: list[str], cfg: Any, keys: tuple[str, ...], allow_zero: bool = False) -> None:
@@ -346,7 +393,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append(f"plan.lifetime_years={plan.lifetime_years}: must be > 0")
     if plan.mfu is not None and not 0 < plan.mfu <= 1:
         p.append(f"plan.mfu={plan.mfu}: must be in (0, 1]")
-    if cfg.quant.method != "none" and cfg.adapter.method == "none" and not inference_plan:
+    if cfg.task.name in INFERENCE_TASKS:
+        p.extend(inference_problems(cfg))
+    if cfg.quant.method != "none" and cfg.adapter.method == "none" and not inference_plan \
+            and cfg.task.name not in INFERENCE_TASKS:
         p.append(f"quant={cfg.quant.name} with adapter=none: quantized weights cannot be trained directly; "
                  "add adapter=lora (QLoRA)")
 
@@ -376,6 +426,40 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     if p:
         raise ConfigError(p)
+
+
+def inference_problems(cfg: Any) -> list[str]:
+    """generate/serve/bench_infer keys (they are checked only when one of those tasks runs)."""
+    p: list[str] = []
+    gen, srv, bench = cfg.generate, cfg.serve, cfg.bench_infer
+    for key, value in (("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
+                       srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue", srv.max_queue),
+                       ("serve.max_batch", srv.max_batch), ("serve.kv_cache_tokens", srv.kv_cache_tokens),
+                       ("bench_infer.prompt_tokens", bench.prompt_tokens), ("bench_infer.new_tokens", bench.new_tokens),
+                       ("bench_infer.concurrent", bench.concurrent)):
+        if value < 1:
+            p.append(f"{key}={value}: must be >= 1")
+    if any(b < 1 for b in bench.batches) or not bench.batches:
+        p.append(f"bench_infer.batches={list(bench.batches)}: a non-empty list of batch sizes >= 1")
+    for key, value in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
+        if value < 0:
+            p.append(f"{key}={value}: must be >= 0 (0 is greedy)")
+    for key, value in (("generate.top_p", gen.top_p), ("serve.top_p", srv.top_p)):
+        if not 0 < value <= 1:
+            p.append(f"{key}={value}: must be in (0, 1]")
+    if not 0 <= srv.port <= 65535:
+        p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
+    choices = {"serve.engine": (srv.engine, SERVE_ENGINES), "generate.show_thinking": (gen.show_thinking,
+               THINKING_DISPLAY), "generate.static_cache": (str(gen.static_cache).lower(), ("auto", "true", "false"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
+        p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
+                 f"{', '.join(QUANT_METHODS)}")
+    if gen.prompt is not None and gen.prompts_file is not None:
+        p.append("generate.prompt and generate.prompts_file: give one of them")
+    return p
 
 
 def _selected(cfg: Any, group: str, option: str) -> bool:

@@ -79,6 +79,14 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
     return freeze(materialize_quantized(model, quant_cfg, compute_dtype, torch.device(device or "cpu")))
 
 
+def build_run_model(cfg: Any, config: Any, device: Any) -> torch.nn.Module:
+    """The base model of a run as training builds it (train.fit; export and inference rebuild a LoRA run's base
+    with it): a frozen base under adapters in the compute dtype, quantized if the run quantizes."""
+    mode, frozen = cfg.precision.mode, cfg.adapter.method != "none"
+    return build_model(cfg.model, config, seed=cfg.train.seed, dtype=weight_dtype(mode, frozen), quant_cfg=cfg.quant,
+                       compute_dtype=weight_dtype(mode, frozen=True), device=device)
+
+
 def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype: torch.dtype,
                           device: torch.device) -> torch.nn.Module:
     """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
@@ -187,11 +195,13 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
-def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Final weights as safetensors (+ config.json), loadable with model.init=pretrained model.path=<folder>."""
+def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
+    """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
+    model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
     except OSError as exc:
         raise UserError(f"{folder}: cannot write the final weights ({exc.strerror or exc}); the last checkpoint "
                         "holds them: free disk space, then `dsrun resume <run>`") from None

@@ -134,8 +134,19 @@ def smoke(cfg: DictConfig) -> None:
     train(cfg, check=smoke_problems)  # passing marks the run good: `dsrun rollback` returns to it
 
 
+def _inference(module: str, name: str) -> Any:
+    """An inference task, imported only when it runs (dsrun/inference/)."""
+    def task(cfg: DictConfig) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(f"dsrun.inference.{module}"), name)(cfg)
+    return task
+
+
 TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke,  # plan_task: no GPU needed
          "doctor": doctor_task}
+TASKS.update(generate=_inference("generate", "generate_task"), serve=_inference("server", "serve_task"),
+             bench_infer=_inference("bench", "bench_task"))
 
 
 def run_task(cfg: DictConfig, probe_micro_batch: bool = False) -> Any:

@@ -20,8 +20,8 @@ from dsrun.checkpoint import Checkpointer
 from dsrun.data import BatchStream, build_blocks, load_tokenizer
 from dsrun.errors import TrainingDiverged
 from dsrun.loss import attach_chunked_loss
-from dsrun.model import (add_adapters, architecture, build_model, flops_per_token, parameter_counts, save_weights,
-                         weight_dtype)
+from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, parameter_counts,
+                         save_weights)
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer, warmup_cosine
 from dsrun.profiling import StepProfiler
@@ -46,12 +46,10 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
     # data first: a bad dataset stops the run before the model costs anything
     arch = architecture(cfg.model)
-    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
-    frozen_base = cfg.adapter.method != "none"
+    tokenizer = load_tokenizer(cfg.model)
+    blocks = build_blocks(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     with model_init(fabric, cfg):
-        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode, frozen_base),
-                            quant_cfg=cfg.quant, compute_dtype=weight_dtype(cfg.precision.mode, frozen=True),
-                            device=fabric.device)
+        model = build_run_model(cfg, arch, fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
         model = add_adapters(model, cfg.adapter)
     batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
@@ -169,7 +167,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     weights = run_dir / "model"
     final_weights = full_state_dict(fabric, model)  # collective: every rank takes part
     if rank_zero:
-        save_weights(fabric_unwrap(model), final_weights, weights)
+        save_weights(fabric_unwrap(model), final_weights, weights, tokenizer)
     summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
     summary["memory_cap_gib"] = memory_cap
     summary["load_peak_gib"] = load_peak

@@ -55,11 +55,17 @@ ROWS = [
     ("pickle-weights-only", "model", ["model.init=pretrained", "model.path={tmp}/binonly"], ["no *.safetensors"]),
     ("remote-code-not-allowed", "model", ["model.init=pretrained", "model.path={tmp}/remote"],
      ["trust_remote_code=true"]),
+    ("source-not-a-model-folder", "model", ["task=generate", "task.source={tmp}", "generate.prompt=hi"],
+     ["not a run folder", "dsrun export"]),
+    ("prompt-longer-than-context", "model", ["task=generate", "model=tiny_qwen2",
+                                             "model.fields.max_position_embeddings=32", "generate.prompt=hi"],
+     ["exceeds the model's context of 32", "generate.max_new_tokens"]),
     ("checkpoint-of-another-model", "checkpoint", ["model=tiny_qwen2", "train.resume={ckpt}"],
      ["cannot load it", "train.resume=never"]),
     ("truncated-checkpoint", "checkpoint", ["train.resume={tmp}/truncated"], ["cannot load it"]),
     ("resume-from-non-checkpoint", "checkpoint", ["train.resume={tmp}"], ["not a complete dsrun checkpoint"]),
     ("more-gpus-than-present", "environment", ["hardware=4x4090", "precision=bf16"], ["asks for 4 GPUs", "task=plan"]),
+    ("vllm-not-installed", "environment", ["task=serve", "serve.engine=vllm"], ["no `vllm` executable", "pip install"]),
     ("unwritable-run-folder", "environment", ["hydra.run.dir={tmp}/a-file/run"], ["cannot create the run folder"]),
 ]
 
