@@ -37,7 +37,7 @@ def run(recipe: str, steps: int, out: Path) -> dict:
     planned = json.loads(plan.stdout) if plan.returncode == 0 else {}
     run_dir = out / "runs" / recipe
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dsrun", *common, "hardware.emulate=true", "train.force=true",
+    proc = subprocess.run([sys.executable, "-m", "dsrun", *common, "hardware.emulate=true",
                            f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True)
     result = {"recipe": recipe, "planned_gib": round(planned.get("total_gib", 0), 2),
               "plan_fits": planned.get("fits"), "capacity_gib": planned.get("vram_gib"),

@@ -234,13 +234,17 @@ def _shape(key: str) -> Shape:
 def bytes_per_param(cfg: Any) -> dict[str, float]:
     """Bytes per trainable parameter before sharding: weights, gradients, optimizer states (master copy included).
     Mixed precision here means fp32 weights under autocast (16: 4 + 4 + 4 x 2 Adam moments)."""
-    mode = cfg.precision.mode
-    moments = 2 if cfg.optim.name == "adamw" else int(bool(cfg.optim.momentum))
+    mode, states = cfg.precision.mode, moments(cfg)
     if cfg.parallel.strategy == "deepspeed" and mode != "32-true":
         # ZeRO's layout: 16-bit weights and gradients, the fp32 master copy inside the optimizer
-        return {"weights": 2, "gradients": 2, "optimizer": 4 + 4 * moments}
-    width = 2 if mode == "bf16-true" else 4
-    return {"weights": width, "gradients": width, "optimizer": width * moments}
+        return {"weights": 2, "gradients": 2, "optimizer": 4 + 4 * states}
+    width = 2 if mode == "bf16-true" or frozen_16bit(cfg) else 4
+    return {"weights": width, "gradients": width, "optimizer": width * states}
+
+
+def moments(cfg: Any) -> int:
+    """Optimizer states per parameter: Adam's two moments, SGD's momentum buffer if any."""
+    return 2 if cfg.optim.name == "adamw" else int(bool(cfg.optim.momentum))
 
 
 def shard_counts(cfg: Any) -> dict[str, int]:
@@ -270,9 +274,15 @@ class Dtypes:
     autocast: bool  # single/ddp mixed precision: torch autocast over fp32 weights
 
 
+def frozen_16bit(cfg: Any) -> bool:
+    """A frozen base under adapters is stored in the compute dtype (model.weight_dtype): no fp32 weights for
+    autocast to cast, and a 16-bit residual stream."""
+    return cfg.adapter.method != "none" and cfg.precision.mode != "32-true"
+
+
 def dtypes(cfg: Any) -> Dtypes:
     mode = cfg.precision.mode
-    autocast = mode in MIXED and cfg.parallel.strategy in ("single", "ddp")
+    autocast = mode in MIXED and cfg.parallel.strategy in ("single", "ddp") and not frozen_16bit(cfg)
     compute = 4 if mode == "32-true" else 2
     return Dtypes(compute, 4 if autocast or mode == "32-true" else compute, autocast)
 
@@ -317,6 +327,8 @@ def activation_bytes_per_token(cfg: Any, shape: Shape, lora_per_block: list[floa
     blocks = [rep + split / tp + lora for (rep, split), lora in zip(shape.cache[d], lora_per_block)]
     h = shape.model.config.hidden_size
     final = _norm(h, d)
+    if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
+        return max(blocks) + final  # block inputs wait in host memory (activation_offload.py)
     if cfg.parallel.activation_checkpointing:  # block inputs, plus one block recomputed during backward
         return len(blocks) * h * d.wide + max(blocks) + final
     return sum(blocks) + final
@@ -345,6 +357,7 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     d, b, div = dtypes(cfg), bytes_per_param(cfg), shard_counts(cfg)
     strategy, tr = cfg.parallel.strategy, cfg.train
     lora_params, lora_act = _lora(cfg, shape)
+    adapter_bytes = {"weights": 4, "gradients": 4, "optimizer": 4 * moments(cfg)}  # fp32 whatever the base's dtype
     trainable = 0 if lora_params else shape.total
     quantized = shape.matmul if cfg.quant.method != "none" else 0
     q_weight, q_const = quant_bytes(cfg.quant)
@@ -362,14 +375,16 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         "gathered": _gathered(cfg, shape, lora_params) if _gathers(cfg) else 0.0,
         "gradients": trainable * b["gradients"] * spread / div["gradients"],
         "optimizer_states": trainable * b["optimizer"] * spread / div["optimizer"],
-        "lora": lora_params * sum(b[k] / div[k] for k in b),
+        "lora": lora_params * sum(adapter_bytes[k] / div[k] for k in adapter_bytes),
         "comm_buffers": DEEPSPEED_BUCKET_ELEMENTS * 2 * (1 if cfg.parallel.zero_stage == 3 else 2)
         if strategy == "deepspeed" else 0.0,
         "activations": tokens * activation_bytes_per_token(cfg, shape, lora_act),
-        # the loop holds the logits, their fp32 copy, log-softmax, and two fp32 gradients of that size
-        "logits_loss": tokens * shape.model.config.vocab_size * ((4 if d.compute == 4 else 2) + 12),
+        "logits_loss": logits_loss_bytes(cfg, shape, tokens, d),
     }
     host: dict[str, float] = {}
+    if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
+        host["activations"] = tokens * len(shape.moe_blocks) * shape.model.config.hidden_size * d.wide * \
+            cfg.hardware.devices
     if cfg.parallel.offload and strategy in ("fsdp", "deepspeed") and spec is not None:
         params_too = strategy == "fsdp" or cfg.parallel.zero_stage == 3
         for key in ("optimizer_states", "gradients") + (("weights", "quant_constants", "lora") if params_too else ()):
@@ -383,6 +398,19 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     if cfg.parallel.offload and strategy == "fsdp":
         m["allocator"] += OFFLOAD_GATHERED_COPIES * m["gathered"]
     return m, host
+
+
+def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
+    """The loss (dsrun/loss.py): one chunk of logits at a time — fp32 logits turned in place into their gradient,
+    its compute-dtype copy, the matmul's output — plus the gradient of the hidden states. ZeRO-3 computes whole
+    logits through the head (logits, fp32 copy, log-softmax and two fp32 gradients of that size)."""
+    from dsrun.loss import CHUNK_ELEMENTS
+
+    vocab, h = shape.model.config.vocab_size, shape.model.config.hidden_size
+    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+        return tokens * vocab * ((4 if d.compute == 4 else 2) + 12)
+    chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
+    return chunk * vocab * (4 + 2 * d.compute) + tokens * h * (d.wide + 4)
 
 
 def _gathers(cfg: Any) -> bool:
