@@ -221,7 +221,9 @@ _zygote: Zygote | None = None
 
 def zygote(cwd: Path) -> Zygote | None:
     global _zygote
-    if os.environ.get("DSRUN_TEST_FORKSERVER", "1") == "0":
+    # on a GPU machine an imported library (DeepSpeed's accelerator probe) initialises CUDA in the zygote, and a
+    # forked child can then never use the GPU: start fresh interpreters there
+    if os.environ.get("DSRUN_TEST_FORKSERVER", "1") == "0" or Path("/dev/nvidiactl").exists():
         return None
     if _zygote is None:
         _zygote = Zygote(cwd)
