@@ -51,10 +51,6 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     rows, eval_rows, data_line = build_datasets(cfg.data, load_tokenizer(cfg.model), tr.seq_len, arch.vocab_size)
     if rank_zero:
         print(data_line, file=sys.stderr)
-    with model_init(fabric, cfg):
-        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode))
-        model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
-        model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
     dp, dp_rank = data_parallel_size(cfg), data_parallel_rank(fabric.global_rank, cfg)
     replicas = fabric.world_size // dp  # ranks of one tensor-parallel group hold the same batch
     batches = BatchStream(rows, tr.micro_batch, dp_rank, dp, seed=tr.seed, pin=fabric.device.type == "cuda",
@@ -64,6 +60,10 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if max_steps == 0:
         raise DataError(f"train.epochs={tr.epochs}: the data packs into {len(rows)} rows, fewer than one global "
                         f"batch ({global_batch(cfg)}); add data or lower train.micro_batch / train.accumulation")
+    with model_init(fabric, cfg):
+        model = build_model(cfg.model, arch, seed=tr.seed, dtype=weight_dtype(cfg.precision.mode))
+        model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
+        model = add_adapters(quantize(model, cfg.quant, cfg.precision.mode), cfg.adapter)
 
     lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
 
