@@ -87,18 +87,20 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, packing: bool = True,
         split += len(cut) > 1
         parts.extend(p for p in cut if p[0])
     rows = best_fit([len(p[0]) for p in parts], seq_len) if packing else [[i] for i in range(len(parts))]
-    inputs = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(rows), seq_len), dtype=torch.long)
-    for r, members in enumerate(rows):
+    inputs, labels, positions = [], [], []  # flat lists, one tensor each at the end: fast for 100k documents
+    for members in rows:
         at = 0
         for i in members:
             ids, targets = parts[i]
-            inputs[r, at:at + len(ids)] = torch.tensor(ids)
-            labels[r, at:at + len(ids)] = torch.tensor(targets)
-            positions[r, at:at + len(ids)] = torch.arange(len(ids))
+            inputs += ids
+            labels += targets
+            positions += range(len(ids))
             at += len(ids)
-        positions[r, at:] = torch.arange(seq_len - at)  # the padding is a document of its own
+        inputs += [pad_id] * (seq_len - at)
+        labels += [IGNORE_INDEX] * (seq_len - at)
+        positions += range(seq_len - at)  # the padding is a document of its own
+    inputs, labels, positions = (torch.tensor(x, dtype=torch.long).view(len(rows), seq_len)
+                                 for x in (inputs, labels, positions))
     masked = packing and document_mask
     stats = {"documents": len(docs), "split": split, "rows": len(rows),
              "padding": int(sum(seq_len - sum(len(parts[i][0]) for i in m) for m in rows))}
