@@ -1,7 +1,8 @@
 """Atomic checkpoints and resume.
 
 Layout: <run>/checkpoints/step-00000050/{state, rng-rank<r>.pt, COMPLETE} and <run>/checkpoints/latest (the name of
-the newest complete one); with train.keep_best, <run>/checkpoints/best (the lowest eval loss; COMPLETE holds its step). A checkpoint is written under `step-N.incomplete`, every rank finishes, files are
+the newest complete one); with train.keep_best also <run>/checkpoints/best (the lowest eval loss so far; its
+COMPLETE holds its step). A checkpoint is written under `step-N.incomplete`, every rank finishes, files are
 fsynced, the folder is renamed and only then `latest` is replaced (write + fsync + rename): a crash at any
 moment leaves the previous checkpoint and pointer intact. `state` is what Fabric writes for the strategy: one
 file for single/DDP, a sharded torch.distributed.checkpoint folder for FSDP2/TP (resharded on load when the

@@ -117,8 +117,8 @@ def chats(path: Path, n: int = 200) -> Path:
     with path.open("w") as handle:
         for _ in range(n):
             user = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(rng.randint(20, 60)))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": user},
-                                                  {"role": "assistant", "content": "The answer is forty-two."}]}) + "\n")
+            reply = {"role": "assistant", "content": "The answer is forty-two."}
+            handle.write(json.dumps({"messages": [{"role": "user", "content": user}, reply]}) + "\n")
     return path
 
 
@@ -189,3 +189,19 @@ def test_chats_without_an_assistant_turn_are_skipped_with_a_count(tokenizer, tmp
     train, _, line = build_datasets(cfg, tokenizer, 64, 129280)
     assert f"1 chats without an assistant turn skipped (first: {path}:5)" in line
     assert train.stats["documents"] == 4
+
+
+def test_resume_restores_the_eval_history_and_the_best_checkpoint_stays_the_best(tmp_path):
+    """A run stopped at step 4 and resumed to 6 reports the best eval over all 6 steps; `best` keeps its step
+    unless a later eval beats it."""
+    run_dir = tmp_path / "run"
+    first = dsrun(*EVAL, *LAYOUTS["single"], "train.checkpoint_every=2", run_dir=run_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = dsrun("resume", str(run_dir), "train.max_steps=6", "train.lr=5", "optim.warmup_steps=0")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    best = min(evals, key=lambda r: r["eval_loss"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_eval_step"] == best["step"] and summary["best_eval_loss"] == best["eval_loss"]
+    assert (run_dir / "checkpoints/best/COMPLETE").read_text().strip() == str(best["step"])
