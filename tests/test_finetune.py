@@ -140,8 +140,8 @@ def test_loss_on_the_assistant_turns_learns_the_reply_and_all_tokens_cannot(trai
     assert {"tokens_trained", "trained_tokens_per_s", "tokens_seen", "tokens_per_s"} <= summary.keys()
 
 
-EVAL = [*FAST, "model=tiny_qwen2", "optim=sgd", "train.lr=0.05", "train.seq_len=64", "data.num_samples=400",
-        "data.eval_split=0.1", "train.max_steps=4", "train.eval_every=2", "optim.warmup_steps=0"]
+EVAL = [*FAST, "model=tiny_qwen2", "optim=sgd", "train.lr=0.05", "train.seq_len=64", "data.num_samples=200",
+        "data.eval_split=0.1", "train.max_steps=2", "train.eval_every=1", "optim.warmup_steps=0"]
 LAYOUTS = {
     "single": ["train.micro_batch=4", "train.keep_best=true"],
     "ddp": ["parallel=ddp", "hardware.devices=2", "train.micro_batch=2"],
@@ -154,7 +154,7 @@ def test_eval_loss_is_the_same_under_every_strategy_and_keep_best_keeps_its_step
     for name, proc in procs.items():
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
     evals = {name: [r for r in read_metrics(tmp_path / name) if "eval_loss" in r] for name in LAYOUTS}
-    assert [r["step"] for r in evals["single"]] == [2, 4]
+    assert [r["step"] for r in evals["single"]] == [1, 2]
     for name in ("ddp", "fsdp"):
         for ref, row in zip(evals["single"], evals[name], strict=True):
             assert row["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5), name
@@ -192,15 +192,15 @@ def test_chats_without_an_assistant_turn_are_skipped_with_a_count(tokenizer, tmp
 
 
 def test_resume_restores_the_eval_history_and_the_best_checkpoint_stays_the_best(tmp_path):
-    """A run stopped at step 4 and resumed to 6 reports the best eval over all 6 steps; `best` keeps its step
+    """A run stopped at step 2 and resumed to 4 reports the best eval over all 4 steps; `best` keeps its step
     unless a later eval beats it."""
     run_dir = tmp_path / "run"
-    first = dsrun(*EVAL, *LAYOUTS["single"], "train.checkpoint_every=2", run_dir=run_dir)
+    first = dsrun(*EVAL, *LAYOUTS["single"], "train.checkpoint_every=1", run_dir=run_dir)
     assert first.returncode == 0, first.stderr[-2000:]
-    resumed = dsrun("resume", str(run_dir), "train.max_steps=6", "train.lr=5", "optim.warmup_steps=0")
+    resumed = dsrun("resume", str(run_dir), "train.max_steps=4", "train.lr=5")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
     best = min(evals, key=lambda r: r["eval_loss"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_eval_step"] == best["step"] and summary["best_eval_loss"] == best["eval_loss"]
