@@ -142,8 +142,10 @@ def probe_overrides(cfg: Any, size: int, dp: int, folder: Path) -> list[str]:
     micro-steps: with accumulation the gradients are alive during the next micro-batch's forward)."""
     micro_steps = min(2, cfg.train.global_batch // (size * dp))
     return [f"train.micro_batch={size}", f"train.global_batch={size * dp * micro_steps}",
-            f"train.max_steps={PROBE_STEPS}", "train.checkpoint_every=-1", "train.resume=never", "train.force=true",
-            "train.log_every=1", "task=train", "monitor=none", f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+            f"train.max_steps={PROBE_STEPS}", "train.epochs=null", "train.keep_best=false",
+            "train.eval_every=0", "data.eval_split=null", "data.eval_path=null", "train.checkpoint_every=-1",
+            "train.resume=never", "train.force=true", "train.log_every=1", "task=train", "monitor=none",
+            f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
 
 
 def chosen_micro_batch(run: Path) -> list[str]:

@@ -1,7 +1,8 @@
 """Atomic checkpoints and resume.
 
 Layout: <run>/checkpoints/step-00000050/{state, rng-rank<r>.pt, COMPLETE} and <run>/checkpoints/latest (the name of
-the newest complete one). A checkpoint is written under `step-N.incomplete`, every rank finishes, files are
+the newest complete one); with train.keep_best also <run>/checkpoints/best (the lowest eval loss so far; its
+COMPLETE holds its step). A checkpoint is written under `step-N.incomplete`, every rank finishes, files are
 fsynced, the folder is renamed and only then `latest` is replaced (write + fsync + rename): a crash at any
 moment leaves the previous checkpoint and pointer intact. `state` is what Fabric writes for the strategy: one
 file for single/DDP, a sharded torch.distributed.checkpoint folder for FSDP2/TP (resharded on load when the
@@ -46,9 +47,10 @@ class Checkpointer:
 
     # --- save -----------------------------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], name: str | None = None) -> Path:
+        """`name` (e.g. "best") writes a checkpoint beside the step folders: not `latest`, never pruned."""
         fabric, rank0 = self.fabric, self.fabric.global_rank == 0
-        final = self.root / f"step-{step:08d}"
+        final = self.root / (name or f"step-{step:08d}")
         tmp = final.with_name(final.name + ".incomplete")
         try:
             if rank0:
@@ -64,8 +66,9 @@ class Checkpointer:
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
                 _fsync_dir(self.root)
-                _write_atomic(self.root / LATEST, final.name + "\n")
-                self._prune()
+                if name is None:
+                    _write_atomic(self.root / LATEST, final.name + "\n")
+                    self._prune()
         except OSError as exc:
             if rank0:
                 shutil.rmtree(tmp, ignore_errors=True)

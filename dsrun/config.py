@@ -87,6 +87,11 @@ class DataConfig:
     path: Optional[str] = None
     num_samples: int = 4000
     seed: int = 1234
+    train_on: str = "assistant"  # assistant (chats and instructions: loss on the replies only) | all
+    packing: bool = True  # several documents per row; false: one document per row, padded
+    document_mask: bool = True  # packed documents see only themselves (positions restart); false: one sequence
+    eval_split: Optional[float] = None  # fraction of the records held out for eval loss (by data.seed)
+    eval_path: Optional[str] = None  # a second JSONL as the eval set
 
 
 @dataclass
@@ -104,7 +109,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 150
+    max_steps: Optional[int] = None  # null: DEFAULT_MAX_STEPS, unless train.epochs sets the length
     micro_batch: Any = 4  # a number, or auto: the largest that fits, keeping global_batch (dsrun/batch_size.py)
     accumulation: int = 1
     global_batch: Optional[int] = None  # when set, accumulation = this / (micro_batch x data-parallel size)
@@ -119,6 +124,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     compile: bool = False
     profile_steps: int = 0  # torch.profiler over this many steps after two (dsrun/profiling.py); 0: off
+    epochs: Optional[int] = None  # the run's length in passes over the data, instead of train.max_steps
+    eval_every: int = 0  # steps between eval-loss passes (and at the end); 0: only at the end
+    keep_best: bool = False  # keep the checkpoint of the lowest eval loss as checkpoints/best
 
 
 @dataclass
@@ -292,13 +300,13 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     if problem := auto_problem(cfg):
         p.append(problem)
-    _positive(p, cfg, ("train.max_steps", "train.accumulation", "train.seq_len",
+    _positive(p, cfg, ("train.accumulation", "train.seq_len",
                        "train.log_every", "hardware.devices", "hardware.num_nodes",
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
                        "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
     _positive(p, cfg, ("optim.warmup_steps", "data.num_samples", "train.profile_steps"), allow_zero=True)
-    if tr.profile_steps > 0 and tr.max_steps < tr.profile_steps + 2:
+    if tr.profile_steps > 0 and tr.max_steps is not None and tr.max_steps < tr.profile_steps + 2:
         p.append(f"train.profile_steps={tr.profile_steps}: needs train.max_steps >= {tr.profile_steps + 2} (one step "
                  f"skipped, one to warm the profiler up); train.max_steps is {tr.max_steps}")
     if tr.checkpoint_every < -1:
@@ -417,6 +425,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
             p.append(f"doctor.min_bytes={doctor.min_bytes}: must be >= 4 (one float32)")
         if doctor.max_bytes is not None and doctor.max_bytes < doctor.min_bytes:
             p.append(f"doctor.max_bytes={doctor.max_bytes}: must be >= doctor.min_bytes ({doctor.min_bytes})")
+    _length_and_eval_problems(p, cfg)
 
     for (group, option), issue in PENDING.items():
         # plans and dry runs describe options that land later; only tasks that execute need the backend now
@@ -462,6 +471,37 @@ def inference_problems(cfg: Any) -> list[str]:
     return p
 
 
+TRAIN_ON = ("assistant", "all")
+DEFAULT_MAX_STEPS = 150  # the run's length when neither train.max_steps nor train.epochs is set
+
+
+def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
+    """train.max_steps or train.epochs (one of them); the eval set and what reads it."""
+    tr, data = cfg.train, cfg.data
+    if tr.max_steps is not None and tr.epochs is not None:
+        p.append(f"train.epochs={tr.epochs} with train.max_steps={tr.max_steps}: the run's length is one of them; "
+                 "set train.max_steps=null to train by epochs")
+    for key, value in (("train.max_steps", tr.max_steps), ("train.epochs", tr.epochs)):
+        if value is not None and value < 1:
+            p.append(f"{key}={value}: must be >= 1")
+    if data.train_on not in TRAIN_ON:
+        p.append(f"data.train_on={data.train_on}: unknown; choose one of {', '.join(TRAIN_ON)}")
+    if data.eval_split is not None and not 0 < data.eval_split < 1:
+        p.append(f"data.eval_split={data.eval_split}: the fraction of records held out must be between 0 and 1 "
+                 "(exclusive), e.g. data.eval_split=0.05")
+    if data.eval_split is not None and data.eval_path:
+        p.append("data.eval_split with data.eval_path: choose one eval set (a held-out fraction or a second file)")
+    has_eval = data.eval_split is not None or bool(data.eval_path)
+    if tr.eval_every < 0:
+        p.append(f"train.eval_every={tr.eval_every}: must be >= 0 (0: eval only at the end)")
+    elif tr.eval_every and not has_eval:
+        p.append(f"train.eval_every={tr.eval_every}: there is no eval set; set data.eval_split=0.05 or "
+                 "data.eval_path=/path/to/eval.jsonl")
+    if tr.keep_best and not has_eval:
+        p.append("train.keep_best=true: the best checkpoint is the one of lowest eval loss; set data.eval_split or "
+                 "data.eval_path")
+
+
 def _selected(cfg: Any, group: str, option: str) -> bool:
     if group == "monitor":
         return bool(cfg.monitor[option].enabled)
@@ -501,3 +541,5 @@ def resolve(cfg: Any) -> None:
     if cfg.train.micro_batch == AUTO and auto_problem(cfg) is None:  # after parallel (data-parallel size)
         cfg.train.micro_batch = planned_micro_batch(cfg)  # the probe before training may still change it
     derive_accumulation(cfg)
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        cfg.train.max_steps = DEFAULT_MAX_STEPS

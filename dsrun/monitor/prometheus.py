@@ -30,7 +30,11 @@ TRAINING = {
     "mfu": ("dsrun_mfu_ratio", "Model FLOPs utilisation (absent where the peak FLOP rate is unknown, e.g. CPU)", 1),
     "peak_memory_gib": ("dsrun_peak_memory_bytes", "Peak accelerator memory (CPU: peak RSS) of rank 0", 2**30),
     "elapsed_s": ("dsrun_elapsed_seconds", "Seconds since the first step started", 1),
+    "trained_tokens_per_s": ("dsrun_trained_tokens_per_second", "Labelled (loss-bearing) tokens per second", 1),
+    "eval_loss": ("dsrun_eval_loss", "Loss on the whole eval set at the last eval step", 1),
+    "eval_ppl": ("dsrun_eval_perplexity", "exp(eval loss) at the last eval step", 1),
 }
+EVAL = ("eval_loss", "eval_ppl")  # only eval steps carry them: the last values stay until the next eval
 
 
 def gauge(name: str, doc: str, labels: dict[str, str], value: float) -> Metric:
@@ -120,7 +124,8 @@ class PrometheusMonitor(Monitor):
         for flag in FLAGS:
             self.collector.counts[flag] += bool(metrics.get(flag))
         self.collector.tokens_seen = metrics.get("tokens_seen", self.collector.tokens_seen)
-        self.collector.metrics = metrics
+        last_eval = {k: self.collector.metrics[k] for k in EVAL if k in self.collector.metrics}
+        self.collector.metrics = {**last_eval, **metrics}
 
     def finish(self, summary: dict[str, Any]) -> None:
         time.sleep(self.linger_s)  # a short job can end between two scrapes; linger lets the last values be seen

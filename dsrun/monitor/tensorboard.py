@@ -1,4 +1,4 @@
-"""TensorBoard event files in <run>/tensorboard: every numeric metric as a scalar under train/."""
+"""TensorBoard event files in <run>/tensorboard: every numeric metric as a scalar under train/ (eval_* under eval/)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class TensorboardMonitor(Monitor):
     def log(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)):  # bools are ints: health flags plot as 0/1
-                self.writer.add_scalar(f"train/{key}", value, metrics["step"])
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.writer.add_scalar(tag, value, metrics["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.writer.close()
