@@ -37,8 +37,8 @@ def global_batch_problem(cfg: Any) -> str | None:
 
     tr = cfg.train
     target = tr.global_batch
-    if target is None or tr.micro_batch == AUTO:
-        return None
+    if target is None or tr.micro_batch == AUTO or not isinstance(tr.micro_batch, int):
+        return None  # a micro_batch that is no whole number is validate()'s to report
     per_micro_step = tr.micro_batch * data_parallel_size(cfg)
     if target < 1 or per_micro_step < 1 or target % per_micro_step:
         return (f"train.global_batch={target}: not a multiple of train.micro_batch {tr.micro_batch} x data-parallel "

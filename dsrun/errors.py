@@ -25,3 +25,14 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """Non-finite loss or gradients for too many steps in a row: the run stops, its checkpoints stay finite."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM before the training loop took the signals over: the start-up stops, nothing was trained."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name} during start-up, before the first step; nothing of this start was "
+                         "trained or saved")
