@@ -72,7 +72,7 @@ def derive_accumulation(cfg: Any) -> None:
     from dsrun.strategy import data_parallel_size
 
     tr = cfg.train
-    if tr.global_batch is not None and tr.micro_batch != AUTO and global_batch_problem(cfg) is None:
+    if tr.global_batch is not None and isinstance(tr.micro_batch, int) and global_batch_problem(cfg) is None:
         tr.accumulation = tr.global_batch // (tr.micro_batch * data_parallel_size(cfg))
 
 

@@ -105,7 +105,11 @@ def precheck(argv: list[str]) -> list[str]:
     try:
         configs = _compose_all(args)
         if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one
-            configs = [OmegaConf.merge(OmegaConf.structured(RunConfig), cfg) for cfg in configs]
+            try:
+                configs = [OmegaConf.merge(OmegaConf.structured(RunConfig), cfg) for cfg in configs]
+            except OmegaConfBaseException as exc:
+                first = str(getattr(exc, "msg", exc)).strip().splitlines()[0]
+                fail(f"{getattr(exc, 'full_key', '') or 'the snapshot'}: {first}")
     except UserError as exc:
         fail(str(exc))
     except Exception as exc:  # Hydra/OmegaConf composition errors are user errors here
@@ -121,7 +125,8 @@ def precheck(argv: list[str]) -> list[str]:
             fail("\n".join(getattr(exc, "problems", [str(exc)])))
         except OmegaConfBaseException as exc:  # a broken ${...} interpolation
             key, why = getattr(exc, "full_key", None) or "the config", getattr(exc, "msg", None) or one_line(exc)
-            fail(f"{key}: cannot resolve its value ({' '.join(str(why).split())}); fix or remove the ${{...}} reference")
+            why = re.sub(r" ?(full_key|object_type|reference_type)[:=] ?\S+", "", " ".join(str(why).split()))
+            fail(f"{key}: cannot resolve its value ({why}); fix or remove the ${{...}} reference")
     check_run_dir(args.overrides)
     return claim_run_dir(args, composed, configs)
 
@@ -160,13 +165,9 @@ def writable_example() -> str:
     """An absolute run folder that can really be created (a relative one fails in a read-only directory)."""
     import tempfile
 
-    for base in (Path.home() / "dsrun-runs", Path(tempfile.gettempdir()) / "dsrun-runs"):
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            if os.access(base, os.W_OK):
-                return str(base / "my-run")
-        except OSError:
-            continue
+    for base in (Path.home(), Path(tempfile.gettempdir())):
+        if base.is_dir() and os.access(base, os.W_OK):
+            return str(base / "dsrun-runs" / "my-run")
     return "/path/to/a/writable/folder/my-run"
 
 
