@@ -159,6 +159,17 @@ def check_run_dir(overrides: list[str]) -> None:
         except OSError as exc:
             fail(f"hydra.run.dir={folder}: cannot create the run folder ({exc.strerror}); "
                  f"choose a writable place, e.g. hydra.run.dir={writable_example()}")
+        probe = Path(folder) / f".dsrun-write-probe-{os.getpid()}"
+        try:  # a full disk or read-only mount fails here, not in Hydra's own snapshot save (a traceback)
+            with probe.open("wb") as handle:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            fail(f"hydra.run.dir={folder}: cannot write to the run folder ({exc.strerror}); free disk space or "
+                 f"choose another place, e.g. hydra.run.dir={writable_example()}")
+        finally:
+            probe.unlink(missing_ok=True)
 
 
 def writable_example() -> str:

@@ -175,7 +175,11 @@ def lock(folder: Path) -> dict[str, Any] | None:
     if _held:
         return None  # this process already holds one (a run folder is claimed once per process)
     path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the run folder's lock ({exc.strerror}); choose a writable "
+                        "hydra.run.dir") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -187,8 +191,13 @@ def lock(folder: Path) -> dict[str, Any] | None:
     stale = _owner(fd) or None
     me = {"pid": os.getpid(), "host": platform.node(),
           "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"{path}: cannot write the run folder's lock ({exc.strerror}); free disk space or choose "
+                        "another hydra.run.dir") from None
     _held.append(fd)
     atexit.register(_release, fd)
     return stale

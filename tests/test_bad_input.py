@@ -308,3 +308,26 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         assert not list((run_dir / "checkpoints").glob("*.incomplete")), "the partial save is cleaned up"
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_at_start_up_is_one_line(tmp_path):
+    """A run folder on a full disk: refused before Hydra writes its snapshot (which would end in a traceback)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 65536):
+                pass
+        except OSError:  # No space left on device: the disk is full
+            pass
+        finally:
+            os.close(filler)
+        proc = dsrun(*FAST, "train.max_steps=2", run_dir=mount / "run")
+        assert_user_error(proc, "cannot write to the run folder", "No space left")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
