@@ -197,14 +197,19 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def stopped(exc: Interrupted) -> None:
-    """A signal before the training loop took the signals over: one line, the shell's exit status for it."""
-    print(f"dsrun: {exc}", file=sys.stderr)
+    """A signal outside the training loop (which handles its own): one line saying what is on disk, the shell's exit
+    status for the signal."""
+    from dsrun.checkpoint import last_checkpoint_note
+    from dsrun.runs import run_dir
+
+    print(f"dsrun: stopped by {exc.name} outside the training steps (start-up or the final save); "
+          f"{last_checkpoint_note(run_dir())}", file=sys.stderr)
     raise SystemExit(128 + exc.signum)
 
 
 def interrupt_start_up() -> None:
-    """Until the training loop installs its own handlers (train.StopSignal), SIGINT and SIGTERM end the start-up
-    with one line and a ledger row (dsrun.ledger.recorded) instead of a traceback or a silent death."""
+    """Outside the training loop's own handlers (train.StopSignal), SIGINT and SIGTERM end the process with one
+    line and, inside a run, a ledger row (dsrun.ledger.recorded) instead of a traceback or a silent death."""
     import signal
 
     def handle(signum: int, frame: Any) -> None:

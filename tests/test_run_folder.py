@@ -19,8 +19,9 @@ JOB = [*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", "t
 
 
 def files(run: Path) -> dict[str, bytes]:
+    kept = ("checkpoints", "model", ".hydra", "config.yaml")
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and (p.parts[len(run.parts)] in ("checkpoints", "model", ".hydra") or p.name == "config.yaml")}
+            if p.is_file() and p.relative_to(run).parts[0] in kept}
 
 
 def wait_for(condition, proc, timeout: float = 120) -> None:
@@ -137,5 +138,6 @@ def test_a_signal_during_start_up_ends_with_one_line_and_a_ledger_row(tmp_path):
     code = proc.wait(timeout=120)
     stderr = proc.stderr.read()
     assert code == 128 + signal.SIGTERM, stderr
-    assert "dsrun: stopped by SIGTERM during start-up" in stderr and "Traceback" not in stderr
+    assert "dsrun: stopped by SIGTERM outside the training steps (start-up" in stderr, stderr
+    assert "no complete checkpoint exists" in stderr and "Traceback" not in stderr
     assert json.loads((run / "record.json").read_text())["status"] == "interrupted"
