@@ -152,7 +152,8 @@ def chosen_micro_batch(run: Path) -> list[str]:
     snapshot = run / "config.yaml"
     if not snapshot.is_file():
         return []
-    import yaml
+    from dsrun.safe_read import read_yaml_mapping
 
-    chosen = (yaml.safe_load(snapshot.read_text()) or {}).get("train", {}).get("micro_batch")
+    saved = read_yaml_mapping(snapshot, "restore it, or remove it to resume with the snapshot in .hydra/")
+    chosen = (saved.get("train") or {}).get("micro_batch") if isinstance(saved.get("train"), dict) else None
     return [f"train.micro_batch={chosen}"] if isinstance(chosen, int) else []

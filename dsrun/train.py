@@ -267,7 +267,14 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     """Keep the rows up to the resumed step: rows a killed run logged after its last checkpoint are replayed."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:  # a kill mid-write leaves half a line: dropped, its step is replayed
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
     kept = [row for row in rows if row["step"] <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     return kept

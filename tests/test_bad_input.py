@@ -105,6 +105,7 @@ ROWS = [
     ("latest-points-nowhere", "checkpoint", ["resume", "{clone}"], ["step-00000099", "not a complete checkpoint"]),
     ("truncated-rng-file", "checkpoint", ["resume", "{clone}"], ["rng-rank0.pt", "damaged"]),
     ("corrupt-snapshot", "checkpoint", ["resume", "{clone}"], [".hydra/config.yaml", "corrupted snapshot"]),
+    ("corrupt-resolved-config", "checkpoint", ["resume", "{clone}"], ["/config.yaml: damaged, not YAML"]),
     ("other-config-in-run-folder", "checkpoint", ["model=tiny_qwen2", "hydra.run.dir={run}"],
      ["holds a run with another config", "model.name: tiny -> tiny_qwen2", "new hydra.run.dir"]),
     ("start-over-on-checkpoints", "checkpoint", ["train.resume=never", "hydra.run.dir={run}"],
@@ -148,6 +149,7 @@ DAMAGE = {  # file in a clone of the saved run -> new content (a callable of the
     "latest-points-nowhere": ("checkpoints/latest", lambda p: b"step-00000099\n"),
     "truncated-rng-file": ("checkpoints/step-00000002/rng-rank0.pt", lambda p: p.read_bytes()[:100]),
     "corrupt-snapshot": (".hydra/config.yaml", lambda p: b"train: [unclosed\n  : :"),
+    "corrupt-resolved-config": ("config.yaml", lambda p: b"train: [unclosed\n  : :"),
 }
 
 FILES = {

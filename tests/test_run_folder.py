@@ -93,6 +93,14 @@ def test_sigterm_with_checkpoints_off_says_nothing_was_saved_and_a_second_run_is
     assert not (run / "checkpoints").exists()
     assert (run / ".dsrun.lock").read_text() == "", "a clean exit releases the lock"
 
+    # as said, a resume starts over; half a metrics line (a kill mid-write) is dropped, not a traceback
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 99, "lo')
+    again = dsrun("resume", str(run), "train.max_steps=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" not in again.stderr
+    assert [row["step"] for row in read_metrics(run)] == [1, 2]
+
 
 def test_a_lock_left_by_a_killed_run_is_reported_and_taken_over(tmp_path):
     run = tmp_path / "Z"
