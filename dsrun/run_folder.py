@@ -189,8 +189,7 @@ def lock(folder: Path) -> dict[str, Any] | None:
         raise UserError(f"{folder} is in use by {who} (lock {path}); wait for that run to end or stop it, or choose "
                         "another hydra.run.dir") from None
     stale = _owner(fd) or None
-    me = {"pid": os.getpid(), "host": platform.node(),
-          "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    me = {"pid": os.getpid(), "host": platform.node(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
