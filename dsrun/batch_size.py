@@ -37,8 +37,8 @@ def global_batch_problem(cfg: Any) -> str | None:
 
     tr = cfg.train
     target = tr.global_batch
-    if target is None or tr.micro_batch == AUTO:
-        return None
+    if target is None or tr.micro_batch == AUTO or not isinstance(tr.micro_batch, int):
+        return None  # a micro_batch that is no whole number is validate()'s to report
     per_micro_step = tr.micro_batch * data_parallel_size(cfg)
     if target < 1 or per_micro_step < 1 or target % per_micro_step:
         return (f"train.global_batch={target}: not a multiple of train.micro_batch {tr.micro_batch} x data-parallel "
@@ -72,7 +72,7 @@ def derive_accumulation(cfg: Any) -> None:
     from dsrun.strategy import data_parallel_size
 
     tr = cfg.train
-    if tr.global_batch is not None and tr.micro_batch != AUTO and global_batch_problem(cfg) is None:
+    if tr.global_batch is not None and isinstance(tr.micro_batch, int) and global_batch_problem(cfg) is None:
         tr.accumulation = tr.global_batch // (tr.micro_batch * data_parallel_size(cfg))
 
 
@@ -154,7 +154,8 @@ def chosen_micro_batch(run: Path) -> list[str]:
     snapshot = run / "config.yaml"
     if not snapshot.is_file():
         return []
-    import yaml
+    from dsrun.safe_read import read_yaml_mapping
 
-    chosen = (yaml.safe_load(snapshot.read_text()) or {}).get("train", {}).get("micro_batch")
+    saved = read_yaml_mapping(snapshot, "restore it, or remove it to resume with the snapshot in .hydra/")
+    chosen = (saved.get("train") or {}).get("micro_batch") if isinstance(saved.get("train"), dict) else None
     return [f"train.micro_batch={chosen}"] if isinstance(chosen, int) else []

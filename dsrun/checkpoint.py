@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from typing import Any
 import torch
 
 from dsrun.errors import UserError
+from dsrun.safe_read import LOAD_ERRORS, reason, read_text, torch_load
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+STEP_NAME = re.compile(r"step-\d{8}")
 
 
 class Checkpointer:
@@ -36,14 +39,7 @@ class Checkpointer:
     # --- find -----------------------------------------------------------------------------------------------
 
     def latest(self) -> Path | None:
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        if not (folder / COMPLETE).is_file():
-            raise UserError(f"{pointer}: points at {folder.name}, which is not a complete checkpoint; remove the "
-                            "pointer to start over, or set train.resume=<path of another checkpoint>")
-        return folder
+        return latest_checkpoint(self.root.parent)
 
     # --- save -----------------------------------------------------------------------------------------------
 
@@ -72,8 +68,7 @@ class Checkpointer:
         except OSError as exc:
             if rank0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.root / LATEST
-            kept = f"; the previous checkpoint ({previous.read_text().strip()}) is intact" if previous.is_file() else ""
+            kept = f"; {last_checkpoint_note(self.root.parent)}"
             raise UserError(f"checkpoint at step {step}: cannot write {tmp} ({exc.strerror or exc}){kept}; "
                             "free disk space or point hydra.run.dir at a writable folder") from None
         fabric.barrier()
@@ -92,14 +87,58 @@ class Checkpointer:
             raise UserError(f"train.resume={folder}: not a complete dsrun checkpoint (no {COMPLETE} marker)")
         try:
             remainder = self.fabric.load(folder / "state", state, strict=self.filter is None)
-        except (RuntimeError, KeyError, ValueError, EOFError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except LOAD_ERRORS as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else reason(exc)
             raise UserError(f"checkpoint {folder}: cannot load it into this model and strategy ({first[:300]}); "
-                            "was it written by another model or config? Start over with train.resume=never") from None
+                            "was it written by another model or config, or damaged? Resume from another checkpoint "
+                            "(train.resume=<its path>) or train in a new folder (hydra.run.dir=...)") from None
         rng_file = folder / f"rng-rank{self.fabric.global_rank}.pt"
         if rng_file.is_file():  # absent when resuming with more processes than wrote it
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            rng = torch_load(rng_file, "resume from another checkpoint (train.resume=<its path>); without this "
+                             "file the resumed run would not draw the same random numbers")
+            try:
+                set_rng_state(rng)
+            except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                raise UserError(f"{rng_file}: not an RNG state dsrun wrote ({reason(exc)}); resume from another "
+                                "checkpoint (train.resume=<its path>)") from None
         return remainder
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint `<run>/checkpoints/latest` names; None when there is no pointer. A pointer that is
+    damaged or names no complete checkpoint is a user error (which other checkpoints exist is in the message)."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    others = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
+    fix = (f"write the name of a complete checkpoint into it (complete here: {others}), or set "
+           "train.resume=<path of a checkpoint>")
+    name = read_text(pointer, fix).strip()
+    if not STEP_NAME.fullmatch(name):
+        raise UserError(f"{pointer}: damaged, holds {name[:40]!r} instead of a checkpoint name like step-00000050; "
+                        f"{fix}")
+    if not (root / name / COMPLETE).is_file():
+        raise UserError(f"{pointer}: points at {name}, which is not a complete checkpoint; {fix}")
+    return root / name
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file()) if root.is_dir() else []
+
+
+def last_checkpoint_note(run_dir: Path) -> str:
+    """What a message may say about the run's checkpoints: the newest complete one by name, or that none exists.
+    Read from the disk at the moment of the message, never assumed."""
+    try:
+        found = latest_checkpoint(run_dir)
+    except UserError:
+        found = None
+    complete = complete_checkpoints(Path(run_dir) / "checkpoints")
+    found = found or (complete[-1] if complete else None)
+    if found is None:
+        return "no complete checkpoint exists in this run"
+    return f"the last complete checkpoint ({found}) is intact"
 
 
 def rng_state() -> dict[str, Any]:

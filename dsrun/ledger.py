@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from dsrun.errors import TrainingDiverged, UserError
+from dsrun.errors import Interrupted, TrainingDiverged, UserError
 from dsrun.runs import rank_zero
 
 BUSY_TIMEOUT_S = 60.0
@@ -76,6 +76,8 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
 def status_of_exception(exc: BaseException) -> str:
     if isinstance(exc, TrainingDiverged):
         return "nan"
+    if isinstance(exc, Interrupted):
+        return "interrupted"
     if isinstance(exc, MemoryError) or any(m in f"{type(exc).__name__} {exc}" for m in OOM_MARKERS):
         return "oom"
     first = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -215,8 +217,13 @@ def recorded(cfg: Any, run_dir: Path, fit: Callable[[Any, Path], dict[str, Any]]
 # Reading
 
 def query(status: str | None = None, limit: int = 20, good: bool | None = None) -> list[dict[str, Any]]:
-    """Newest first. `status` matches the status word, so `crashed` finds every `crashed: ...`."""
-    if not ledger_path().is_file():
+    """Newest first. `status` matches the status word, so `crashed` finds every `crashed: ...`. A damaged or
+    unreachable ledger is a one-line user error here (training only warns: _write)."""
+    path = ledger_path()
+    fix = "move it aside (the next run starts a new one) or point DSRUN_LEDGER at another file"
+    if path.exists() and not path.is_file():
+        raise UserError(f"the ledger {path} is not a file; {fix}")
+    if not path.is_file():
         return []
     where, args = [], []
     if status:
@@ -226,10 +233,14 @@ def query(status: str | None = None, limit: int = 20, good: bool | None = None) 
         where.append("good = ?")
         args.append(int(good))
     sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-    conn = connect()
-    rows = [dict(row) for row in conn.execute(sql, [*args, limit])]
-    conn.close()
-    return rows
+    try:
+        conn = connect()
+        try:
+            return [dict(row) for row in conn.execute(sql, [*args, limit])]
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        raise UserError(f"the ledger {path}: cannot read it ({exc}); {fix}") from None
 
 
 def latest_good() -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ def architecture(model_cfg: Any):
         source = _weights_source(model_cfg)
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
-        except ValueError as exc:
+        except (ValueError, OSError, KeyError, TypeError) as exc:
             if "trust_remote_code" in str(exc):
                 raise UserError(f"model.path={source}: this model runs code shipped with its weights; read that code, "
                                 "then set model.trust_remote_code=true to allow it") from None
@@ -47,6 +47,11 @@ def _weights_source(model_cfg: Any) -> str:
                             "*.safetensors")
         if not (folder / "config.json").is_file():
             raise UserError(f"model.path={folder}: no config.json in it; is this a Hugging Face model folder?")
+        from dsrun.safe_read import read_json_object
+
+        fix = "restore it from the model's source (it describes the architecture)"
+        if "model_type" not in read_json_object(folder / "config.json", fix):
+            raise UserError(f"{folder / 'config.json'}: no model_type in it; {fix}")
         return str(folder)
     return model_cfg.hub_id
 
@@ -65,6 +70,10 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
         source = _weights_source(model_cfg)
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
+        if model_cfg.path:
+            from dsrun.safe_read import check_safetensors
+
+            check_safetensors(Path(source))
         extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
             if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(
@@ -198,10 +207,17 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
+    from safetensors import SafetensorError
+
+    from dsrun.checkpoint import last_checkpoint_note
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot write the final weights ({exc.strerror or exc}); the last checkpoint "
-                        "holds them: free disk space, then `dsrun resume <run>`") from None
+    except (OSError, SafetensorError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:160]
+        note = last_checkpoint_note(folder.parent)
+        then = (f"free disk space, then `dsrun resume {folder.parent}` writes them from it" if not note.startswith("no")
+                else "the trained weights are lost with this process: free disk space and train again")
+        raise UserError(f"{folder}: cannot write the final weights ({why}); {note}; {then}") from None

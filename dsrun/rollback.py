@@ -41,6 +41,26 @@ def snapshot_of(folder: str) -> Path:
     return saved
 
 
+def refuse_group_overrides(verb: str, saved: Path, args: list[str]) -> None:
+    """`group=option` cannot apply to a snapshot: composing from `<run>/.hydra/config.yaml` there are no groups left,
+    only their keys. Say so, with the command that starts a new run with that option instead."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    chosen = [a for a in args if "=" in a and a.split("=", 1)[0].lstrip("+~") in groups]
+    if not chosen:
+        return
+    try:
+        original = yaml.safe_load((saved.parent / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        original = []
+    replaced = {a.split("=", 1)[0].lstrip("+~") for a in chosen}
+    original = [o for o in original if isinstance(o, str) and not o.startswith("hydra.")
+                and o.split("=", 1)[0].lstrip("+~") not in replaced] if isinstance(original, list) else []
+    keys = " ".join(f"{a.split('=', 1)[0]}.<key>=..." for a in chosen)
+    raise UserError(f"dsrun {verb} {saved.parent.parent} {' '.join(chosen)}: {verb} composes from the run's snapshot "
+                    f"({saved}), where config groups are already keys; change keys instead ({keys}), or start a new "
+                    f"run with that option: python -m dsrun {' '.join([*original, *chosen])}")
+
+
 def _run_dir_pattern() -> str:
     """New folders follow conf/config.yaml's hydra.run.dir (a snapshot does not carry Hydra's settings)."""
     return yaml.safe_load((CONF_DIR / "config.yaml").read_text())["hydra"]["run"]["dir"]
@@ -51,6 +71,7 @@ def replay_argv(args: list[str]) -> list[str]:
     if not args or args[0].startswith("-"):
         raise UserError("usage: dsrun replay RUN_DIR [overrides...]")
     saved = snapshot_of(args[0])
+    refuse_group_overrides("replay", saved, args[1:])
     return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={_run_dir_pattern()}",
             "hydra.job.name=dsrun", "train.resume=never", *chosen_micro_batch(saved.parent.parent), *args[1:]]
 

@@ -77,8 +77,11 @@ def environment() -> dict[str, Any]:
 
 
 def snapshot(cfg: Any, folder: Path) -> None:
-    """Resolved config and environment, written once by rank 0 before training starts."""
+    """Resolved config and environment, written once by rank 0 before the run's first start. A continuation keeps
+    them: what it changed is in resumes.jsonl (dsrun/run_folder.py)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "config.yaml").is_file():
+        return
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     write_json(folder / "env.json", environment())
 

@@ -56,9 +56,11 @@ def run_trial(cfg: Any) -> dict[str, Any]:
             (job_dir / stale).unlink(missing_ok=True)
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
         record = outcome(job_dir, cfg, returncode) if rank_zero() else {}
-        if stopped_by:  # the user (or SLURM) stopped the sweep: the trial saved a checkpoint; start no more
-            raise SystemExit(f"dsrun: sweep stopped by {stopped_by} during {label}; the trial can be continued "
-                             f"with: dsrun resume {job_dir}")
+        if stopped_by:  # the user (or SLURM) stopped the sweep: start no more trials
+            from dsrun.checkpoint import last_checkpoint_note  # what the trial left, read from the disk
+
+            raise SystemExit(f"dsrun: sweep stopped by {stopped_by} during {label}; {last_checkpoint_note(job_dir)}; "
+                             f"the trial can be continued with: dsrun resume {job_dir}")
     if record:
         print(f"dsrun: {label}: {record['status']}", file=sys.stderr, flush=True)
     return record

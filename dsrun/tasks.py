@@ -68,7 +68,7 @@ def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
     print(f"dsrun: error: rank {rank}: a collective did not complete within parallel.timeout_s="
           f"{cfg.parallel.timeout_s} s; another rank hung or died ({str(exc).strip().splitlines()[0][:160]}). "
-          f"The last checkpoint is intact: dsrun resume {folder}", file=sys.stderr)
+          f"{timeout_advice(folder)}", file=sys.stderr)
     for entry in Path("/proc").iterdir():  # ranks Fabric started from this process
         try:
             if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
@@ -76,6 +76,17 @@ def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None
         except (OSError, ValueError, IndexError):
             continue
     raise SystemExit(4)
+
+
+def timeout_advice(folder: Any) -> str:
+    """Read from the disk: the checkpoint a resume would start from, or that there is none (a save the timeout cut
+    short leaves only a `.incomplete` folder, which a resume ignores)."""
+    from dsrun.checkpoint import last_checkpoint_note
+
+    note = last_checkpoint_note(folder)
+    if note.startswith("no "):
+        return f"No complete checkpoint exists: dsrun resume {folder} starts over at step 0"
+    return f"{note[0].upper()}{note[1:]}: dsrun resume {folder}"
 
 
 def check_plan(cfg: DictConfig) -> None:

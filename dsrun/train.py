@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dsrun.checkpoint import Checkpointer
+from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import DataError, TrainingDiverged
 from dsrun.evaluate import Evaluator
@@ -152,7 +152,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         skipped_in_a_row = torch.where(stepped, 0, skipped_in_a_row + 1)
         streak = int(skipped_seen.swap(skipped_in_a_row))  # as of the previous step
         if streak >= tr.max_nonfinite_steps:
-            raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm))
+            raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm, run_dir))
         profiler.step()
 
         evaluating = evaluator is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0))
@@ -193,8 +193,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         if interrupted:
             profiler.stop()
             if rank_zero:
-                print(f"dsrun: stopped by {stop.name} after step {step}; checkpoint saved. Resume with: "
-                      f"dsrun resume {run_dir}", file=sys.stderr)
+                print(stopped_message(stop.name, step, run_dir), file=sys.stderr)
             summary = summarize(history, time.perf_counter() - started, run_dir, global_batch(cfg), None,
                                 status="interrupted") | length
             if rank_zero:
@@ -205,7 +204,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     profiler.stop()
     streak = int(skipped_in_a_row)  # the last step, which the loop saw only one step late
     if streak >= tr.max_nonfinite_steps:
-        raise TrainingDiverged(diverged_message(cfg, streak, max_steps, loss_sum, grad_norm))
+        raise TrainingDiverged(diverged_message(cfg, streak, max_steps, loss_sum, grad_norm, run_dir))
 
     wall = time.perf_counter() - started
     weights = run_dir / "model"
@@ -222,13 +221,43 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, grad_norm: Any) -> str:
-    """What went non-finite, and the advice that fits this precision (one host sync, on the way out)."""
+def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, grad_norm: Any,
+                     run_dir: Path) -> str:
+    """What went non-finite, and the advice that fits this precision and what is on disk (one host sync, on the
+    way out)."""
     what = "the loss" if not torch.isfinite(loss_sum).item() else f"the gradient norm ({float(grad_norm)})"
-    advice = "use precision=bf16 instead of fp16, " if cfg.precision.mode == "16-mixed" else ""
+    if cfg.precision.mode == "16-mixed":
+        return (f"{what} was not finite for {streak} steps in a row (step {step}); those steps were skipped and no "
+                f"weights with NaN/Inf were saved; {last_checkpoint_note(run_dir)}. fp16 overflows: train in a new "
+                "folder with precision=bf16 (hydra.run.dir=...), and keep clipping on")
+    found = latest_checkpoint_or_none(run_dir)
+    then = (f"then continue from {found.name}: dsrun resume {run_dir} train.lr=<lower>" if found else
+            f"no checkpoint was saved, so `dsrun resume {run_dir} train.lr=<lower>` starts over at step 0")
     return (f"{what} was not finite for {streak} steps in a row (step {step}); those steps were skipped and no "
-            f"weights with NaN/Inf were saved; lower train.lr (now {cfg.train.lr}), keep clipping on, {advice}then "
-            "resume from the last checkpoint")
+            f"weights with NaN/Inf were saved; lower train.lr (now {cfg.train.lr}) and keep clipping on; {then}")
+
+
+def latest_checkpoint_or_none(run_dir: Path) -> Path | None:
+    from dsrun.errors import UserError
+
+    try:
+        return latest_checkpoint(run_dir)
+    except UserError:
+        return None
+
+
+def stopped_message(name: str, step: int, run_dir: Path) -> str:
+    """What a stop left on disk, read from the disk: a checkpoint at this step, an older one, or none."""
+    found = latest_checkpoint_or_none(run_dir)
+    head = f"dsrun: stopped by {name} after step {step}"
+    if found is not None and found.name == f"step-{step:08d}":
+        return f"{head}; checkpoint saved ({found}). Resume with: dsrun resume {run_dir}"
+    if found is not None:
+        saved = int(found.name.split("-")[1])
+        return (f"{head}; no checkpoint was written now (train.checkpoint_every=-1): {step - saved} steps are not "
+                f"saved; dsrun resume {run_dir} continues from {found.name}")
+    return (f"{head}; no checkpoint was written (train.checkpoint_every=-1): all {step} steps are not saved and no "
+            f"weights were written; dsrun resume {run_dir} starts over at step 0")
 
 
 class OneStepLate:
@@ -285,7 +314,14 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     """Keep the rows up to the resumed step: rows a killed run logged after its last checkpoint are replayed."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:  # a kill mid-write leaves half a line: dropped, its step is replayed
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
     kept = [row for row in rows if row["step"] <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     return kept

@@ -3,8 +3,11 @@ the fix, exit 2, no traceback, and nothing saved before is lost."""
 
 from __future__ import annotations
 
+import fcntl
+import gzip
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,8 +16,10 @@ import pytest
 
 from tests.conftest import FAST, REPO, assert_user_error, dsrun
 
+VERBS = ("resume", "replay", "runs", "rollback", "diff")
 ROWS = [
-    # id, category, overrides (strings; {tmp} and {ckpt} are filled in), fragments the message names
+    # id, category, arguments ({tmp}, {ckpt}, {run} and {clone} are filled in), fragments the message names;
+    # a row that starts with a verb runs `dsrun <verb> ...` as given, any other gets BASE in front
     ("unknown-option", "config", ["hardware=4x409"], ["hardware=4x409", "did you mean hardware=4x4090"]),
     ("typo-key", "config", ["train.max_step=5"], ["train.max_step", "did you mean train.max_steps"]),
     ("wrong-type", "config", ["train.max_steps=many"], ["train.max_steps=many", "Integer"]),
@@ -44,6 +49,33 @@ ROWS = [
     ("epochs-and-max-steps", "config", ["train.epochs=2"], ["train.epochs=2 with train.max_steps=2",
                                                              "train.max_steps=null"]),
     ("bad-architecture-field", "config", ["model.fields.hidden_size=abc"], ["model.fields", "hidden_size"]),
+    ("nan-lr", "config", ["train.lr=nan"], ["train.lr=nan", "finite"]),
+    ("infinite-lr", "config", ["train.lr=inf"], ["train.lr=inf", "finite"]),
+    ("fractional-micro-batch", "config", ["train.micro_batch=1.5"], ["train.micro_batch=1.5", "whole number"]),
+    ("list-micro-batch", "config", ["train.micro_batch=[1,2]", "train.global_batch=8"],
+     ["train.micro_batch=[1, 2]", "whole number"]),
+    ("fractional-layer-count", "config", ["model.fields.num_hidden_layers=2.5"],
+     ["model.fields.num_hidden_layers=2.5", "whole number"]),
+    ("negative-model-dimension", "config", ["model.fields.hidden_size=-8"], ["model.fields.hidden_size=-8"]),
+    ("beta-out-of-range", "config", ["optim.betas=[0.9,1.5]"], ["optim.betas", "[0, 1)"]),
+    ("one-beta", "config", ["optim.betas=[0.9]"], ["optim.betas=[0.9]", "two numbers"]),
+    ("negative-eps", "config", ["optim.eps=-1"], ["optim.eps=-1.0", "> 0"]),
+    ("negative-weight-decay", "config", ["optim.weight_decay=-0.1"], ["optim.weight_decay=-0.1", ">= 0"]),
+    ("negative-grad-clip", "config", ["optim.grad_clip=-1"], ["optim.grad_clip=-1.0"]),
+    ("sgd-momentum-out-of-range", "config", ["optim=sgd", "optim.momentum=1.5"], ["optim.momentum=1.5", "[0, 1)"]),
+    ("momentum-under-adamw", "config", ["optim.momentum=0.5"], ["optim.momentum", "optim=sgd"]),
+    ("betas-under-sgd", "config", ["optim=sgd", "optim.betas=[0.9,0.9]"], ["optim.betas", "optim=adamw"]),
+    ("seed-too-large", "config", ["train.seed=99999999999999999999"], ["train.seed=", "4294967295"]),
+    ("negative-data-seed", "config", ["data.seed=-5"], ["data.seed=-5"]),
+    ("nan-memory-cap", "config", ["hardware.memory_cap_gib=nan"], ["hardware.memory_cap_gib=nan", "finite"]),
+    ("lora-rank-zero", "config", ["adapter=lora", "adapter.r=0"], ["adapter.r=0"]),
+    ("lora-dropout-above-one", "config", ["adapter=lora", "adapter.dropout=1.5"], ["adapter.dropout=1.5"]),
+    ("port-out-of-range", "config", ["monitor=prometheus", "monitor.prometheus.port=70000"],
+     ["monitor.prometheus.port=70000", "65535"]),
+    ("broken-interpolation", "config", ["train.seq_len=${{nope}}"], ["train.seq_len", "${...}"]),
+    ("unset-environment-variable", "config", ["train.seq_len=${{oc.env:DSRUN_NO_SUCH_VARIABLE}}"],
+     ["train.seq_len", "DSRUN_NO_SUCH_VARIABLE"]),
+    ("empty-sweep", "config", ["-m", "train.seed=range(5,5)", "hydra.sweep.dir={tmp}/sweep"], ["no trials"]),
     ("missing-jsonl", "data", ["data=jsonl", "data.path={tmp}/missing.jsonl"], ["no such file"]),
     ("empty-jsonl", "data", ["data=jsonl", "data.path={tmp}/empty.jsonl"], ["empty"]),
     ("malformed-jsonl", "data", ["data=jsonl", "data.path={tmp}/malformed.jsonl"], ["malformed.jsonl:2", "JSON"]),
@@ -55,7 +87,13 @@ ROWS = [
     ("chat-without-assistant-turn", "data", ["data=jsonl", "data.path={tmp}/noassistant.jsonl"],
      ["noassistant.jsonl:1", "no assistant turn"]),
     ("eval-set-too-small", "data", ["data.eval_path={tmp}/tiny.jsonl"], ["eval set", "fewer than one batch"]),
+    ("data-path-is-a-folder", "data", ["data=jsonl", "data.path={tmp}"], ["a directory, not a regular file"]),
+    ("data-path-is-dev-null", "data", ["data=jsonl", "data.path=/dev/null"], ["a device, not a regular file"]),
+    ("data-path-is-a-fifo", "data", ["data=jsonl", "data.path={tmp}/fifo"], ["named pipe"]),
+    ("gzip-data", "data", ["data=jsonl", "data.path={tmp}/data.jsonl.gz"], ["gzip-compressed", "gunzip"]),
     ("tokenizer-model-vocab-mismatch", "data", ["model=r1_distill_llama_8b"], ["outside the model's vocabulary"]),
+    ("folder-without-tokenizer", "data", ["model.tokenizer={tmp}/noconfig"],
+     ["cannot load a tokenizer from", "tokenizer.json", "model.tokenizer=deepseek"]),
     ("missing-model-folder", "model", ["model.init=pretrained", "model.path={tmp}/nope"], ["no such folder"]),
     ("model-folder-without-config", "model", ["model.init=pretrained", "model.path={tmp}/noconfig"],
      ["no config.json"]),
@@ -67,14 +105,67 @@ ROWS = [
     ("prompt-longer-than-context", "model", ["task=generate", "model=tiny_qwen2",
                                              "model.fields.max_position_embeddings=32", "generate.prompt=hi"],
      ["exceeds the model's context of 32", "generate.max_new_tokens"]),
+    ("invalid-config-json", "model", ["model.init=pretrained", "model.path={tmp}/badjson"],
+     ["badjson/config.json", "not JSON"]),
+    ("garbage-safetensors", "model", ["model.init=pretrained", "model.path={tmp}/garbageweights"],
+     ["model.safetensors", "damaged safetensors"]),
+    ("truncated-safetensors", "model", ["model.init=pretrained", "model.path={tmp}/cutweights"],
+     ["model.safetensors", "truncated safetensors"]),
     ("checkpoint-of-another-model", "checkpoint", ["model=tiny_qwen2", "train.resume={ckpt}"],
-     ["cannot load it", "train.resume=never"]),
-    ("truncated-checkpoint", "checkpoint", ["train.resume={tmp}/truncated"], ["cannot load it"]),
+     ["cannot load it", "train.resume=<its path>"]),
+    ("truncated-checkpoint", "checkpoint", ["resume", "{clone}"], ["cannot load it", "damaged"]),
     ("resume-from-non-checkpoint", "checkpoint", ["train.resume={tmp}"], ["not a complete dsrun checkpoint"]),
+    ("garbage-latest-pointer", "checkpoint", ["resume", "{clone}"], ["checkpoints/latest: ", "step-00000002"]),
+    ("latest-points-nowhere", "checkpoint", ["resume", "{clone}"], ["step-00000099", "not a complete checkpoint"]),
+    ("truncated-rng-file", "checkpoint", ["resume", "{clone}"], ["rng-rank0.pt", "damaged"]),
+    ("corrupt-snapshot", "checkpoint", ["resume", "{clone}"], [".hydra/config.yaml", "corrupted snapshot"]),
+    ("corrupt-resolved-config", "checkpoint", ["resume", "{clone}"], ["/config.yaml: damaged, not YAML"]),
+    ("other-config-in-run-folder", "checkpoint", ["model=tiny_qwen2", "hydra.run.dir={run}"],
+     ["holds a run with another config", "model.name: tiny -> tiny_qwen2", "new hydra.run.dir"]),
+    ("start-over-on-checkpoints", "checkpoint", ["train.resume=never", "hydra.run.dir={run}"],
+     ["train.resume=never", "step-00000002", "train.overwrite=true", "dsrun resume"]),
+    ("resume-changes-a-fixed-key", "checkpoint", ["resume", "{run}", "train.seq_len=32"],
+     ["train.seq_len: 64 -> 32", "may change only"]),
+    ("resume-changes-the-global-batch", "checkpoint", ["resume", "{run}", "train.micro_batch=1"],
+     ["global batch 1", "trained with 2"]),
+    ("resume-wrong-type", "checkpoint", ["resume", "{run}", "train.max_steps=abc"],
+     ["train.max_steps", "abc", "Integer"]),
+    ("resume-with-a-group-option", "checkpoint", ["resume", "{run}", "hardware=cpu"],
+     ["config groups are already keys", "hardware.<key>=", "python -m dsrun"]),
+    ("replay-with-a-group-option", "checkpoint", ["replay", "{run}", "model=tiny_qwen2"],
+     ["config groups are already keys", "model=tiny_qwen2"]),
+    ("run-folder-in-use", "checkpoint", ["resume", "{run}"], ["is in use by pid", "wait for that run to end"]),
+    ("diverged-without-checkpoint", "checkpoint",
+     ["optim=sgd", "train.lr=1e30", "optim.warmup_steps=0", "train.max_steps=20", "train.max_nonfinite_steps=2",
+      "train.seq_len=32"], ["not finite for 2 steps", "no checkpoint was saved", "starts over at step 0"]),
+    ("final-weights-unwritable", "checkpoint", ["hydra.run.dir={tmp}/blocked"],
+     ["cannot write the final weights", "no complete checkpoint exists", "lost"]),
+    ("final-weights-unwritable-after-a-checkpoint", "checkpoint",
+     ["train.checkpoint_every=0", "hydra.run.dir={tmp}/blocked"],
+     ["cannot write the final weights", "step-00000002) is intact", "dsrun resume"]),
+    ("corrupt-ledger", "environment", ["runs"], ["the ledger", "cannot read it", "DSRUN_LEDGER"]),
+    ("ledger-is-a-folder", "environment", ["runs"], ["the ledger", "is not a file"]),
+    ("rollback-with-a-corrupt-ledger", "environment", ["rollback"], ["the ledger", "cannot read it"]),
     ("more-gpus-than-present", "environment", ["hardware=4x4090", "precision=bf16"], ["asks for 4 GPUs", "task=plan"]),
     ("vllm-not-installed", "environment", ["task=serve", "serve.engine=vllm"], ["no `vllm` executable", "pip install"]),
     ("unwritable-run-folder", "environment", ["hydra.run.dir={tmp}/a-file/run"], ["cannot create the run folder"]),
+    ("read-only-working-directory", "environment", ["train.max_steps=2"], ["cannot create the run folder",
+                                                                           "hydra.run.dir=/"]),
+    ("prometheus-host-not-here", "environment", ["monitor=prometheus", "monitor.prometheus.host=999.1.1.1"],
+     ["monitor.prometheus.host=999.1.1.1", "127.0.0.1"]),
 ]
+# what a case needs beyond its arguments: an environment, a working directory, a damaged clone of the saved run
+ENV = {"corrupt-ledger": {"DSRUN_LEDGER": "{tmp}/garbage.sqlite"}, "ledger-is-a-folder": {"DSRUN_LEDGER": "{tmp}"},
+       "rollback-with-a-corrupt-ledger": {"DSRUN_LEDGER": "{tmp}/garbage.sqlite"}}
+CWD = {"read-only-working-directory": "/proc"}  # no folder can be made there, not even by root
+DAMAGE = {  # file in a clone of the saved run -> new content (a callable of the original bytes' path)
+    "truncated-checkpoint": ("checkpoints/step-00000002/state", lambda p: p.read_bytes()[: 1 << 20]),
+    "garbage-latest-pointer": ("checkpoints/latest", lambda p: b"\xff\xfe\x00garbage"),
+    "latest-points-nowhere": ("checkpoints/latest", lambda p: b"step-00000099\n"),
+    "truncated-rng-file": ("checkpoints/step-00000002/rng-rank0.pt", lambda p: p.read_bytes()[:100]),
+    "corrupt-snapshot": (".hydra/config.yaml", lambda p: b"train: [unclosed\n  : :"),
+    "corrupt-resolved-config": ("config.yaml", lambda p: b"train: [unclosed\n  : :"),
+}
 
 FILES = {
     "empty.jsonl": b"\n\n",
@@ -85,8 +176,12 @@ FILES = {
     "tiny.jsonl": b'{"text": "hi"}\n',
     "noassistant.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'
                          b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "?"}]}\n',
+    "data.jsonl.gz": gzip.compress(b'{"text": "hello"}\n'),
     "a-file": b"",
+    "blocked/model": b"",  # a file where the final weights' folder goes
+    "garbage.sqlite": b"this is not an SQLite database" * 100,
     "noconfig/README": b"",
+    "badjson/config.json": b"{not json",
     "binonly/config.json": json.dumps({"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 1,
                                        "num_attention_heads": 4, "num_key_value_heads": 2,
                                        "intermediate_size": 128, "vocab_size": 129280}).encode(),
@@ -94,47 +189,105 @@ FILES = {
     "remote/config.json": json.dumps({"model_type": "custom_thing",
                                       "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}).encode(),
 }
+BASE = [*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2"]
 
 
-def fingerprint(folder: Path) -> str:
+def signature(run: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the saved run with its size and modification time: any write, removal or addition shows.
+    The lock file is the one file a refused run may touch (it locks before it checks)."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".dsrun.lock"}
+
+
+def content_hash(run: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
+    for path in sorted([*(run / "checkpoints").rglob("*"), *(run / "model").rglob("*")]):
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
-    proc = dsrun(*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2", "train.checkpoint_every=0",
-                 run_dir=run_dir)
+def saved(tmp_path_factory) -> dict:
+    """One short run with a checkpoint and final weights, made once; every case checks that it is left alone."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    proc = dsrun(*BASE, "train.checkpoint_every=0", run_dir=run)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return run_dir / "checkpoints" / "step-00000002"
+    return {"run": run, "hash": content_hash(run)}
+
+
+def clone(run: Path, dest: Path) -> Path:
+    """A copy of the run made of hard links (instant): a write through one would show in the original's signature;
+    damaged files are replaced, never written through."""
+    def link_weights(source: str, target: str) -> None:  # small files (logs, metrics) are appended to: copies
+        (os.link if "/checkpoints/" in source or "/model/" in source else shutil.copy2)(source, target)
+
+    shutil.copytree(run, dest, copy_function=link_weights, ignore=shutil.ignore_patterns(".dsrun.lock"))
+    return dest
+
+
+def prepare(tmp: Path, run: Path, name: str) -> dict[str, str]:
+    for rel, content in FILES.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(content)
+    os.mkfifo(tmp / "fifo")
+    weights = run / "model"
+    for folder, cut in (("garbageweights", None), ("cutweights", 2)):
+        (tmp / folder).mkdir()
+        os.link(weights / "config.json", tmp / folder / "config.json")
+        data = b"\x00" * 64 if cut is None else (weights / "model.safetensors").read_bytes()[: 1 << 16]
+        (tmp / folder / "model.safetensors").write_bytes(data)
+    values = {"tmp": str(tmp), "run": str(run), "ckpt": str(run / "checkpoints" / "step-00000002")}
+    if name in DAMAGE:
+        target = clone(run, tmp / "clone")
+        rel, damage = DAMAGE[name]
+        content = damage(run / rel)
+        (target / rel).unlink()
+        (target / rel).write_bytes(content)
+        values["clone"] = str(target)
+    return values
 
 
 @pytest.mark.parametrize("case", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input_catalog(case, tmp_path, checkpoint):
-    name, category, overrides, fragments = case
-    for rel, content in FILES.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_bytes(content)
-    args = [o.format(tmp=tmp_path, ckpt=checkpoint) for o in overrides]
-    if name == "truncated-checkpoint":
-        shutil.copytree(checkpoint, tmp_path / "truncated")
-        state = tmp_path / "truncated" / "state"
-        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    saved = fingerprint(checkpoint.parent.parent) if category == "checkpoint" else None
-    run_dir = None if any(a.startswith("hydra.run.dir") for a in args) else tmp_path / "run"
-    proc = dsrun(*FAST, "train.max_steps=2", *args, run_dir=run_dir, timeout=120)
+def test_bad_input_catalog(case, tmp_path, saved):
+    name, category, arguments, fragments = case
+    run = saved["run"]
+    values = prepare(tmp_path, run, name)
+    args = [a.format(**values) for a in arguments]
+    if args[0] not in VERBS:
+        args = [*(["-m"] if "-m" in args else []), *BASE, *[a for a in args if a != "-m"]]
+    explicit = any(a.startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in args) or args[0] in VERBS
+    run_dir = None if explicit or name in CWD else tmp_path / "run"
+    env = {key: value.format(**values) for key, value in ENV.get(name, {}).items()}
+    before = signature(run)
+    holder = None
+    if name == "run-folder-in-use":  # a live owner: this test process holds the folder's lock
+        holder = os.open(run / ".dsrun.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(holder, json.dumps({"pid": os.getpid(), "host": "here", "time": "now"}).encode(), 0)
+    try:
+        proc = dsrun(*args, run_dir=run_dir, timeout=120, env=env, cwd=Path(CWD[name]) if name in CWD else None)
+    finally:
+        if holder is not None:
+            os.ftruncate(holder, 0)
+            os.close(holder)
     assert_user_error(proc, *fragments)
-    if saved is not None:
-        assert fingerprint(checkpoint.parent.parent) == saved, "nothing saved before is lost"
+    assert signature(run) == before, "the saved run is untouched"
+
+
+def test_the_saved_run_still_loads_after_every_case(saved):
+    """After the whole catalog (this test runs after it): the checkpoint and weights are byte for byte what the run
+    wrote, and the run resumes from its checkpoint."""
+    run = saved["run"]
+    assert content_hash(run) == saved["hash"]
+    proc = dsrun("resume", str(run), "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in proc.stderr
 
 
 def test_catalog_is_documented_and_large_enough():
     doc = (REPO / "docs" / "bad-inputs.md").read_text()
-    assert len(ROWS) >= 25
+    assert len(ROWS) >= 60
     for name, category, _, _ in ROWS:
         assert f"`{name}`" in doc, f"{name} missing from docs/bad-inputs.md"
     assert {r[1] for r in ROWS} == {"config", "data", "model", "checkpoint", "environment"}
@@ -173,5 +326,28 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         assert (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
         assert not list((run_dir / "checkpoints").glob("*.incomplete")), "the partial save is cleaned up"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_at_start_up_is_one_line(tmp_path):
+    """A run folder on a full disk: refused before Hydra writes its snapshot (which would end in a traceback)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, b"\0" * 65536):
+                pass
+        except OSError:  # No space left on device: the disk is full
+            pass
+        finally:
+            os.close(filler)
+        proc = dsrun(*FAST, "train.max_steps=2", run_dir=mount / "run")
+        assert_user_error(proc, "cannot write to the run folder", "No space left")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)

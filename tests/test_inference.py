@@ -21,10 +21,9 @@ def train(run_dir: Path, *extra: str) -> Path:
 
 
 def reference(model, tokenizer) -> str:
-    """transformers' own greedy generate on the R1 chat layout dsrun trains on."""
-    from dsrun.data import ASSISTANT, USER
-
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(f"{USER}{PROMPT}{ASSISTANT}", add_special_tokens=False)
+    """transformers' own greedy generate on the prompt DeepSeek-R1's chat template renders (what dsrun trains on)."""
+    ids = list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=True)["input_ids"])
     x = torch.tensor([ids])
     with torch.inference_mode():
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsrun.data import ASSISTANT, USER
+from dsrun.chat import r1_template
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -16,17 +16,12 @@ class ChatError(ValueError):
 
 def render(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """Prompt token ids ending where the assistant speaks: the tokenizer's chat template when it ships one (an
-    exported or Hugging Face folder), else DeepSeek-R1's layout, the one dsrun trains on (dsrun.data)."""
+    exported or Hugging Face folder), else DeepSeek-R1's, the one dsrun trains with (dsrun/chat.py)."""
     check_messages(messages)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    parts = []
-    for message in messages:
-        role, content = message["role"], message["content"]
-        parts.append(content if role == "system" else f"{USER if role == 'user' else ASSISTANT}{content}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode("".join(parts) + ASSISTANT, add_special_tokens=False)
+    if not getattr(tokenizer, "chat_template", None):  # a folder without one: the template dsrun trains with
+        tokenizer.chat_template = r1_template()
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def check_messages(messages: Any) -> None:

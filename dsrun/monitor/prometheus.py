@@ -110,7 +110,15 @@ class PrometheusMonitor(Monitor):
         try:
             self.server, self.thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:
-            raise UserError(f"monitor.prometheus.port={port}: cannot serve on {host}:{port} ({exc.strerror or exc}); "
+            import errno
+            import socket
+
+            why = exc.strerror or str(exc)
+            if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise UserError(f"monitor.prometheus.host={host}: cannot serve on it ({why}); use an address of this "
+                                "machine, e.g. monitor.prometheus.host=127.0.0.1 (0.0.0.0 for every interface)") \
+                    from None
+            raise UserError(f"monitor.prometheus.port={port}: cannot serve on {host}:{port} ({why}); "
                             "stop what holds it, pick another port, or set monitor.prometheus.port=0 for a free one") \
                 from None
         self.port = self.server.server_port

@@ -1,0 +1,222 @@
+"""A run folder is append-only history: one run, its checkpoints, weights and snapshot, owned by one process.
+
+Before Hydra touches an existing folder (it would rewrite `.hydra/`), rank 0 claims it:
+- a lock file (`.dsrun.lock`, the owner's pid, host and start time, held with flock for the life of the process):
+  a second dsrun on the folder is refused; a lock left by a killed process is reported and taken over;
+- a folder whose snapshot (`.hydra/config.yaml`) differs from the new config in a key outside RESUMABLE is
+  refused with the difference and the way out (a new hydra.run.dir, or train.overwrite=true to replace the run);
+- `train.resume=never` on a folder that holds checkpoints or weights is refused unless train.overwrite=true;
+- a continuation keeps the original snapshot (Hydra is told not to rewrite it) and appends one line to
+  `resumes.jsonl` beside it: time, the overrides, what they changed, git commit, host.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dsrun.errors import UserError
+from dsrun.safe_read import read_yaml_mapping
+
+LOCK = ".dsrun.lock"
+RESUMES = "resumes.jsonl"
+SNAPSHOT = Path(".hydra") / "config.yaml"
+# What a run leaves in its folder besides Hydra's snapshot: present means the folder holds a run, not just a plan
+OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "summary.json")
+# What train.overwrite=true removes before the new run starts (Hydra rewrites .hydra/ itself)
+REPLACED = (*OUTPUTS, "env.json", "record.json", RESUMES, "deepspeed.json", "tensorboard", "wandb", "profile",
+            "micro_batch_probe", "oom_memory_summary.txt")
+
+# The keys a continuation may change: how the run is executed, watched and how far it goes, and the two knobs that
+# rescue a diverging run (train.lr, optim.grad_clip); never what defines it (model, data, optimizer, sequence length,
+# seeds). `group.*` is every key of the group. The global batch (micro_batch x accumulation x data-parallel) must
+# stay the same: checked separately.
+RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.lr", "optim.grad_clip", "train.log_every",
+             "train.checkpoint_every",
+             "train.keep_checkpoints", "train.force", "train.max_nonfinite_steps", "train.profile_steps",
+             "train.compile", "train.micro_batch", "train.accumulation", "train.global_batch", "hardware.*",
+             "parallel.timeout_s", "parallel.activation_checkpointing", "parallel.reshard_after_forward",
+             "model.experts_implementation", "monitor.*", "plan.*")
+
+_held: list[int] = []  # the lock's file descriptor, open until the process ends
+
+
+def resumable(key: str) -> bool:
+    return any(key == allowed or (allowed.endswith(".*") and key.startswith(allowed[:-1])) for allowed in RESUMABLE)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): node}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for each key whose value differs. Keys the old snapshot lacks are newer options the old
+    run ran without: not a difference."""
+    a, b = flatten(old), flatten(new)
+    return [(key, a[key], b.get(key, "(absent)")) for key in sorted(a) if a[key] != b.get(key, "(absent)")]
+
+
+def show(changes: list[tuple[str, Any, Any]], limit: int = 5) -> str:
+    changes = sorted(changes, key=lambda c: not c[0].endswith(".name"))  # `model.name: tiny -> tiny_qwen2` first
+    shown = "; ".join(f"{key}: {old} -> {new}" for key, old, new in changes[:limit])
+    return shown + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in OUTPUTS)
+
+
+def saved_work(folder: Path) -> str | None:
+    """What a fresh start would replace: the newest checkpoint, else the final weights, else None."""
+    root = folder / "checkpoints"
+    steps = sorted(p.name for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    if steps:
+        return f"checkpoints ({', '.join(steps[-2:])})"
+    if (folder / "model").exists():
+        return "final weights (model/)"
+    return None
+
+
+def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list[str]) -> list[str]:
+    """Lock `folder` for this process and check that this job may write into it. Returns the Hydra overrides the
+    job needs (a continuation must not rewrite the snapshot)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stale = lock(folder)
+    if stale:
+        print(f"dsrun: note: {folder} was locked by pid {stale.get('pid')} on {stale.get('host')} (since "
+              f"{stale.get('time')}), which ended without releasing it (killed?); taking the folder over",
+              file=sys.stderr)
+    snapshot = folder / SNAPSHOT
+    if not snapshot.is_file() or not holds_run(folder):
+        return []  # a new folder, or one Hydra's snapshot alone (a sweep job, a run that died at start-up)
+    train = composed.get("train", {})
+    if train.get("overwrite"):
+        replace(folder)
+        return []
+    fix = "restore the file, or choose a new hydra.run.dir"
+    old = read_yaml_mapping(snapshot, fix)
+    fixed = [change for change in config_diff(old, composed) if not resumable(change[0])]
+    if fixed:
+        raise UserError(f"hydra.run.dir={folder} holds a run with another config ({show(fixed)}); a run folder keeps "
+                        "one run: choose a new hydra.run.dir=... (or add train.overwrite=true to replace that run, "
+                        f"its checkpoints and weights); continuing it may change only {', '.join(RESUMABLE)}")
+    if train.get("resume") == "never" and (work := saved_work(folder)):
+        raise UserError(f"train.resume=never: {folder} holds {work} that starting over would replace; continue it "
+                        f"with `dsrun resume {folder}`, choose a new hydra.run.dir=..., or add train.overwrite=true "
+                        "to replace them")
+    check_global_batch(folder, resolved)
+    changes = config_diff(old, composed)
+    record_resume(folder, changes, overrides)
+    print(f"dsrun: continuing the run in {folder}" + (f"; changed: {show(changes)}" if changes else "") +
+          f" (recorded in {RESUMES})", file=sys.stderr)
+    return ["hydra.output_subdir=null"]
+
+
+def check_global_batch(folder: Path, resolved: Any) -> None:
+    """The checkpoint's data position and loss scale assume the global batch it was trained with."""
+    from omegaconf import OmegaConf
+
+    from dsrun.strategy import global_batch
+
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return
+    saved = OmegaConf.create(read_yaml_mapping(path, "restore the file, or choose a new hydra.run.dir"))
+    try:
+        before, now = global_batch(saved), global_batch(resolved)
+    except (AttributeError, KeyError, TypeError):  # an old or partial snapshot: nothing to compare against
+        return
+    if before != now:
+        raise UserError(f"global batch {now} (train.micro_batch x train.accumulation x data-parallel): {folder} was "
+                        f"trained with {before}; keep the product, e.g. a larger train.accumulation with fewer "
+                        "processes")
+
+
+def record_resume(folder: Path, changes: list[tuple[str, Any, Any]], overrides: list[str]) -> None:
+    from dsrun.runs import git_commit
+
+    entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "overrides": overrides,
+             "changed": {key: [old, new] for key, old, new in changes}, "git_commit": git_commit(),
+             "host": platform.node(), "pid": os.getpid()}
+    with (folder / RESUMES).open("a") as handle:
+        handle.write(json.dumps(entry, default=str) + "\n")
+
+
+def replace(folder: Path) -> None:
+    """train.overwrite=true: the old run's outputs go, so nothing of it mixes with the new one."""
+    for name in REPLACED:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    print(f"dsrun: train.overwrite=true: replaced the run in {folder}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lock
+
+def lock(folder: Path) -> dict[str, Any] | None:
+    """Hold `<folder>/.dsrun.lock` until this process ends (the kernel drops an flock when its holder dies, so a
+    killed run never blocks the next). Returns the owner record a dead holder left behind, if any."""
+    if _held:
+        return None  # this process already holds one (a run folder is claimed once per process)
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot create the run folder's lock ({exc.strerror}); choose a writable "
+                        "hydra.run.dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = _owner(fd)
+        os.close(fd)
+        who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('time')}" if owner else "another process"
+        raise UserError(f"{folder} is in use by {who} (lock {path}); wait for that run to end or stop it, or choose "
+                        "another hydra.run.dir") from None
+    stale = _owner(fd) or None
+    me = {"pid": os.getpid(), "host": platform.node(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as exc:
+        os.close(fd)
+        raise UserError(f"{path}: cannot write the run folder's lock ({exc.strerror}); free disk space or choose "
+                        "another hydra.run.dir") from None
+    _held.append(fd)
+    atexit.register(_release, fd)
+    return stale
+
+
+def _owner(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        return data if isinstance(data, dict) else {"pid": "?", "host": "?", "time": "?"}
+    except ValueError:
+        return {"pid": "?", "host": "?", "time": "?"}
+
+
+def _release(fd: int) -> None:
+    """An empty lock file is a released one; a non-empty one found free was left by a process that died."""
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    except OSError:
+        pass
+    if fd in _held:
+        _held.remove(fd)
