@@ -249,25 +249,31 @@ def test_fixed_global_batch_derives_accumulation():
 
 
 def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(tmp_path):
-    """1 GiB cap on the process's heap: the plan guesses 2, the probe at 4 runs out of memory for real, 2 fits."""
+    """1 GiB cap on the process's heap, a model whose activations grow with the micro-batch (512 wide, 512 tokens; the
+    chunked loss keeps the default tiny model's step nearly flat in the micro-batch): the plan guesses 8, the probes at
+    16 and 8 run out of memory for real, 4 fits."""
     run = tmp_path / "run"
     proc = dsrun(*FAST, "train.max_steps=2", "train.micro_batch=auto", "train.global_batch=16",
-                 "hardware.memory_cap_gib=1", run_dir=run)
+                 "hardware.memory_cap_gib=1", "model=tiny_qwen2", "model.fields.vocab_size=4096",
+                 "model.fields.hidden_size=512", "model.fields.intermediate_size=2048",
+                 "model.fields.num_attention_heads=8", "model.fields.num_key_value_heads=4", "data=synthetic_tokens",
+                 "train.seq_len=512", run_dir=run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     probe = json.loads((run / "micro_batch_probe" / "probe.json").read_text())
-    assert [(p["micro_batch"], p["result"]) for p in probe["probes"]] == [(4, "out of memory"), (2, "fits")]
-    assert probe["planned"] == probe["chosen"] == 2
-    assert "out of host memory" in (run / "micro_batch_probe" / "4" / "probe.log").read_text()
+    assert [(p["micro_batch"], p["result"]) for p in probe["probes"]] == \
+        [(16, "out of memory"), (8, "out of memory"), (4, "fits")]
+    assert (probe["planned"], probe["chosen"]) == (8, 4)
+    assert "out of host memory" in (run / "micro_batch_probe" / "8" / "probe.log").read_text()
     import yaml
 
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]
-    assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (2, 8, 16)
+    assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (4, 4, 16)
     assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
-    assert "chose 2" in proc.stderr
+    assert "chose 4" in proc.stderr
     # the probes are part of this run: the ledger holds the run once, not its probes
     from dsrun.batch_size import chosen_micro_batch
 
-    assert chosen_micro_batch(run) == ["train.micro_batch=2"]  # what resume and replay pin
+    assert chosen_micro_batch(run) == ["train.micro_batch=4"]  # what resume and replay pin
 
 
 def test_auto_micro_batch_needs_a_global_batch_and_one_node():
