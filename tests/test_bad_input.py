@@ -351,3 +351,25 @@ def test_disk_full_at_start_up_is_one_line(tmp_path):
         assert_user_error(proc, "cannot write to the run folder", "No space left")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_the_final_weights_is_one_line_naming_what_is_left(tmp_path):
+    """The final safetensors write hits a full disk (safetensors raises its own SafetensorError, not OSError): one
+    line, exit 2, and the message says no checkpoint exists (checkpoints off) instead of pointing at one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
+    try:
+        run_dir = mount / "run"  # the tiny model's weights are 66 MB: the 20 MB disk fills during the save
+        proc = dsrun(*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", run_dir=run_dir)
+        # (not assert_user_error: transformers' "Writing model shards" bar shares stderr until the console is quiet)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        errors = [ln for ln in proc.stderr.splitlines() if "dsrun: error:" in ln]
+        assert len(errors) == 1 and "cannot write the final weights" in errors[0], proc.stderr[-2000:]
+        assert "No space left" in errors[0] and "no complete checkpoint exists in this run" in errors[0]
+        assert not (run_dir / "checkpoints").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics
@@ -136,16 +137,18 @@ def test_collective_timeout_names_only_a_checkpoint_that_exists(tmp_path):
     assert f"The last complete checkpoint ({complete}) is intact: dsrun resume {run}" in timeout_message()
 
 
-def test_a_signal_during_start_up_ends_with_one_line_and_a_ledger_row(tmp_path):
-    """SIGTERM while the data is being built (before the loop's own handlers): one line, exit 143, the run's
-    record says interrupted."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_ends_with_one_line_and_a_ledger_row(tmp_path, sig):
+    """SIGTERM or Ctrl-C (SIGINT) while the data is being built (before the loop's own handlers): one line, exit
+    128 + the signal, the run's record says interrupted."""
     run = tmp_path / "run"
     proc = start_dsrun(*FAST, "data.num_samples=400000", "train.max_steps=2", f"hydra.run.dir={run}")
     wait_for(lambda: (run / "config.yaml").is_file(), proc)  # written by fit, right before the data
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     code = proc.wait(timeout=120)
     stderr = proc.stderr.read()
-    assert code == 128 + signal.SIGTERM, stderr
-    assert "dsrun: stopped by SIGTERM outside the training steps (start-up" in stderr, stderr
+    name = signal.Signals(sig).name
+    assert code == 128 + sig, stderr
+    assert f"dsrun: stopped by {name} outside the training steps (start-up" in stderr, stderr
     assert "no complete checkpoint exists" in stderr and "Traceback" not in stderr
     assert json.loads((run / "record.json").read_text())["status"] == "interrupted"
