@@ -20,7 +20,8 @@ class HardwareConfig:
     name: str = "cpu"
     accelerator: str = "cpu"  # cpu | cuda | auto (detect)
     gpu: Optional[str] = None  # key into dsrun/gpus.yaml
-    devices: int = 1  # processes per node (CPU processes on accelerator=cpu)
+    devices: Optional[int] = 1  # processes per node (CPU processes on accelerator=cpu); null: every GPU found
+    # (hardware=auto's default)
     num_nodes: int = 1
     interconnect: str = "none"  # within a node: none | pcie | nvlink
     network: str = "none"  # between nodes: none | ethernet | infiniband
@@ -527,7 +528,11 @@ def resolve(cfg: Any) -> None:
     if hw.accelerator == "auto":
         found = detect()
         hw.accelerator, hw.gpu = found["accelerator"], found["gpu"]
-        hw.devices = found["devices"] if hw.devices == 1 else hw.devices
+        if hw.devices is None:  # "every GPU": a number the user gave is kept as given, 1 included
+            hw.devices = found["devices"]
+    if hw.devices is None:
+        raise ConfigError([f"hardware.devices=null means every GPU this machine has, which only hardware=auto "
+                           f"detects; give hardware={hw.name} a number of devices"])
     if cfg.parallel.strategy == "auto":
         many = hw.devices * hw.num_nodes > 1
         cfg.parallel.strategy = cfg.parallel.name = "ddp" if many else "single"

@@ -161,3 +161,18 @@ def test_every_recipe_composes_and_validates(recipe):
     first_line = (REPO / "recipes" / f"{recipe}.yaml").read_text().splitlines()[1]
     assert first_line.startswith("# ") and len(first_line) > 20, "each recipe says what it is in one line"
     assert cfg.hardware.name != "auto", "a recipe names its hardware"
+
+
+def test_auto_hardware_keeps_the_devices_the_user_gave(monkeypatch):
+    """On a 2-GPU box `hardware=auto hardware.devices=1` is one process (it used to mean "all GPUs"); unset, every
+    GPU found. detect() is this machine's answer, replaced by a 2-GPU box's."""
+    from dsrun import hardware
+
+    monkeypatch.setattr(hardware, "detect", lambda: {"accelerator": "cuda", "devices": 2, "gpu": "h200",
+                                                     "device_name": "NVIDIA H200"})
+    one = composed("hardware=auto", "hardware.devices=1")
+    resolve(one)
+    assert (one.hardware.devices, one.parallel.strategy) == (1, "single")
+    every = composed("hardware=auto")
+    resolve(every)
+    assert (every.hardware.devices, every.parallel.strategy) == (2, "ddp")
