@@ -3,6 +3,8 @@ the fix, exit 2, no traceback, and nothing saved before is lost."""
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import gzip
 import hashlib
@@ -310,15 +312,24 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     assert_user_error(dsrun("resume", str(tmp_path)), "not a dsrun run folder")
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
-    """A real full disk: a tmpfs that holds one checkpoint of the tiny model (~200 MB with AdamW) but not two."""
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str):
+    """A real full disk: a tmpfs of `size` (root only; skipped with the reason elsewhere), unmounted after."""
     mount = tmp_path / "small"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True,
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """A real full disk: a tmpfs that holds one checkpoint of the tiny model (~200 MB with AdamW) but not two."""
+    with small_disk(tmp_path, "300m") as mount:
         run_dir = mount / "run"
         proc = dsrun(*FAST, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2",
                      "train.seq_len=64", "train.micro_batch=2", run_dir=run_dir)
@@ -326,19 +337,11 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         latest = (run_dir / "checkpoints" / "latest").read_text().strip()
         assert (run_dir / "checkpoints" / latest / "COMPLETE").is_file()
         assert not list((run_dir / "checkpoints").glob("*.incomplete")), "the partial save is cleaned up"
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_at_start_up_is_one_line(tmp_path):
     """A run folder on a full disk: refused before Hydra writes its snapshot (which would end in a traceback)."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
-    try:
+    with small_disk(tmp_path, "1m") as mount:
         filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
         try:
             while os.write(filler, b"\0" * 65536):
@@ -349,20 +352,12 @@ def test_disk_full_at_start_up_is_one_line(tmp_path):
             os.close(filler)
         proc = dsrun(*FAST, "train.max_steps=2", run_dir=mount / "run")
         assert_user_error(proc, "cannot write to the run folder", "No space left")
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_during_the_final_weights_is_one_line_naming_what_is_left(tmp_path):
     """The final safetensors write hits a full disk (safetensors raises its own SafetensorError, not OSError): one
     line, exit 2, and the message says no checkpoint exists (checkpoints off) instead of pointing at one."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip() or 'not root'}); the disk-full case needs one")
-    try:
+    with small_disk(tmp_path, "20m") as mount:
         run_dir = mount / "run"  # the tiny model's weights are 66 MB: the 20 MB disk fills during the save
         proc = dsrun(*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", run_dir=run_dir)
         # (not assert_user_error: transformers' "Writing model shards" bar shares stderr until the console is quiet)
@@ -371,5 +366,3 @@ def test_disk_full_during_the_final_weights_is_one_line_naming_what_is_left(tmp_
         assert len(errors) == 1 and "cannot write the final weights" in errors[0], proc.stderr[-2000:]
         assert "No space left" in errors[0] and "no complete checkpoint exists in this run" in errors[0]
         assert not (run_dir / "checkpoints").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
