@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from dsrun.batch_size import chosen_micro_batch
 from dsrun.config import ignored_overrides, register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
+from dsrun.keys import added_key_problems, plus_hint
 from dsrun.rollback import refuse_group_overrides, snapshot_of
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -43,11 +44,13 @@ def one_line(exc: BaseException) -> str:
         text += " " + " ".join(ln.strip() for ln in str(cause).splitlines() if ln.strip())
     if m := re.search(r"Could not override '([\w.]+)'.*?Key '(\w+)' (?:is )?not in", text):
         key = m.group(1)
+        if adding := plus_hint(key):
+            return adding
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         known = _known_keys(parent)
         close = difflib.get_close_matches(m.group(2), known, n=1)
         hint = f"did you mean {parent}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
-        return f"{key}: no such key; {hint} (a new key needs a leading +: +{key}=...)"
+        return f"{key}: no such key; {hint}"
     if m := re.search(r"Could not find '([\w/]+)/([\w.-]+)' Available options in '[\w/]+': (.*?) Config search", text):
         group, option, available = m.group(1), m.group(2), m.group(3).split()
         close = difflib.get_close_matches(option, available, n=1)
@@ -106,6 +109,8 @@ def precheck(argv: list[str]) -> list[str]:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return []
+    if problems := added_key_problems(args.overrides, Path(args.config_dir or args.config_path or CONF_DIR)):
+        fail("\n".join(problems))
     try:
         configs = _compose_all(args)
         if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one

@@ -185,6 +185,12 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "embedding": embedding}
 
 
+def millions(count: int) -> str:
+    """A parameter count for a start line: millions, or the exact count where one decimal of a million shows 0.0
+    (a LoRA adapter of a small model)."""
+    return f"{count / 1e6:,.1f} M" if count >= 10**6 else f"{count:,}"
+
+
 def active_matmul_params(model: torch.nn.Module) -> int:
     """Parameters one token passes through, less the input embedding (a lookup, not a matmul): for MoE only
     num_experts_per_tok of the routed experts count."""
