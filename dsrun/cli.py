@@ -24,6 +24,7 @@ from dsrun.batch_size import chosen_micro_batch
 from dsrun.config import ignored_overrides, register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 from dsrun.keys import added_key_problems, plus_hint
+from dsrun.paths import missing_paths
 from dsrun.rollback import refuse_group_overrides, snapshot_of
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -128,7 +129,7 @@ def precheck(argv: list[str]) -> list[str]:
         try:
             resolve(cfg)
             validate(cfg, gpu_catalog())
-            if problems := ignored_overrides(cfg, args.overrides):
+            if problems := ignored_overrides(cfg, args.overrides) + missing_paths(cfg):
                 raise ConfigError(problems)
         except UserError as exc:
             fail("\n".join(getattr(exc, "problems", [str(exc)])))
@@ -193,12 +194,14 @@ def writable_example() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    from dsrun.scratch import discard_scratch_folder
     from dsrun.tasks import run_task
 
     try:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
         run_task(cfg, probe_micro_batch=probe)
+        discard_scratch_folder(cfg)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
     except Interrupted as exc:
