@@ -25,6 +25,8 @@ from dsrun.config import ignored_overrides, register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 from dsrun.keys import added_key_problems, plus_hint
 from dsrun.paths import missing_paths
+from dsrun.quiet import install as quiet_logging
+from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.rollback import refuse_group_overrides, snapshot_of
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -197,6 +199,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from dsrun.scratch import discard_scratch_folder
     from dsrun.tasks import run_task
 
+    quiet_logging()
     try:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
@@ -264,7 +267,9 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 def main() -> None:
     interrupt_start_up()
+    quiet_environment()
     register_configs()
+    sys.argv = [sys.argv[0], *take_verbose_flag(sys.argv[1:])]
     argv = sys.argv[1:]
     if argv and argv[0] in COMMANDS:
         try:

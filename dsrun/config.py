@@ -218,7 +218,7 @@ class BenchInferConfig:
 
 @dataclass
 class ConsoleMonitor:
-    enabled: bool = False
+    enabled: bool = True  # the progress bar and summary stay beside any other monitor; monitor=none turns them off
 
 
 @dataclass
