@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from dsrun.batch_size import chosen_micro_batch
 from dsrun.config import ignored_overrides, register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
+from dsrun.help import unknown_verb, usage
 from dsrun.keys import added_key_problems, plus_hint
 from dsrun.paths import missing_paths
 from dsrun.quiet import install as quiet_logging
@@ -271,6 +272,13 @@ def main() -> None:
     register_configs()
     sys.argv = [sys.argv[0], *take_verbose_flag(sys.argv[1:])]
     argv = sys.argv[1:]
+    verbs = [*VERBS, *COMMANDS]
+    if argv and argv[0] in ("--help", "-h"):  # dsrun's verbs and tasks, then Hydra's groups and keys
+        from dsrun.config import TASKS
+
+        print(usage(verbs, TASKS), end="")
+    elif argv and (problem := unknown_verb(argv[0], verbs)):
+        fail(problem)
     if argv and argv[0] in COMMANDS:
         try:
             return COMMANDS[argv[0]](argv[1:])
