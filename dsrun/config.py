@@ -637,7 +637,8 @@ def value_problems(cfg: Any) -> list[str]:
 READ_ONLY_BY = {"optim.momentum": ("optim.name", ("sgd",)), "optim.betas": ("optim.name", ("adamw",)),
                 "optim.eps": ("optim.name", ("adamw",)),
                 "optim.min_lr_ratio": ("optim.schedule", ("cosine", "linear", "wsd")),
-                "optim.decay_fraction": ("optim.schedule", ("wsd",))}
+                "optim.decay_fraction": ("optim.schedule", ("wsd",)),
+                "data.path": ("data.source", ("jsonl",))}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

@@ -255,8 +255,9 @@ def latest_good() -> dict[str, Any] | None:
 
 def runs_command(args: list[str]) -> None:
     """`dsrun runs [--status X] [--limit N]`: the ledger as a table, newest first."""
-    from rich.console import Console
     from rich.table import Table
+
+    from dsrun.quiet import console
 
     parser = _Parser(prog="dsrun runs", description="List recorded runs, newest first.")
     parser.add_argument("--status", help="completed, interrupted, oom, nan, refused, crashed or skipped")
@@ -274,7 +275,7 @@ def runs_command(args: list[str]) -> None:
         table.add_row(str(r["id"]), r["time"].replace("T", " ")[:19], r["status"], "yes" if r["good"] else "",
                       _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_memory_gib"], ".2f"),
                       _fmt(r["final_loss"], ".4f"), r["run_dir"], r["parent"] or "")
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console().print(table)  # full paths outside a terminal too
 
 
 class _Parser(argparse.ArgumentParser):
