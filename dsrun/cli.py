@@ -200,7 +200,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from dsrun.scratch import discard_scratch_folder
     from dsrun.tasks import run_task
 
-    quiet_logging()
+    quiet_logging()  # after the imports: Lightning adds its console handler as it loads
     try:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)

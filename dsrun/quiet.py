@@ -40,7 +40,7 @@ def quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not any(name.startswith("nvidia") and name[6:].isdigit() for name in _dev()):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    sys.meta_path.insert(0, _RouteDeepSpeedLogger())
+    sys.meta_path.insert(0, _RouteOnImport())
 
 
 def _dev() -> list[str]:
@@ -63,13 +63,12 @@ def install() -> None:
     logging.captureWarnings(True)  # Python warnings become `py.warnings` records: in the log file, off the console
     for name in THIRD_PARTY_LOGGERS:
         to_root(logging.getLogger(name))
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # loaded now, not later with its own handler
 
-        hf_logging.disable_default_handler()
-        hf_logging.enable_propagation()
-        if not verbose():
-            hf_logging.disable_progress_bar()  # `Writing model shards: 100%` at every save
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    if not verbose():
+        hf_logging.disable_progress_bar()  # `Writing model shards: 100%` at every save
 
 
 def to_root(logger: logging.Logger) -> None:
@@ -80,14 +79,14 @@ def to_root(logger: logging.Logger) -> None:
     logger.propagate = True
 
 
-class _RouteDeepSpeedLogger(importlib.abc.MetaPathFinder):
-    """DeepSpeed creates its logger with a stdout handler as `deepspeed.utils.logging` is imported: route it as
-    soon as that module has run (DeepSpeed loads only for its strategies, long after install())."""
+class _RouteOnImport(importlib.abc.MetaPathFinder):
+    """Libraries that add their console handler as they are imported, long after install() (Lightning loads with
+    the strategy, DeepSpeed only for its strategies, with a stdout handler): routed as soon as the module ran."""
 
-    TARGET = "deepspeed.utils.logging"
+    LOGGERS = {"lightning": "lightning", "deepspeed.utils.logging": "DeepSpeed"}  # module -> the logger it sets up
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != self.TARGET:
+        if name not in self.LOGGERS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -96,7 +95,7 @@ class _RouteDeepSpeedLogger(importlib.abc.MetaPathFinder):
 
         def exec_module(module: Any) -> None:
             run(module)
-            to_root(logging.getLogger("DeepSpeed"))
+            to_root(logging.getLogger(self.LOGGERS[name]))
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
