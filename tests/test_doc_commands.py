@@ -14,8 +14,9 @@ Which lines are commands, and how a doc marks what cannot run here (the conventi
   a real-size model that would be built (any task but plan/dry_run), weights under `/models/` (a placeholder for
   your download), SLURM, `serve` (runs until stopped: tests/test_serve.py), and `generate` without a prompt
   (interactive).
-- Runs are shortened, never changed in meaning: `train.max_steps=2` (or `data.num_samples=16` where the command
-  trains by epochs), `train.seq_len=32`, `data.num_samples=32`, no checkpoints, `monitor.prometheus.port=0`.
+- Runs are shortened, never changed in meaning: `train.max_steps=2` (6 for the smoke checks; `data.num_samples=160`
+  where the command trains by epochs), `train.seq_len=32`, `data.num_samples=32`, no checkpoints,
+  `monitor.prometheus.port=0`; `generate.max_new_tokens=8`.
 All run in one temporary working folder through the fork server (tests/forkserver.py).
 """
 
@@ -103,18 +104,22 @@ def why_not_here(args: list[str]) -> str | None:
 
 def shortened(args: list[str]) -> list[str]:
     """The command with a short run's overrides (training tasks only; plans and listings are left alone)."""
-    if args and args[0] in ("runs", "diff", "report", "export", "doctor", "generate", "serve"):
+    if args and args[0] == "generate":
+        return [*args, "generate.max_new_tokens=8"]
+    if args and args[0] in ("runs", "diff", "report", "export", "doctor", "serve"):
         return args
     if any(a.startswith(PLANS_ONLY) for a in args):
         return args
-    length = ["data.num_samples=16"] if any(a.startswith("train.epochs=") for a in args) else ["train.max_steps=2"]
-    extra = [a for a in SHORT if not (length == ["data.num_samples=16"] and a.startswith("data.num_samples"))]
-    return [*args, *extra, *length]
+    if any(a.startswith("train.epochs=") for a in args):  # an epoch of 160 short records, an eval set of 8
+        return [*args, *[a for a in SHORT if not a.startswith("data.num_samples")], "data.num_samples=160"]
+    smoke = "task=smoke" in args or args[0] == "rollback"  # the smoke checks need 6 steps
+    return [*args, *SHORT, f"train.max_steps={6 if smoke else 2}"]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> dict[str, Path]:
-    """A run (with a checkpoint) and a sweep for the placeholders, in the folder the commands run in."""
+    """A run (with a checkpoint), a sweep and a run marked good for the placeholders and `dsrun rollback`, in the
+    folder the commands run in."""
     root = tmp_path_factory.mktemp("docs")
     run = root / "outputs" / "runs" / "doc-run"
     proc = dsrun("hardware=cpu", "monitor=none", "train.max_steps=2", "train.log_every=1", *SHORT[:2],
@@ -124,6 +129,8 @@ def workdir(tmp_path_factory) -> dict[str, Path]:
     proc = dsrun("-m", "hardware=cpu", "monitor=none", "train.max_steps=2", "train.micro_batch=1,2", *SHORT[:3],
                  f"hydra.sweep.dir={sweep}", cwd=root)
     assert proc.returncode == 0, proc.stderr
+    proc = dsrun("task=smoke", "hardware=cpu", "monitor=none", "train.max_steps=6", *SHORT[:3], cwd=root)
+    assert proc.returncode == 0, proc.stderr  # a run marked good: `dsrun rollback` replays it
     (root / "prompts.txt").write_text("What is 2 + 2?\n")
     return {"root": root, "run": run, "sweep": sweep}
 
