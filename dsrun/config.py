@@ -652,7 +652,7 @@ def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
             selector, readers = READ_ONLY_BY[key]
             chosen = OmegaConf.select(cfg, selector)
             if chosen not in readers:
-                choose = selector.split(".")[0] if selector.endswith(".name") else selector
+                choose = selector.split(".")[0] if selector.endswith((".name", ".source")) else selector
                 p.append(f"{key}: {selector}={chosen} does not use it (only {' or '.join(readers)} does); remove it, "
                          f"or choose {choose}={readers[0]}")
     return p

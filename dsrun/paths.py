@@ -44,6 +44,6 @@ def _weights_problem(path: str) -> list[str]:
         return [f"model.path={path}: no such folder; point it at a Hugging Face folder (config.json + "
                 "*.safetensors) or a run's model/ folder"]
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        return [f"model.path={path}: neither config.json nor adapter_config.json in it; is this a Hugging Face "
-                "model folder or a run's model/ folder?"]
+        return [f"model.path={path}: no config.json in it (nor a LoRA adapter_config.json); is this a Hugging Face "
+                "model folder, or a run's model/ folder?"]
     return []

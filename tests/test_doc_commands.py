@@ -14,7 +14,7 @@ Which lines are commands, and how a doc marks what cannot run here (the conventi
   a real-size model that would be built (any task but plan/dry_run), weights under `/models/` (a placeholder for
   your download), SLURM, `serve` (runs until stopped: tests/test_serve.py), and `generate` without a prompt
   (interactive).
-- Runs are shortened, never changed in meaning: `train.max_steps=2` (6 for the smoke checks; `data.num_samples=160`
+- Runs are shortened, never changed in meaning: `train.max_steps=2` (6 for the smoke checks; `data.num_samples=60`
   where the command trains by epochs), `train.seq_len=32`, `data.num_samples=32`, no checkpoints,
   `monitor.prometheus.port=0`; `generate.max_new_tokens=8`.
 All run in one temporary working folder through the fork server (tests/forkserver.py).
@@ -110,9 +110,9 @@ def shortened(args: list[str]) -> list[str]:
         return args
     if any(a.startswith(PLANS_ONLY) for a in args):
         return args
-    if any(a.startswith("train.epochs=") for a in args):  # an epoch of 160 short records, an eval set of 8
-        return [*args, *[a for a in SHORT if not a.startswith("data.num_samples")], "data.num_samples=160"]
-    smoke = "task=smoke" in args or args[0] == "rollback"  # the smoke checks need 6 steps
+    if any(a.startswith("train.epochs=") for a in args):  # an epoch of 60 short records, an eval set of 3
+        return [*args, *[a for a in SHORT if not a.startswith("data.num_samples")], "data.num_samples=60"]
+    smoke = "task=smoke" in args or args[:1] == ["rollback"]  # the smoke checks need 6 steps
     return [*args, *SHORT, f"train.max_steps={6 if smoke else 2}"]
 
 
@@ -150,7 +150,13 @@ def filled(command: str, places: dict[str, Path], n: int) -> list[str]:
     return shlex.split(text)
 
 
-@pytest.mark.parametrize("where,command,expected", COMMANDS, ids=[c[0] for c in COMMANDS])
+def marked(command: tuple[str, str, list[str]]) -> object:
+    """Sweeps start a fresh interpreter per trial (10 s each on 2 cores): `slow`, like the suite's other
+    multi-process runs."""
+    return pytest.param(*command, marks=[pytest.mark.slow] if " -m " in f" {command[1]} " else [])
+
+
+@pytest.mark.parametrize("where,command,expected", [marked(c) for c in COMMANDS], ids=[c[0] for c in COMMANDS])
 def test_documented_command_runs(where, command, expected, workdir):
     args = filled(command, workdir, COMMANDS.index((where, command, expected)))
     if reason := why_not_here(args):
