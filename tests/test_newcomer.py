@@ -190,7 +190,7 @@ THIRD_PARTY = re.compile(r"Warning|WARNING|warn\(|real_accelerator|Writing model
 
 
 def test_6_default_job_console_is_short_and_stdout_holds_only_results(tmp_path):
-    proc = dsrun("train.max_steps=10", "train.checkpoint_every=-1", run_dir=tmp_path / "run")
+    proc = dsrun("train.max_steps=5", "train.checkpoint_every=-1", run_dir=tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"stdout is for results: {proc.stdout!r}"
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("step ")]  # the bar's lines
