@@ -10,7 +10,6 @@ import json
 import math
 import re
 import sqlite3
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
