@@ -23,6 +23,11 @@ from omegaconf import DictConfig
 from dsrun.batch_size import chosen_micro_batch
 from dsrun.config import ignored_overrides, register_configs, resolve, validate
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
+from dsrun.help import unknown_verb, usage
+from dsrun.keys import added_key_problems, plus_hint
+from dsrun.paths import missing_paths
+from dsrun.quiet import install as quiet_logging
+from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.rollback import refuse_group_overrides, snapshot_of
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -43,11 +48,13 @@ def one_line(exc: BaseException) -> str:
         text += " " + " ".join(ln.strip() for ln in str(cause).splitlines() if ln.strip())
     if m := re.search(r"Could not override '([\w.]+)'.*?Key '(\w+)' (?:is )?not in", text):
         key = m.group(1)
+        if adding := plus_hint(key):
+            return adding
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         known = _known_keys(parent)
         close = difflib.get_close_matches(m.group(2), known, n=1)
         hint = f"did you mean {parent}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
-        return f"{key}: no such key; {hint} (a new key needs a leading +: +{key}=...)"
+        return f"{key}: no such key; {hint}"
     if m := re.search(r"Could not find '([\w/]+)/([\w.-]+)' Available options in '[\w/]+': (.*?) Config search", text):
         group, option, available = m.group(1), m.group(2), m.group(3).split()
         close = difflib.get_close_matches(option, available, n=1)
@@ -106,6 +113,8 @@ def precheck(argv: list[str]) -> list[str]:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return []
+    if problems := added_key_problems(args.overrides, Path(args.config_dir or args.config_path or CONF_DIR)):
+        fail("\n".join(problems))
     try:
         configs = _compose_all(args)
         if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one
@@ -123,7 +132,7 @@ def precheck(argv: list[str]) -> list[str]:
         try:
             resolve(cfg)
             validate(cfg, gpu_catalog())
-            if problems := ignored_overrides(cfg, args.overrides):
+            if problems := ignored_overrides(cfg, args.overrides) + missing_paths(cfg):
                 raise ConfigError(problems)
         except UserError as exc:
             fail("\n".join(getattr(exc, "problems", [str(exc)])))
@@ -188,12 +197,15 @@ def writable_example() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    from dsrun.scratch import discard_scratch_folder
     from dsrun.tasks import run_task
 
+    quiet_logging()  # after the imports: Lightning adds its console handler as it loads
     try:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
         run_task(cfg, probe_micro_batch=probe)
+        discard_scratch_folder(cfg)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
     except Interrupted as exc:
@@ -256,8 +268,17 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 def main() -> None:
     interrupt_start_up()
+    quiet_environment()
     register_configs()
+    sys.argv = [sys.argv[0], *take_verbose_flag(sys.argv[1:])]
     argv = sys.argv[1:]
+    verbs = [*VERBS, *COMMANDS]
+    if argv and argv[0] in ("--help", "-h"):  # dsrun's verbs and tasks, then Hydra's groups and keys
+        from dsrun.config import TASKS
+
+        print(usage(verbs, TASKS), end="")
+    elif argv and (problem := unknown_verb(argv[0], verbs)):
+        fail(problem)
     if argv and argv[0] in COMMANDS:
         try:
             return COMMANDS[argv[0]](argv[1:])

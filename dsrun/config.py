@@ -68,6 +68,14 @@ class AdapterConfig:
 
 
 @dataclass
+class FinetuneDefaults:
+    """What a model option trains with unless train.lr / train.seq_len say otherwise (resolve() fills them)."""
+    lr: float = 3e-3
+    lora_lr: float = 3e-3
+    seq_len: int = 128
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     arch: str = MISSING  # transformers model_type: deepseek_v3 | deepseek_v2 | qwen2 | llama
@@ -79,6 +87,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     experts_implementation: Optional[str] = None  # MoE kernels: null = eager on CPU, grouped_mm on GPU
     fields: Dict[str, Any] = field(default_factory=dict)  # architecture fields of the HF config
+    finetune: FinetuneDefaults = field(default_factory=FinetuneDefaults)  # train.lr/seq_len when null
 
 
 @dataclass
@@ -102,10 +111,12 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     momentum: float = 0.9  # sgd only
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: Optional[int] = None  # null: 10, or a tenth of a shorter run (dsrun/schedule.py)
+    min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
     grad_clip: Optional[float] = None  # null: the precision's default; 0 turns clipping off
     scale_lr_with_data_parallel: bool = False  # seed 002: lr x data-parallel size
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
+    decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
 
 
 @dataclass
@@ -114,8 +125,8 @@ class TrainConfig:
     micro_batch: Any = 4  # a number, or auto: the largest that fits, keeping global_batch (dsrun/batch_size.py)
     accumulation: int = 1
     global_batch: Optional[int] = None  # when set, accumulation = this / (micro_batch x data-parallel size)
-    seq_len: int = 128
-    lr: float = 3e-3
+    seq_len: Optional[int] = None  # null: the model option's finetune.seq_len
+    lr: Optional[float] = None  # null: the model option's finetune.lr (finetune.lora_lr under an adapter)
     seed: int = 42
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end; -1: never (benchmarks)
@@ -208,7 +219,7 @@ class BenchInferConfig:
 
 @dataclass
 class ConsoleMonitor:
-    enabled: bool = False
+    enabled: bool = True  # the progress bar and summary stay beside any other monitor; monitor=none turns them off
 
 
 @dataclass
@@ -307,7 +318,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
                        "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
-    _positive(p, cfg, ("optim.warmup_steps", "data.num_samples", "train.profile_steps"), allow_zero=True)
+    _positive(p, cfg, ("data.num_samples", "train.profile_steps"), allow_zero=True)
+    from dsrun.schedule import schedule_problems
+
+    p += schedule_problems(cfg.optim, tr.max_steps)
     if tr.profile_steps > 0 and tr.max_steps is not None and tr.max_steps < tr.profile_steps + 2:
         p.append(f"train.profile_steps={tr.profile_steps}: needs train.max_steps >= {tr.profile_steps + 2} (one step "
                  f"skipped, one to warm the profiler up); train.max_steps is {tr.max_steps}")
@@ -524,6 +538,11 @@ def resolve(cfg: Any) -> None:
     what really ran. Called once, before validate()."""
     from dsrun.hardware import detect, gpu_catalog
 
+    finetune = cfg.model.finetune  # the model option's fine-tuning defaults, where the user set nothing
+    if cfg.train.lr is None:
+        cfg.train.lr = finetune.lora_lr if cfg.adapter.method != "none" else finetune.lr
+    if cfg.train.seq_len is None:
+        cfg.train.seq_len = finetune.seq_len
     hw = cfg.hardware
     if hw.accelerator == "auto":
         found = detect()
@@ -621,7 +640,10 @@ def value_problems(cfg: Any) -> list[str]:
 
 # Keys only some options of a group read: set on the command line under another option, they would be ignored.
 READ_ONLY_BY = {"optim.momentum": ("optim.name", ("sgd",)), "optim.betas": ("optim.name", ("adamw",)),
-                "optim.eps": ("optim.name", ("adamw",))}
+                "optim.eps": ("optim.name", ("adamw",)),
+                "optim.min_lr_ratio": ("optim.schedule", ("cosine", "linear", "wsd")),
+                "optim.decay_fraction": ("optim.schedule", ("wsd",)),
+                "data.path": ("data.source", ("jsonl",))}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
@@ -635,6 +657,7 @@ def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
             selector, readers = READ_ONLY_BY[key]
             chosen = OmegaConf.select(cfg, selector)
             if chosen not in readers:
+                choose = selector.split(".")[0] if selector.endswith((".name", ".source")) else selector
                 p.append(f"{key}: {selector}={chosen} does not use it (only {' or '.join(readers)} does); remove it, "
-                         f"or choose {selector.split('.')[0]}={readers[0]}")
+                         f"or choose {choose}={readers[0]}")
     return p

@@ -51,13 +51,14 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.nn.Module, Any]:
-    """The run's final model in `dtype` with any LoRA adapter merged, and the run's config."""
+def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The run's final model in `dtype` with any LoRA adapter merged, and the run's config (`snap`: that config
+    with its base path made absolute, dsrun/lora_folder.py)."""
     from transformers import AutoModelForCausalLM
 
     from dsrun.model import architecture, build_run_model
 
-    snap = read_run(run_dir)
+    snap = snap if snap is not None and (run_dir / "model").is_dir() else read_run(run_dir)
     weights = run_dir / "model"
     if not (weights / "adapter_config.json").is_file():
         try:

@@ -71,7 +71,7 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statuses: completed | interrupted | oom | nan | crashed: <what> | skipped: <why>
+# Statuses: completed | interrupted | oom | nan | refused: <bad input> | crashed: <what> | skipped: <why>
 
 def status_of_exception(exc: BaseException) -> str:
     if isinstance(exc, TrainingDiverged):
@@ -81,6 +81,8 @@ def status_of_exception(exc: BaseException) -> str:
     if isinstance(exc, MemoryError) or any(m in f"{type(exc).__name__} {exc}" for m in OOM_MARKERS):
         return "oom"
     first = (str(exc).strip().splitlines() or [""])[0][:200]
+    if isinstance(exc, UserError):  # bad input (data, weights, config) found once the run started: not a crash
+        return f"refused: {first}"
     return f"crashed: {type(exc).__name__}" + (f": {first}" if first else "")
 
 
@@ -216,7 +218,8 @@ def recorded(cfg: Any, run_dir: Path, fit: Callable[[Any, Path], dict[str, Any]]
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
-def query(status: str | None = None, limit: int = 20, good: bool | None = None) -> list[dict[str, Any]]:
+def query(status: str | None = None, limit: int = 20, good: bool | None = None,
+          refused: bool = True) -> list[dict[str, Any]]:
     """Newest first. `status` matches the status word, so `crashed` finds every `crashed: ...`. A damaged or
     unreachable ledger is a one-line user error here (training only warns: _write)."""
     path = ledger_path()
@@ -229,6 +232,8 @@ def query(status: str | None = None, limit: int = 20, good: bool | None = None) 
     if status:
         where.append("(status = ? OR status LIKE ?)")
         args += [status, f"{status}:%"]
+    if not refused:  # runs refused for bad input trained nothing: `dsrun runs` hides them unless asked
+        where.append("status NOT LIKE 'refused%'")
     if good is not None:
         where.append("good = ?")
         args.append(int(good))
@@ -250,17 +255,19 @@ def latest_good() -> dict[str, Any] | None:
 
 def runs_command(args: list[str]) -> None:
     """`dsrun runs [--status X] [--limit N]`: the ledger as a table, newest first."""
-    from rich.console import Console
     from rich.table import Table
 
+    from dsrun.quiet import console
+
     parser = _Parser(prog="dsrun runs", description="List recorded runs, newest first.")
-    parser.add_argument("--status", help="completed, interrupted, oom, nan, crashed or skipped")
+    parser.add_argument("--status", help="completed, interrupted, oom, nan, refused, crashed or skipped")
+    parser.add_argument("--all", action="store_true", help="also runs refused for bad input (hidden by default)")
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--good", action="store_true", help="only runs a smoke check marked good")
     opts = parser.parse_args(args)
     if opts.limit < 1:
         raise UserError(f"--limit {opts.limit}: must be >= 1")
-    rows = query(opts.status, opts.limit, good=True if opts.good else None)
+    rows = query(opts.status, opts.limit, good=True if opts.good else None, refused=opts.all or bool(opts.status))
     table = Table(title=f"dsrun runs ({ledger_path()})")
     for column in ("id", "time", "status", "good", "tokens/s", "peak GiB", "final loss", "run", "parent"):
         table.add_column(column, justify="right" if column in ("id", "tokens/s", "peak GiB", "final loss") else "left")
@@ -268,7 +275,7 @@ def runs_command(args: list[str]) -> None:
         table.add_row(str(r["id"]), r["time"].replace("T", " ")[:19], r["status"], "yes" if r["good"] else "",
                       _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["peak_memory_gib"], ".2f"),
                       _fmt(r["final_loss"], ".4f"), r["run_dir"], r["parent"] or "")
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    console().print(table)  # full paths outside a terminal too
 
 
 class _Parser(argparse.ArgumentParser):

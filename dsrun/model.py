@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from dsrun.errors import UserError
+from dsrun.lora_folder import absolute_base, base_architecture, is_adapter_folder, merged
 
 
 def architecture(model_cfg: Any):
@@ -15,7 +16,9 @@ def architecture(model_cfg: Any):
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    if model_cfg.init == "pretrained":
+    if model_cfg.init == "pretrained" and is_adapter_folder(model_cfg.path):  # a LoRA run's model/
+        config = base_architecture(Path(model_cfg.path).expanduser())
+    elif model_cfg.init == "pretrained":
         source = _weights_source(model_cfg)
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code)
@@ -66,6 +69,8 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM
 
     quantized = quant_cfg is not None and quant_cfg.method != "none"
+    if model_cfg.init == "pretrained" and is_adapter_folder(model_cfg.path):  # a LoRA run's model/: base + adapter
+        return merged(Path(model_cfg.path).expanduser(), dtype, quant_cfg)
     if model_cfg.init == "pretrained":
         source = _weights_source(model_cfg)
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
@@ -185,6 +190,12 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "embedding": embedding}
 
 
+def millions(count: int) -> str:
+    """A parameter count for a start line: millions, or the exact count where one decimal of a million shows 0.0
+    (a LoRA adapter of a small model)."""
+    return f"{count / 1e6:,.1f} M" if count >= 10**6 else f"{count:,}"
+
+
 def active_matmul_params(model: torch.nn.Module) -> int:
     """Parameters one token passes through, less the input embedding (a lookup, not a matmul): for MoE only
     num_experts_per_tok of the routed experts count."""
@@ -213,6 +224,7 @@ def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder:
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        absolute_base(model)  # the adapter names its base folder wherever it is loaded from
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     except (OSError, SafetensorError) as exc:

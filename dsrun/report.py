@@ -19,7 +19,7 @@ from dsrun.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COLOURS = {"completed": "tab:green", "interrupted": "tab:blue", "nan": "tab:orange", "oom": "tab:red",
-           "crashed": "tab:purple", "skipped": "tab:gray", "not finished": "black"}
+           "crashed": "tab:purple", "refused": "tab:brown", "skipped": "tab:gray", "not finished": "black"}
 
 
 class SweepReport(Callback):

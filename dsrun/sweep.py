@@ -5,7 +5,8 @@ OOMs would take the whole sweep with it, and Fabric's own launcher hangs under H
 `-m` the task function starts `python -m dsrun <the trial's overrides> hydra.run.dir=<its folder>
 hydra.output_subdir=null` (the same re-run Fabric uses for its ranks), waits, and records how the trial ended:
 
-    completed | interrupted | oom | nan | crashed: <signal or exit code>: <last error line> | skipped: <why>
+    completed | interrupted | oom | nan | refused: <bad input> | crashed: <signal or exit code>: <last error line>
+    | skipped: <why>
 
 The child records itself in the ledger when it lives to; when it dies, this process records it instead.
 Plans and dry runs are cheap and cannot crash the sweep: they still run in-process.
@@ -124,6 +125,8 @@ def exit_status(returncode: int, log: str) -> str:
     else:
         what = f"exit {returncode}"
     line = last_error_line(log)
+    if returncode == 2 and line.startswith("dsrun: error:"):  # the trial refused bad input: it crashed nothing
+        return f"refused: {line.removeprefix('dsrun: error:').strip()}"
     return f"crashed: {what}" + (f": {line}" if line else "")
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rich.console import Console
 from rich.tree import Tree
 from omegaconf import DictConfig, OmegaConf
 
 from dsrun import sweep
 from dsrun.doctor import doctor_task
+from dsrun.config_view import folded_config
 from dsrun.ledger import recorded
 from dsrun.plan_report import plan_task
+from dsrun.quiet import console, verbose
 from dsrun.rollback import prepare_smoke, smoke_problems
 from dsrun.runs import rank_zero, run_dir
 from dsrun.strategy import check_environment, data_parallel_size, global_batch
@@ -27,12 +28,12 @@ def config_tree(cfg: DictConfig) -> Tree:
 
 
 def dry_run(cfg: DictConfig) -> None:
-    console = Console()
-    console.print(config_tree(cfg))
+    out = console()
+    out.print(config_tree(cfg))
     tr = cfg.train
-    console.print(f"global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation {tr.accumulation} "
+    out.print(f"global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation {tr.accumulation} "
                   f"x data-parallel {data_parallel_size(cfg)}; {global_batch(cfg) * tr.seq_len:,} tokens per step")
-    console.print("config valid; nothing started (task=dry_run)")
+    out.print("config valid; nothing started (task=dry_run)")
 
 
 def train(cfg: DictConfig, check: Any = None) -> None:
@@ -42,8 +43,11 @@ def train(cfg: DictConfig, check: Any = None) -> None:
 
     check_environment(cfg)
     check_plan(cfg)
-    if rank_zero() and cfg.monitor.console.enabled:
-        Console(stderr=True).print(config_tree(cfg))
+    if rank_zero() and cfg.monitor.console.enabled:  # folded to groups and overrides unless -v (dsrun/quiet.py)
+        if verbose():
+            console(stderr=True).print(config_tree(cfg))
+        else:
+            print(folded_config(cfg), file=sys.stderr)
     folder = run_dir()
     try:
         recorded(cfg, folder, fit, check)  # one ledger record per run, failures included

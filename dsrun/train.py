@@ -18,15 +18,16 @@ import torch
 
 from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
-from dsrun.errors import DataError, TrainingDiverged
+from dsrun.errors import ConfigError, DataError, TrainingDiverged
 from dsrun.evaluate import Evaluator
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
-from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, parameter_counts,
+from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, millions, parameter_counts,
                          save_weights)
 from dsrun.monitor import build_monitors
-from dsrun.optim import build_optimizer, warmup_cosine
+from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
 from dsrun.runs import snapshot, write_json
+from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
 from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
                             global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
                             zero3_partitioned)
@@ -60,6 +61,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if max_steps == 0:
         raise DataError(f"train.epochs={tr.epochs}: the data packs into {len(rows)} rows, fewer than one global "
                         f"batch ({global_batch(cfg)}); add data or lower train.micro_batch / train.accumulation")
+    if problems := schedule_problems(cfg.optim, max_steps):  # a length in epochs is known only now
+        raise ConfigError(problems)
     with model_init(fabric, cfg):
         model = build_run_model(cfg, arch, fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
@@ -78,7 +81,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     flops = flops_per_token(model, tr.seq_len)
     model, optimizer = setup(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
-    lr_at = warmup_cosine(cfg.optim, max_steps)
+    horizon = max_steps  # the schedule's length, kept on resume (dsrun/schedule.py)
 
     clip = grad_clip(cfg)
     tokens_per_step = global_batch(cfg) * tr.seq_len
@@ -92,7 +95,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if rank_zero:
         print(f"dsrun: global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation "
               f"{tr.accumulation} x data-parallel {data_parallel_size(cfg)} ({tokens_per_step:,} tokens/step); "
-              f"{counts['total'] / 1e6:,.1f} M parameters, {counts['trainable'] / 1e6:,.1f} M trainable; "
+              f"{millions(counts['total'])} parameters, {millions(counts['trainable'])} trainable; "
               f"{fabric.world_size} x {fabric.device.type}, precision {cfg.precision.mode}", file=sys.stderr)
         if per_epoch:
             print(f"dsrun: {max_steps} steps = {length['epochs']:.2f} epochs of {per_epoch} steps "
@@ -113,11 +116,13 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         trained_sum.fill_(saved.get("trained_sum", 0.0))
         tokens_trained = saved.get("tokens_trained", 0.0)
         best_eval = saved.get("best_eval", best_eval)
+        horizon = horizon_on_resume(cfg.optim, saved.get("horizon"), max_steps, start_step)
         if rank_zero:
             print(f"dsrun: resumed from {resume_from} at step {start_step}", file=sys.stderr)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         history = truncate_metrics(run_dir / "metrics.jsonl", start_step)
     info["start_step"] = start_step
+    lr_at = lr_factor(cfg.optim, horizon)
     monitors.start(info)
 
     stop = StopSignal(fabric)
@@ -175,7 +180,8 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 metrics.update(evaluator(model, fabric))
                 if tr.keep_best and metrics["eval_loss"] < best_eval["loss"]:
                     best_eval = {"loss": metrics["eval_loss"], "step": step}
-                    checkpointer.save(step, {**state, "step": step, "best_eval": best_eval}, name="best")
+                    checkpointer.save(step, {**state, "step": step, "best_eval": best_eval, "horizon": horizon},
+                                      name="best")
             history.append(metrics)
             monitors.log(metrics)
             loss_sum.zero_()
@@ -188,7 +194,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             checkpointer.save(step, {**state, "step": step, "last_log_step": last_log_step,
                                      "loss_sum": loss_sum.item(), "data": batches.state_dict(),
                                      "trained_sum": trained_sum.item(), "tokens_trained": tokens_trained,
-                                     "best_eval": best_eval})
+                                     "best_eval": best_eval, "horizon": horizon})
             last_checkpoint_time = time.time()
         if interrupted:
             profiler.stop()

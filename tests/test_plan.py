@@ -223,7 +223,8 @@ def test_inference_kv_cache_holds_the_mla_latent():
 # --- plans, suggestions, the API --------------------------------------------------------------------------------
 
 def test_plan_is_json_and_its_components_sum_to_the_total():
-    _, p = planned("model=r1_distill_qwen_1_5b", "hardware=4x4090", "parallel=fsdp", "precision=bf16")
+    _, p = planned("model=r1_distill_qwen_1_5b", "hardware=4x4090", "parallel=fsdp", "precision=bf16",
+                   "train.seq_len=128")  # the model's default 2048 at micro-batch 4 does not fit a 4090
     assert sum(p.components.values()) == pytest.approx(p.total_gib)
     data = json.loads(json.dumps(p.to_dict()))
     assert data["fits"] is True and data["vram_gib"] == 24 and data["tokens_per_s"] > 0
@@ -293,7 +294,7 @@ def test_tensor_parallel_splits_the_projections():
 
 def test_r1_on_a_3060_says_plainly_what_it_needs(tmp_path):
     proc = dsrun("task=plan", "model=deepseek_r1", "hardware=1x3060", "quant=nf4", "adapter=lora",
-                 run_dir=tmp_path / "run", timeout=120)
+                 "train.seq_len=128", run_dir=tmp_path / "run", timeout=120)  # short rows: some cluster holds it
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "does not fit: needs" in out and "RTX 3060 12GB has 12.0 GiB" in out

@@ -2,18 +2,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from dsrun.monitor.base import Monitor
+from dsrun.quiet import console
 
 
 class ConsoleMonitor(Monitor):
     """A rich progress bar (step, loss, tokens/s, memory, ETA) and a summary table at the end."""
 
     def __init__(self) -> None:
-        self.console = Console(stderr=True)
+        self.console = console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)

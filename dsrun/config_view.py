@@ -1,0 +1,33 @@
+"""The config at the start of a run, folded: one line of the options chosen per group and one of the overrides.
+The whole tree is 140 lines a newcomer scrolls past at every start; `task=dry_run` and `-v` print it, and every run
+folder keeps it (config.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GROUPS = ("recipe", "hardware", "parallel", "precision", "quant", "adapter", "model", "data", "optim", "task",
+          "monitor")
+RESOLVED = {"hardware": "hardware.name", "parallel": "parallel.name", "precision": "precision.mode"}  # `auto` ->
+
+
+def folded_config(cfg: Any) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return "dsrun: config: task=dry_run prints it"
+    hc = HydraConfig.get()
+    parts = []
+    for group in GROUPS:
+        choice = hc.runtime.choices.get(group)
+        if choice is None:
+            continue
+        if choice == "auto" and group in RESOLVED:
+            choice = f"auto ({OmegaConf.select(cfg, RESOLVED[group])})"
+        parts.append(f"{group}={choice}")
+    overrides = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in GROUPS]
+    line = f"dsrun: config: {' '.join(parts)}"
+    if overrides:
+        line += f"\ndsrun: overrides: {' '.join(overrides)}"
+    return line + f"\ndsrun: every key: {hc.runtime.output_dir}/config.yaml (-v or task=dry_run prints them)"

@@ -1,0 +1,73 @@
+"""A LoRA run's `model/` folder (the adapter, the tokenizer) as `model.init=pretrained model.path=<run>/model`:
+the base is rebuilt as training built it (dsrun.export.merged_model) and the adapter merged into it.
+
+Where the base comes from: `base_model_name_or_path` in adapter_config.json, an absolute folder for a pretrained
+base (a relative one is read relative to the adapter folder); absent for a random-init base, which the run's
+config.yaml (one folder up) rebuilds from its seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dsrun.errors import UserError
+
+
+def is_adapter_folder(path: str | Path | None) -> bool:
+    return bool(path) and (Path(path).expanduser() / "adapter_config.json").is_file()
+
+
+def base_path(folder: Path) -> str | None:
+    """The pretrained base of an adapter folder, absolute, or None (a random-init base)."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / 'adapter_config.json'}: cannot read it ({exc}); is this a run's model/ "
+                        "folder?") from None
+    if not base:
+        return None
+    path = Path(base).expanduser()
+    return str(path if path.is_absolute() else (folder / path).resolve())
+
+
+def run_snapshot(folder: Path) -> Any:
+    """The config of the run that trained the adapter, its base path made absolute."""
+    from omegaconf import OmegaConf
+
+    run_dir = folder.resolve().parent
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"model.path={folder}: a LoRA adapter outside its run folder (no {run_dir}/config.yaml); "
+                        f"point model.path at <run>/model inside the run folder, or `dsrun export` the run first")
+    snap = OmegaConf.load(run_dir / "config.yaml")
+    if snap.model.init == "pretrained":
+        snap.model.path = base_path(folder) or snap.model.path
+    return snap
+
+
+def base_architecture(folder: Path) -> Any:
+    from dsrun.model import architecture
+
+    return architecture(run_snapshot(folder).model)
+
+
+def merged(folder: Path, dtype: Any, quant_cfg: Any) -> Any:
+    """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
+    from dsrun.export import merged_model
+
+    if quant_cfg is not None and quant_cfg.method != "none":
+        raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
+                        f"bits; `dsrun export {folder.parent} OUT` first, then model.path=OUT quant={quant_cfg.name}")
+    model, _ = merged_model(folder.resolve().parent, dtype=dtype, snap=run_snapshot(folder))
+    for parameter in model.parameters():  # peft loads the adapter for inference (frozen): this is a model to train
+        parameter.requires_grad_(True)
+    return model
+
+
+def absolute_base(model: Any) -> None:
+    """Before saving an adapter: its base folder as an absolute path, so the folder loads from anywhere."""
+    for peft_cfg in getattr(model, "peft_config", {}).values():
+        base = peft_cfg.base_model_name_or_path
+        if base and Path(base).expanduser().is_dir():
+            peft_cfg.base_model_name_or_path = str(Path(base).expanduser().resolve())

@@ -1,0 +1,24 @@
+"""Tasks that train nothing leave no run folder: `task=dry_run` and a single `task=plan` print what they decided,
+and an empty timestamped folder per look would bury the runs in outputs/runs/ (15 of one user's 40 folders).
+
+A folder the user named (hydra.run.dir=...) stays, and so do a sweep's trial folders (each holds its plan.json).
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+SCRATCH_TASKS = ("dry_run", "plan")
+
+
+def discard_scratch_folder(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.task.name not in SCRATCH_TASKS or not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.RUN or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+        return
+    shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)
