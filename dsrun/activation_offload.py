@@ -1,7 +1,7 @@
 """Activation checkpointing that keeps each decoder block's input in host memory instead of on the GPU.
 
-Plain checkpointing still holds one input per block on the device (tokens x hidden x 4 bytes under autocast:
-0.8 GiB for a 28-block 7B at 2,048 tokens). Here the forward copies that input to pinned host memory (stream-ordered,
+Plain checkpointing still holds one input per block on the device (tokens x hidden x 2 bytes over a 16-bit base,
+4 under autocast over fp32 weights: 0.4-0.8 GiB for a 28-block 7B at 2,048 tokens). Here the forward copies that input to pinned host memory (stream-ordered,
 so the GPU never waits for it) and runs the block without saving anything; backward copies it back, reruns the
 block with autograd on and backpropagates through it. Unsloth's `use_gradient_checkpointing="unsloth"` does the
 same. The copies are ~15 MB per block against tens of milliseconds of block compute.
