@@ -628,6 +628,12 @@ def value_problems(cfg: Any) -> list[str]:
         p.append(f"monitor.prometheus.port={port}: must be between 1 and {PORT_MAX} (0 picks a free port)")
     if _finite(cfg.adapter.dropout) and not 0 <= cfg.adapter.dropout < 1:
         p.append(f"adapter.dropout={cfg.adapter.dropout}: must be in [0, 1)")
+    elif (cfg.adapter.method == "lora" and _finite(cfg.adapter.dropout) and cfg.adapter.dropout > 0
+          and "all-linear" in list(cfg.adapter.target_modules) and cfg.model.fields.get("n_routed_experts")):
+        # peft wraps the 3-D routed-expert weights in ParamWrapper, which cannot apply dropout to its input
+        p.append(f"adapter.dropout={cfg.adapter.dropout} with model={cfg.model.name}: LoRA on its routed experts "
+                 "(all-linear) takes no dropout; set adapter.dropout=0, or name the attention/MLP layers in "
+                 "adapter.target_modules")
     if cfg.adapter.method != "none" and cfg.adapter.r < 1:
         p.append(f"adapter.r={cfg.adapter.r}: the LoRA rank must be >= 1")
     for name in MODEL_DIMENSIONS:

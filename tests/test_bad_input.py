@@ -72,6 +72,8 @@ ROWS = [
     ("nan-memory-cap", "config", ["hardware.memory_cap_gib=nan"], ["hardware.memory_cap_gib=nan", "finite"]),
     ("lora-rank-zero", "config", ["adapter=lora", "adapter.r=0"], ["adapter.r=0"]),
     ("lora-dropout-above-one", "config", ["adapter=lora", "adapter.dropout=1.5"], ["adapter.dropout=1.5"]),
+    ("lora-dropout-on-moe-experts", "config", ["adapter=lora", "adapter.dropout=0.1"],
+     ["adapter.dropout=0.1 with model=tiny", "adapter.dropout=0"]),
     ("port-out-of-range", "config", ["monitor=prometheus", "monitor.prometheus.port=70000"],
      ["monitor.prometheus.port=70000", "65535"]),
     ("broken-interpolation", "config", ["train.seq_len=${{nope}}"], ["train.seq_len", "${...}"]),
