@@ -404,12 +404,12 @@ def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
     """The loss (dsrun/loss.py): one chunk of logits at a time — fp32 logits turned in place into their gradient,
     its compute-dtype copy, the matmul's output — plus the gradient of the hidden states. ZeRO-3 computes whole
     logits through the head (logits, fp32 copy, log-softmax and two fp32 gradients of that size)."""
-    from dsrun.loss import CHUNK_ELEMENTS
+    from dsrun.loss import chunk_tokens
 
     vocab, h = shape.model.config.vocab_size, shape.model.config.hidden_size
     if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
         return tokens * vocab * ((4 if d.compute == 4 else 2) + 12)
-    chunk = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
+    chunk = min(tokens, chunk_tokens(vocab, h, trains_head=cfg.adapter.method == "none"))
     return chunk * vocab * (4 + 2 * d.compute) + tokens * h * (d.wide + 4)
 
 

@@ -28,7 +28,7 @@ from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
-from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
+from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
                             global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
                             zero3_partitioned)
 
@@ -141,7 +141,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         # normalisation): counted from the labels up front, one all-reduce, no host sync
         labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
         if fabric.world_size > 1:
-            labelled = fabric.all_reduce(labelled, reduce_op="sum") / replicas
+            labelled = all_reduce_(labelled) / replicas
         labelled = labelled.clamp(min=1)
         trained_sum += labelled
         for micro, (inputs, labels, positions) in enumerate(micro_batches):
@@ -163,7 +163,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         evaluating = evaluator is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0))
         if step % tr.log_every == 0 or step == max_steps or evaluating:
             # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
-            mean_loss = fabric.all_reduce(loss_sum, reduce_op="sum").item() / replicas / (step - last_log_step)
+            mean_loss = all_reduce_(loss_sum).item() / replicas / (step - last_log_step)
             trained = trained_sum.item()
             tokens_trained += trained
             now = time.perf_counter()
@@ -307,7 +307,7 @@ class StopSignal:
         if self.fabric.world_size == 1:
             return bool(self.name)
         self.flag.fill_(float(bool(self.name)))  # fill_, not torch.tensor(...): a host-to-device copy syncs
-        agreed = bool(self.agreed.swap(self.fabric.all_reduce(self.flag, reduce_op="max")))
+        agreed = bool(self.agreed.swap(all_reduce_(self.flag, "max")))
         self.name = self.name or ("a signal to another rank" if agreed else "")
         return agreed
 
