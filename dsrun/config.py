@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from dsrun.batch import auto_problem, global_batch_problem
 from dsrun.errors import ConfigError
+from dsrun.schedule import schedule_problems
+from dsrun.task_table import INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
 class HardwareConfig:
@@ -151,7 +154,7 @@ class TaskConfig:
 
 @dataclass
 class PlanConfig:
-    """task=plan: what to plan and the prices it costs with (dsrun/plan.py, docs/planner.md)."""
+    """task=plan: what to plan and the prices it costs with (dsrun/plan/, docs/planner.md)."""
     mode: str = "train"  # train | inference
     context: int = 4096  # inference: tokens per sequence the KV cache holds (prompt + output)
     batch: int = 1  # inference: sequences decoded together
@@ -285,9 +288,6 @@ QUANT_METHODS = ("none", "int8", "nf4")
 ADAPTERS = ("none", "lora")
 ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 DATA_SOURCES = ("reasoning", "jsonl", "synthetic_tokens")
-TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve", "bench_infer", "doctor")
-RUNNABLE_TASKS = ("train", "smoke")
-INFERENCE_TASKS = ("generate", "serve", "bench_infer")  # load weights, train nothing (dsrun/inference/)
 SERVE_ENGINES = ("transformers", "vllm")
 THINKING_DISPLAY = ("dim", "show", "hide")
 
@@ -309,8 +309,6 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     p: list[str] = []
     hw, par, prec, tr = cfg.hardware, cfg.parallel, cfg.precision, cfg.train
 
-    from dsrun.batch_size import auto_problem, global_batch_problem
-
     if problem := auto_problem(cfg):
         p.append(problem)
     _positive(p, cfg, ("train.accumulation", "train.seq_len",
@@ -319,8 +317,6 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                        "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
     _positive(p, cfg, ("data.num_samples", "train.profile_steps"), allow_zero=True)
-    from dsrun.schedule import schedule_problems
-
     p += schedule_problems(cfg.optim, tr.max_steps)
     if tr.profile_steps > 0 and tr.max_steps is not None and tr.max_steps < tr.profile_steps + 2:
         p.append(f"train.profile_steps={tr.profile_steps}: needs train.max_steps >= {tr.profile_steps + 2} (one step "
@@ -446,7 +442,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     for (group, option), issue in PENDING.items():
         # plans and dry runs describe options that land later; only tasks that execute need the backend now
         describes = group in ("quant", "parallel", "precision") and cfg.task.name not in RUNNABLE_TASKS
-        if _selected(cfg, group, option) and not describes:
+        if selected(cfg, group, option) and not describes:
             p.append(f"{group}={option}: lands with {issue}; not available in this version")
 
     p += value_problems(cfg)
@@ -519,7 +515,7 @@ def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
                  "data.eval_path")
 
 
-def _selected(cfg: Any, group: str, option: str) -> bool:
+def selected(cfg: Any, group: str, option: str) -> bool:
     if group == "monitor":
         return bool(cfg.monitor[option].enabled)
     if group == "parallel":
@@ -531,44 +527,6 @@ def _selected(cfg: Any, group: str, option: str) -> bool:
     if group == "task":
         return cfg.task.name == option
     raise KeyError(group)
-
-
-def resolve(cfg: Any) -> None:
-    """Fill the `auto` choices in place (hardware detection, precision, MoE kernels) so the run folder records
-    what really ran. Called once, before validate()."""
-    from dsrun.hardware import detect, gpu_catalog
-
-    finetune = cfg.model.finetune  # the model option's fine-tuning defaults, where the user set nothing
-    if cfg.train.lr is None:
-        cfg.train.lr = finetune.lora_lr if cfg.adapter.method != "none" else finetune.lr
-    if cfg.train.seq_len is None:
-        cfg.train.seq_len = finetune.seq_len
-    hw = cfg.hardware
-    if hw.accelerator == "auto":
-        found = detect()
-        hw.accelerator, hw.gpu = found["accelerator"], found["gpu"]
-        if hw.devices is None:  # "every GPU": a number the user gave is kept as given, 1 included
-            hw.devices = found["devices"]
-    if hw.devices is None:
-        raise ConfigError([f"hardware.devices=null means every GPU this machine has, which only hardware=auto "
-                           f"detects; give hardware={hw.name} a number of devices"])
-    if cfg.parallel.strategy == "auto":
-        many = hw.devices * hw.num_nodes > 1
-        cfg.parallel.strategy = cfg.parallel.name = "ddp" if many else "single"
-    if cfg.precision.mode == "auto":
-        gpu = gpu_catalog().get(hw.gpu or "", {})
-        cfg.precision.mode = "bf16-mixed" if hw.accelerator == "cuda" and gpu.get("bf16", True) else "32-true"
-    if cfg.model.experts_implementation is None:
-        # grouped_mm is bf16-only and CUDA-fast; eager runs everywhere (PITFALLS: DeepSeek MoE)
-        bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")
-        cfg.model.experts_implementation = "grouped_mm" if hw.accelerator == "cuda" and bf16 else "eager"
-    from dsrun.batch_size import AUTO, auto_problem, derive_accumulation, planned_micro_batch
-
-    if cfg.train.micro_batch == AUTO and auto_problem(cfg) is None:  # after parallel (data-parallel size)
-        cfg.train.micro_batch = planned_micro_batch(cfg)  # the probe before training may still change it
-    derive_accumulation(cfg)
-    if cfg.train.max_steps is None and cfg.train.epochs is None:
-        cfg.train.max_steps = DEFAULT_MAX_STEPS
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,8 +7,12 @@ from typing import Any
 
 import torch
 
+from dsrun.checkpoint import last_checkpoint_note
 from dsrun.errors import UserError
-from dsrun.lora_folder import absolute_base, base_architecture, is_adapter_folder, merged
+from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
+from dsrun.parallelize import decoder_blocks
+from dsrun.quantize import quantize_linears
+from dsrun.safe_read import check_safetensors, read_json_object
 
 
 def architecture(model_cfg: Any):
@@ -50,9 +54,7 @@ def _weights_source(model_cfg: Any) -> str:
                             "*.safetensors")
         if not (folder / "config.json").is_file():
             raise UserError(f"model.path={folder}: no config.json in it; is this a Hugging Face model folder?")
-        from dsrun.safe_read import read_json_object
-
-        fix = "restore it from the model's source (it describes the architecture)"
+            fix = "restore it from the model's source (it describes the architecture)"
         if "model_type" not in read_json_object(folder / "config.json", fix):
             raise UserError(f"{folder / 'config.json'}: no model_type in it; {fix}")
         return str(folder)
@@ -76,9 +78,7 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
         if model_cfg.path:
-            from dsrun.safe_read import check_safetensors
-
-            check_safetensors(Path(source))
+                check_safetensors(Path(source))
         extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
             if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(
@@ -101,14 +101,90 @@ def build_run_model(cfg: Any, config: Any, device: Any) -> torch.nn.Module:
                        compute_dtype=weight_dtype(mode, frozen=True), device=device)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A run's model/ folder: full weights, or a LoRA adapter merged into the base rebuilt as the run built it.
+
+def base_architecture(folder: Path) -> Any:
+    return architecture(run_snapshot(folder).model)
+
+
+def merged(folder: Path, dtype: Any, quant_cfg: Any) -> Any:
+    """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
+    if quant_cfg is not None and quant_cfg.method != "none":
+        raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
+                        f"bits; `dsrun export {folder.parent} OUT` first, then model.path=OUT quant={quant_cfg.name}")
+    model, _ = merged_model(folder.resolve().parent, dtype=dtype, snap=run_snapshot(folder))
+    for parameter in model.parameters():  # peft loads the adapter for inference (frozen): this is a model to train
+        parameter.requires_grad_(True)
+    return model
+
+
+def read_run(run_dir: Path) -> Any:
+    """The run's resolved config; a folder that is not a finished run is one line."""
+    from omegaconf import OmegaConf
+
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml); pass a folder `python -m dsrun` wrote")
+    if not (run_dir / "model").is_dir():
+        raise UserError(f"{run_dir}: the run saved no final weights (no model/); finish it with "
+                        f"`dsrun resume {run_dir}`, then export")
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every bitsandbytes layer back to a plain nn.Linear holding its dequantized weight: the weight the
+    adapters were trained against."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                continue
+            state = getattr(child.weight, "quant_state", None) or getattr(child, "state", None)
+            weight = dequantize_bnb_weight(child.weight, state=state).to(dtype)
+            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                     device=weight.device, dtype=dtype)
+            linear.weight.data.copy_(weight)
+            if child.bias is not None:
+                linear.bias.data.copy_(child.bias.data.to(dtype))
+            setattr(parent, name, linear)
+    return model
+
+
+def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The run's final model in `dtype` with any LoRA adapter merged, and the run's config (`snap`: that config
+    with its base path made absolute, dsrun/lora_folder.py). The base is rebuilt as training built it (same seed,
+    dtype, device type and, for a quantized base, the same block-by-block creation), so random-init runs load too."""
+    from transformers import AutoModelForCausalLM
+
+    snap = snap if snap is not None and (run_dir / "model").is_dir() else read_run(run_dir)
+    weights = run_dir / "model"
+    if not (weights / "adapter_config.json").is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, use_safetensors=True), snap
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{weights}: cannot load the run's weights: {str(exc).splitlines()[0]}") from None
+    from peft import PeftModel
+
+    device = torch.device("cuda" if snap.hardware.accelerator == "cuda" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available() and snap.model.init == "random":
+        raise UserError(f"{run_dir}: a LoRA adapter over a random-init base built on a GPU; that base is rebuilt "
+                        "from the same random numbers only on a GPU: run this on a GPU machine")
+    snap.model.experts_implementation = "eager" if device.type == "cpu" else snap.model.experts_implementation
+    with torch.device(device):  # where training created the base: random init draws from that device's generator
+        base = build_run_model(snap, architecture(snap.model), device)
+    merged = PeftModel.from_pretrained(dequantize(base, dtype).to(dtype), weights).merge_and_unload()
+    return merged.to(dtype), snap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
 def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype: torch.dtype,
                           device: torch.device) -> torch.nn.Module:
     """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
     head, norms and rotary buffers first, then each decoder block, quantized before the next one is created, so
     the device holds at most one block in 16 bits."""
-    from dsrun.parallelize import decoder_blocks
-    from dsrun.quantize import quantize_linears
-
     blocks = decoder_blocks(model)
     inside = {id(m) for block in blocks for m in block.modules()}
     outside = [m for m in model.modules() if id(m) not in inside]
@@ -219,8 +295,6 @@ def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
     from safetensors import SafetensorError
-
-    from dsrun.checkpoint import last_checkpoint_note
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dsrun.errors import UserError
+from dsrun.task_table import RUNNABLE_TASKS
 
 TOKENIZER_CHOICES = ("deepseek", "model")  # model.tokenizer values that are not a folder
 
@@ -15,7 +16,7 @@ def missing_paths(cfg: Any) -> list[str]:
     """One problem per file or folder the job would read and cannot."""
     p: list[str] = []
     data, model = cfg.data, cfg.model
-    trains = cfg.task.name in ("train", "smoke")
+    trains = cfg.task.name in RUNNABLE_TASKS
     if trains and data.source == "jsonl" and data.path:
         p += _file_problem(data.path, "data.path")
     if trains and data.eval_path:

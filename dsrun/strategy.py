@@ -7,29 +7,11 @@ import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
+from dsrun.batch import world_size
 from dsrun.errors import UserError
 
 FABRIC_PRECISION = {"32-true": "32-true", "16-mixed": "16-mixed", "bf16-mixed": "bf16-mixed",
                     "bf16-true": "bf16-true"}
-
-
-def world_size(cfg: Any) -> int:
-    return cfg.hardware.devices * cfg.hardware.num_nodes
-
-
-def data_parallel_size(cfg: Any) -> int:
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
-    return world_size(cfg) // tp
-
-
-def data_parallel_rank(global_rank: int, cfg: Any) -> int:
-    """Ranks of one tensor-parallel group read the same data (Fabric's mesh is (data_parallel, tensor_parallel))."""
-    return global_rank // (world_size(cfg) // data_parallel_size(cfg))
-
-
-def global_batch(cfg: Any) -> int:
-    """Sequences per optimizer step: the one place this product is computed."""
-    return cfg.train.micro_batch * cfg.train.accumulation * data_parallel_size(cfg)
 
 
 def apply_environment(hardware_cfg: Any) -> None:
@@ -81,7 +63,8 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
 
 
 def grad_clip(cfg: Any) -> float:
-    """optim.grad_clip, or the precision's default when unset (fp16: 0.5, seed 002); 0 turns clipping off."""
+    """optim.grad_clip, or the precision's default when unset (fp16: 0.5, conf/precision/fp16.yaml); 0 turns clipping
+    off."""
     return cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
 
 

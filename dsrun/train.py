@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch
 from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
-from dsrun.errors import ConfigError, DataError, TrainingDiverged
+from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
+from dsrun.hardware import emulate_memory, gpu_catalog
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
 from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, millions, parameter_counts,
                          save_weights)
@@ -28,9 +30,8 @@ from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
-from dsrun.strategy import (build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
-                            global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
-                            zero3_partitioned)
+from dsrun.strategy import (build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed, micro_step,
+                            model_init, optimizer_step, setup, zero3_partitioned)
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         snapshot(cfg, run_dir)
         if is_deepspeed(fabric):
             write_json(run_dir / "deepspeed.json", fabric.strategy.config)
-    memory_cap = emulate_memory(cfg, fabric.device)
+    memory_cap = emulate_memory(cfg.hardware, fabric.device)
     monitors = build_monitors(cfg, run_dir, rank_zero)  # a taken port fails before the model costs anything
     tr = cfg.train
     fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
@@ -244,8 +245,6 @@ def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, g
 
 
 def latest_checkpoint_or_none(run_dir: Path) -> Path | None:
-    from dsrun.errors import UserError
-
     try:
         return latest_checkpoint(run_dir)
     except UserError:
@@ -333,30 +332,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def emulate_memory(cfg: Any, device: torch.device) -> float | None:
-    """Cap what this process may allocate: hardware.memory_cap_gib, or under hardware.emulate the profile's VRAM
-    (a 4060 recipe proven on an H100). GPU: the caching allocator's fraction of the card. CPU: the heap may grow
-    by the cap from here (RLIMIT_DATA), so a too-large step fails as an allocation, not by the kernel's OOM killer."""
-    from dsrun.hardware import gpu_catalog
-
-    hw = cfg.hardware
-    cap_gib = hw.memory_cap_gib or (gpu_catalog()[hw.gpu]["vram_gib"] if hw.emulate and hw.gpu else None)
-    if cap_gib is None:
-        return None
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
-    else:
-        in_use = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                      if line.startswith("VmData:"))
-        resource.setrlimit(resource.RLIMIT_DATA, (in_use + int(cap_gib * 2**30), resource.RLIM_INFINITY))
-    return cap_gib
-
-
 def peak_flops_per_s(cfg: Any) -> float:
     """The GPU's dense bf16 rate from the catalog (0 on CPU: no MFU there)."""
-    from dsrun.hardware import gpu_catalog
-
     spec = gpu_catalog().get(cfg.hardware.gpu or "")
     return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
 
