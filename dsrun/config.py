@@ -13,9 +13,15 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from dsrun.adapters import ADAPTERS
 from dsrun.batch import auto_problem, global_batch_problem
+from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
-from dsrun.schedule import schedule_problems
+from dsrun.optim import OPTIMIZERS
+from dsrun.quantize import QUANT_METHODS
+from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
+from dsrun.sources import SOURCES
+from dsrun.strategy import FABRIC_PRECISION, STRATEGIES
 from dsrun.task_table import INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
@@ -50,7 +56,8 @@ class ParallelConfig:
 class PrecisionConfig:
     name: str = "fp32"
     mode: str = "32-true"  # auto | 32-true | 16-mixed | bf16-mixed | bf16-true | fp8
-    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16 wants 0.5: seed 002)
+    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16: 0.5, a tighter
+    # bound while the loss scale is still settling)
 
 
 @dataclass
@@ -117,7 +124,8 @@ class OptimConfig:
     warmup_steps: Optional[int] = None  # null: 10, or a tenth of a shorter run (dsrun/schedule.py)
     min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
     grad_clip: Optional[float] = None  # null: the precision's default; 0 turns clipping off
-    scale_lr_with_data_parallel: bool = False  # seed 002: lr x data-parallel size
+    scale_lr_with_data_parallel: bool = False  # lr x data-parallel size (the linear scaling rule for a
+    # global batch that grows with the processes)
     schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
     decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
 
@@ -162,7 +170,8 @@ class PlanConfig:
     electricity_usd_per_kwh: float = 0.15
     lifetime_years: float = 3.0  # hardware amortised over this many years of continuous use
     gpu_price_usd: Optional[float] = None  # null: the catalog's indicative price
-    network_gbps: Optional[float] = None  # between nodes; null: 2.5 for ethernet (seed 000), 400 for infiniband
+    network_gbps: Optional[float] = None  # between nodes; null: 2.5 for ethernet (a consumer 2.5 GbE switch), 400 for
+    # infiniband (one NDR port per GPU)
     host_ram_gib: Optional[float] = None  # per node, checked for offload plans; null: not checked
     mfu: Optional[float] = None  # null: the planner's assumption for the GPU class
 
@@ -282,14 +291,16 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation: one function, every problem at once.
 
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed", "tp")
-PRECISION_MODES = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "fp8")
-QUANT_METHODS = ("none", "int8", "nf4")
-ADAPTERS = ("none", "lora")
-ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-DATA_SOURCES = ("reasoning", "jsonl", "synthetic_tokens")
-SERVE_ENGINES = ("transformers", "vllm")
-THINKING_DISPLAY = ("dim", "show", "hide")
+# An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
+# is its YAML and one entry there. The keys below have no builder of their own, only these values.
+VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
+          "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
+          "plan.mode": ("train", "inference"), "serve.engine": ("transformers", "vllm"),
+          "generate.show_thinking": ("dim", "show", "hide"), "generate.static_cache": ("auto", "true", "false"),
+          "data.train_on": TRAIN_ON}
+REGISTRIES = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
+              "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
+              "optim.schedule": SCHEDULES, "task.name": TASKS}
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
 PENDING: dict[tuple[str, str], str] = {}
@@ -337,23 +348,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be between 0 and 1")
 
-    choices = {
-        "hardware.accelerator": (hw.accelerator, ("cpu", "cuda")),
-        "parallel.strategy": (par.strategy, STRATEGIES),
-        "precision.mode": (prec.mode, PRECISION_MODES),
-        "quant.method": (cfg.quant.method, QUANT_METHODS),
-        "adapter.method": (cfg.adapter.method, ADAPTERS),
-        "model.arch": (cfg.model.arch, ARCHS),
-        "model.init": (cfg.model.init, ("random", "pretrained")),
-        "data.source": (cfg.data.source, DATA_SOURCES),
-        "optim.name": (cfg.optim.name, ("adamw", "sgd")),
-        "task.name": (cfg.task.name, TASKS),
-        "monitor.wandb.mode": (cfg.monitor.wandb.mode, ("offline", "online", "disabled")),
-        "plan.mode": (cfg.plan.mode, ("train", "inference")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    for key in ("hardware.accelerator", "parallel.strategy", "precision.mode", "quant.method", "adapter.method",
+                "model.arch", "model.init", "data.source", "optim.name", "task.name", "monitor.wandb.mode",
+                "plan.mode"):
+        p += choice_problems(cfg, key)
 
     if hw.gpu is not None and hw.gpu not in gpu_catalog:
         p.append(f"hardware.gpu={hw.gpu}: not in the GPU catalog; known: {', '.join(sorted(gpu_catalog))}")
@@ -471,11 +469,8 @@ def inference_problems(cfg: Any) -> list[str]:
             p.append(f"{key}={value}: must be in (0, 1]")
     if not 0 <= srv.port <= 65535:
         p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
-    choices = {"serve.engine": (srv.engine, SERVE_ENGINES), "generate.show_thinking": (gen.show_thinking,
-               THINKING_DISPLAY), "generate.static_cache": (str(gen.static_cache).lower(), ("auto", "true", "false"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    for key in ("serve.engine", "generate.show_thinking", "generate.static_cache"):
+        p += choice_problems(cfg, key)
     if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
         p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
                  f"{', '.join(QUANT_METHODS)}")
@@ -484,7 +479,19 @@ def inference_problems(cfg: Any) -> list[str]:
     return p
 
 
-TRAIN_ON = ("assistant", "all")
+def choice_problems(cfg: Any, key: str) -> list[str]:
+    """`key`'s value against its registry (or VALUES): one problem naming the choices, or none."""
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if key == "generate.static_cache":  # a YAML true is a bool
+        value = str(value).lower()
+    allowed = list(REGISTRIES[key] if key in REGISTRIES else VALUES[key])
+    if value in allowed:
+        return []
+    return [f"{key}={value}: unknown; choose one of {', '.join(allowed)}"]
+
+
 DEFAULT_MAX_STEPS = 150  # the run's length when neither train.max_steps nor train.epochs is set
 
 
@@ -497,8 +504,7 @@ def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
     for key, value in (("train.max_steps", tr.max_steps), ("train.epochs", tr.epochs)):
         if value is not None and value < 1:
             p.append(f"{key}={value}: must be >= 1")
-    if data.train_on not in TRAIN_ON:
-        p.append(f"data.train_on={data.train_on}: unknown; choose one of {', '.join(TRAIN_ON)}")
+    p += choice_problems(cfg, "data.train_on")
     if data.eval_split is not None and not 0 < data.eval_split < 1:
         p.append(f"data.eval_split={data.eval_split}: the fraction of records held out must be between 0 and 1 "
                  "(exclusive), e.g. data.eval_split=0.05")
@@ -602,12 +608,16 @@ def value_problems(cfg: Any) -> list[str]:
     return p
 
 
+def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{group.key: (selector, the options that read it)} from each registry entry's `reads`."""
+    keys = {key for keys in reads.values() for key in keys}
+    return {f"{group}.{key}": (selector, tuple(n for n, r in reads.items() if key in r)) for key in sorted(keys)}
+
+
 # Keys only some options of a group read: set on the command line under another option, they would be ignored.
-READ_ONLY_BY = {"optim.momentum": ("optim.name", ("sgd",)), "optim.betas": ("optim.name", ("adamw",)),
-                "optim.eps": ("optim.name", ("adamw",)),
-                "optim.min_lr_ratio": ("optim.schedule", ("cosine", "linear", "wsd")),
-                "optim.decay_fraction": ("optim.schedule", ("wsd",)),
-                "data.path": ("data.source", ("jsonl",))}
+READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
+                **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
+                "optim.min_lr_ratio": ("optim.schedule", DECAYING), "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

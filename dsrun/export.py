@@ -12,14 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
 from dsrun.model import merged_model
 
 
 def export(run_dir: Path, out_dir: Path) -> Path:
     from transformers import GenerationConfig
-
-    from dsrun.data import load_tokenizer  # (torch) only when exporting
 
     run_dir, out_dir = run_dir.expanduser().resolve(), out_dir.expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -11,7 +11,7 @@ from dsrun.checkpoint import last_checkpoint_note
 from dsrun.errors import UserError
 from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
 from dsrun.parallelize import decoder_blocks
-from dsrun.quantize import quantize_linears
+from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.safe_read import check_safetensors, read_json_object
 
 
@@ -54,7 +54,7 @@ def _weights_source(model_cfg: Any) -> str:
                             "*.safetensors")
         if not (folder / "config.json").is_file():
             raise UserError(f"model.path={folder}: no config.json in it; is this a Hugging Face model folder?")
-            fix = "restore it from the model's source (it describes the architecture)"
+        fix = "restore it from the model's source (it describes the architecture)"
         if "model_type" not in read_json_object(folder / "config.json", fix):
             raise UserError(f"{folder / 'config.json'}: no model_type in it; {fix}")
         return str(folder)
@@ -78,7 +78,7 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
         if model_cfg.path:
-                check_safetensors(Path(source))
+            check_safetensors(Path(source))
         extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
             if quantized else {}
         model = AutoModelForCausalLM.from_pretrained(
@@ -202,17 +202,6 @@ def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype:
     return model
 
 
-def bnb_config(quant_cfg: Any, compute_dtype: torch.dtype) -> Any:
-    """transformers' bitsandbytes settings for loading real weights: the same layers dsrun's own quantization
-    makes (quantize.quantize_linears), quantized as each weight is loaded."""
-    from transformers import BitsAndBytesConfig
-
-    if quant_cfg.method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_use_double_quant=quant_cfg.double_quant)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """A quantized base is frozen: only adapters added afterwards train."""
     for param in model.parameters():
@@ -233,25 +222,6 @@ def weight_dtype(precision_mode: str, frozen: bool = False) -> torch.dtype:
     if frozen:
         return FROZEN_DTYPE.get(precision_mode, torch.float32)
     return torch.bfloat16 if precision_mode == "bf16-true" else torch.float32
-
-
-def add_adapters(model: torch.nn.Module, adapter_cfg: Any) -> torch.nn.Module:
-    if adapter_cfg.method == "none":
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = list(adapter_cfg.target_modules)
-    if targets != ["all-linear"]:
-        head = model.get_output_embeddings()
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and m is not head})
-        if missing := [t for t in targets if t not in names]:
-            raise UserError(f"adapter.target_modules: {', '.join(missing)} not in this model; its linear layers are "
-                            f"{', '.join(names)} (or all-linear)")
-    lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
-                      target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
-    # adapter weights (and so their optimizer states) in fp32 over a 16-bit frozen base
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
 
 
 def numel(p: torch.Tensor) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dsrun.errors import UserError
+from dsrun.sources import check_data_file  # reads the first bytes too: compressed and special files are named
 from dsrun.task_table import RUNNABLE_TASKS
 
 TOKENIZER_CHOICES = ("deepseek", "model")  # model.tokenizer values that are not a folder
@@ -30,8 +31,6 @@ def missing_paths(cfg: Any) -> list[str]:
 
 
 def _file_problem(path: str, key: str) -> list[str]:
-    from dsrun.data import check_data_file  # reads the first bytes too: compressed and special files are named
-
     try:
         check_data_file(Path(path).expanduser(), key)
     except UserError as exc:

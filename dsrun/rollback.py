@@ -17,6 +17,7 @@ import yaml
 
 from dsrun.constants import CONF_DIR
 from dsrun.errors import UserError
+from dsrun.ledger import latest_good, ledger_path
 from dsrun.safe_read import read_yaml_mapping
 
 SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
@@ -89,8 +90,6 @@ def chosen_micro_batch(run: Path) -> list[str]:
 
 def rollback_argv(args: list[str]) -> list[str]:
     """`dsrun rollback [overrides]`: replay the newest run a smoke check marked good."""
-    from dsrun.ledger import latest_good, ledger_path
-
     good = latest_good()
     if good is None:
         raise UserError(f"no run is marked good in the ledger {ledger_path()}; a passing `python -m dsrun "

@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dsrun", "errors", "constants", "task_table"]),
     ("tools", ["hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
                "allreduce", "chat", "loss", "packing", "activation_offload", "profiling", "ledger", "report"]),
-    ("components", ["parallelize", "quantize", "strategy", "optim", "data", "model", "lora_folder", "checkpoint",
-                    "evaluate", "monitor/"]),
+    ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "model",
+                    "lora_folder", "checkpoint", "evaluate", "monitor/"]),
     ("schema", ["config"]),
     ("planner", ["plan/"]),
     ("work", ["train", "export", "inference/", "doctor", "doctor_checks", "doctor_probe", "resolve", "batch_size",
@@ -188,3 +188,26 @@ def test_the_low_modules_load_without_torch(module):
     code = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_each_option_group_is_one_registry_that_validate_and_the_reference_read():
+    """The allowed names of every option group are its builder's table: validate() refuses anything else, and the
+    configuration reference lists exactly those names (no second list of them lives in config.py)."""
+    from omegaconf import OmegaConf
+
+    from dsrun.config import REGISTRIES, RunConfig, choice_problems
+
+    reference = (REPO / "docs" / "configuration.md").read_text()
+    config_source = (REPO / "dsrun" / "config.py").read_text()
+    for key, table in REGISTRIES.items():
+        row = next(line for line in reference.splitlines() if line.startswith("|") and f"`{key}`" in line)
+        named = set(re.findall(r"`([\w.-]+)`", row.split("|")[2]))
+        assert set(table) <= named, (key, set(table) - named)
+        cfg = OmegaConf.structured(RunConfig)
+        for name in table:  # every registry name is valid, and one outside it is refused naming them all
+            OmegaConf.update(cfg, key, name, force_add=True)
+            assert choice_problems(cfg, key) == []
+        OmegaConf.update(cfg, key, "no_such_option", force_add=True)
+        assert choice_problems(cfg, key) == [f"{key}=no_such_option: unknown; choose one of {', '.join(table)}"]
+        quoted = ", ".join(f'"{name}"' for name in table)
+        assert quoted not in config_source, f"config.py spells {key}'s names again"

@@ -18,7 +18,7 @@ from dsrun.errors import UserError
 from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
 from dsrun.model import architecture, build_model, freeze, merged_model
 from dsrun.parallelize import decoder_blocks
-from dsrun.quantize import quantize_linears
+from dsrun.quantize import bnb_config, quantize_linears
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 COMPUTE_DTYPE = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
@@ -129,15 +129,6 @@ def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> 
         raise UserError(f"task.source={run}: model/ holds neither full weights (config.json) nor a LoRA adapter "
                         "(adapter_config.json); the run did not save its weights")
     return _from_folder(weights, cfg, dtype, device), model_cfg, "run"
-
-
-def bnb_config(quant_cfg: Any, dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quant_cfg.method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def max_memory(cfg: Any) -> dict[Any, str]:
