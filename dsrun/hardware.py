@@ -7,9 +7,12 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from dsrun.config import HardwareConfig
 
 CATALOG_PATH = Path(__file__).with_name("gpus.yaml")
 
@@ -85,7 +88,7 @@ def measured_links(hardware_cfg: Any) -> dict[str, dict[str, Any]]:
             if isinstance(entry, dict) and entry.get("device") == device and entry.get("bus_bandwidth_gbs")}
 
 
-def emulate_memory(hardware_cfg: Any, device: Any) -> float | None:
+def emulate_memory(hardware_cfg: HardwareConfig, device: Any) -> float | None:
     """Cap what this process may allocate: hardware.memory_cap_gib, or under hardware.emulate the profile's VRAM
     (a 4060 recipe proven on an H100). GPU: the caching allocator's fraction of the card. CPU: the heap may grow
     by the cap from here (RLIMIT_DATA), so a too-large step fails as an allocation, not by the kernel's OOM killer."""

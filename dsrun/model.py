@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,8 +14,11 @@ from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.safe_read import check_safetensors, read_json_object
 
+if TYPE_CHECKING:
+    from dsrun.config import ModelConfig, QuantConfig
 
-def architecture(model_cfg: Any):
+
+def architecture(model_cfg: ModelConfig) -> Any:
     """The transformers config of a model option, offline: from its fields, or the config.json of its weights."""
     from omegaconf import OmegaConf
     from transformers import AutoConfig
@@ -61,8 +64,9 @@ def _weights_source(model_cfg: Any) -> str:
     return model_cfg.hub_id
 
 
-def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = torch.float32, quant_cfg: Any = None,
-                compute_dtype: torch.dtype = torch.float32, device: Any = None) -> torch.nn.Module:
+def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dtype = torch.float32,
+                quant_cfg: QuantConfig | None = None, compute_dtype: torch.dtype = torch.float32,
+                device: Any = None) -> torch.nn.Module:
     """The causal LM of `config` (from architecture()): random weights (seeded, identical on every rank) or the
     real ones from safetensors, created in `dtype`, the dtype its weights train in (weight_dtype()).
 
@@ -180,7 +184,7 @@ def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any =
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype: torch.dtype,
+def materialize_quantized(model: torch.nn.Module, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
                           device: torch.device) -> torch.nn.Module:
     """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
     head, norms and rotary buffers first, then each decoder block, quantized before the next one is created, so
