@@ -1,6 +1,6 @@
 """What is in GPU memory at a dsrun run's peak: runs dsrun in this process with torch's allocator history on, then
 replays the trace and prints the blocks alive at the peak of allocated memory, grouped by where they were allocated.
-Used to check the planner's components (dsrun/plan.py) against a real step.
+Used to check the planner's components (dsrun/plan/memory.py) against a real step.
 
     python bench/memory_snapshot.py NAME [dsrun overrides...]     # writes $OUT/NAME.txt (and prints it)
 """

@@ -84,7 +84,8 @@ def _worker(rank: int, ranks: int, backend: str, port: int, message_sizes: list[
         rows = measure(message_sizes, iterations, device)
         if rank == 0:
             Path(out).write_text(json.dumps(rows))
-        dist.barrier()  # without it a rank can leave while another still tears down (PITFALLS: TP on CPU)
+        dist.barrier()  # without it a rank can leave while another still tears down (one rank aborted:
+        # "terminate called without an active exception")
     finally:
         dist.destroy_process_group()
 

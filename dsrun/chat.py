@@ -27,6 +27,8 @@ ROLES = ("system", "user", "assistant")
 # private-use code points: no real text holds them, and no template rewrites them (it has no `</think>`)
 PLACEHOLDER = "\ue000dsrun trained turn {}\ue001"
 
+TRAIN_ON = ("assistant", "all")  # data.train_on: the assistant's replies only, or every token
+
 
 def r1_template() -> str:
     return R1_TEMPLATE.read_text(encoding="utf-8")

@@ -18,19 +18,24 @@ from typing import Any, Callable
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dsrun.batch_size import chosen_micro_batch
-from dsrun.config import ignored_overrides, register_configs, resolve, validate
+from dsrun.config import RunConfig, ignored_overrides, register_configs, validate
+from dsrun.constants import CONF_DIR
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
+from dsrun.hardware import gpu_catalog
 from dsrun.help import unknown_verb, usage
 from dsrun.keys import added_key_problems, plus_hint
 from dsrun.paths import missing_paths
 from dsrun.quiet import install as quiet_logging
 from dsrun.quiet import quiet_environment, take_verbose_flag
-from dsrun.rollback import refuse_group_overrides, snapshot_of
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from dsrun.resolve import resolve
+from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
+from dsrun.run_folder import claim
+from dsrun.runs import rank_zero, run_dir
+from dsrun.scratch import discard_scratch_folder
+from dsrun.task_table import TASKS
 
 
 def fail(message: str) -> None:
@@ -68,10 +73,6 @@ def one_line(exc: BaseException) -> str:
 
 def _known_keys(dotted: str) -> list[str]:
     """Field names of the schema node at `dotted` (e.g. 'train'), for did-you-mean hints."""
-    from omegaconf import OmegaConf
-
-    from dsrun.config import RunConfig
-
     node = OmegaConf.structured(RunConfig)
     for part in filter(None, dotted.split(".")):
         node = node[part]
@@ -104,11 +105,6 @@ def precheck(argv: list[str]) -> list[str]:
     """Compose, resolve and validate every job before Hydra runs anything; then claim the run folder. Returns the
     Hydra overrides the claim adds (dsrun/run_folder.py)."""
     from hydra._internal.utils import get_args_parser
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dsrun.config import RunConfig
-    from dsrun.hardware import gpu_catalog
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
@@ -146,9 +142,6 @@ def precheck(argv: list[str]) -> list[str]:
 
 def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictConfig]) -> list[str]:
     """Rank 0 of a single run into an explicit folder locks it and checks it may write there."""
-    from dsrun.run_folder import claim
-    from dsrun.runs import rank_zero
-
     folders = [o.split("=", 1)[1].strip("'\"") for o in args.overrides if o.startswith("hydra.run.dir=")]
     if args.multirun or not folders or "${" in folders[-1] or not rank_zero():
         return []
@@ -197,8 +190,7 @@ def writable_example() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from dsrun.scratch import discard_scratch_folder
-    from dsrun.tasks import run_task
+    from dsrun.tasks import run_task  # the tasks' libraries load here, after the pre-check has passed
 
     quiet_logging()  # after the imports: Lightning adds its console handler as it loads
     try:
@@ -215,8 +207,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def stopped(exc: Interrupted) -> None:
     """A signal outside the training loop (which handles its own): one line saying what is on disk, the shell's exit
     status for the signal."""
-    from dsrun.checkpoint import last_checkpoint_note
-    from dsrun.runs import run_dir
+    from dsrun.checkpoint import last_checkpoint_note  # (torch) only when a signal arrives
 
     print(f"dsrun: stopped by {exc.name} outside the training steps (start-up or the final save); "
           f"{last_checkpoint_note(run_dir())}", file=sys.stderr)
@@ -274,8 +265,6 @@ def main() -> None:
     argv = sys.argv[1:]
     verbs = [*VERBS, *COMMANDS]
     if argv and argv[0] in ("--help", "-h"):  # dsrun's verbs and tasks, then Hydra's groups and keys
-        from dsrun.config import TASKS
-
         print(usage(verbs, TASKS), end="")
     elif argv and (problem := unknown_verb(argv[0], verbs)):
         fail(problem)

@@ -13,7 +13,16 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from dsrun.adapters import ADAPTERS
+from dsrun.batch import auto_problem, global_batch_problem
+from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
+from dsrun.optim import OPTIMIZERS
+from dsrun.quantize import QUANT_METHODS
+from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
+from dsrun.sources import SOURCES
+from dsrun.strategy import FABRIC_PRECISION, STRATEGIES
+from dsrun.task_table import INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
 class HardwareConfig:
@@ -47,7 +56,8 @@ class ParallelConfig:
 class PrecisionConfig:
     name: str = "fp32"
     mode: str = "32-true"  # auto | 32-true | 16-mixed | bf16-mixed | bf16-true | fp8
-    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16 wants 0.5: seed 002)
+    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16: 0.5, a tighter
+    # bound while the loss scale is still settling)
 
 
 @dataclass
@@ -114,7 +124,8 @@ class OptimConfig:
     warmup_steps: Optional[int] = None  # null: 10, or a tenth of a shorter run (dsrun/schedule.py)
     min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
     grad_clip: Optional[float] = None  # null: the precision's default; 0 turns clipping off
-    scale_lr_with_data_parallel: bool = False  # seed 002: lr x data-parallel size
+    scale_lr_with_data_parallel: bool = False  # lr x data-parallel size (the linear scaling rule for a
+    # global batch that grows with the processes)
     schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
     decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
 
@@ -151,7 +162,7 @@ class TaskConfig:
 
 @dataclass
 class PlanConfig:
-    """task=plan: what to plan and the prices it costs with (dsrun/plan.py, docs/planner.md)."""
+    """task=plan: what to plan and the prices it costs with (dsrun/plan/, docs/planner.md)."""
     mode: str = "train"  # train | inference
     context: int = 4096  # inference: tokens per sequence the KV cache holds (prompt + output)
     batch: int = 1  # inference: sequences decoded together
@@ -159,7 +170,8 @@ class PlanConfig:
     electricity_usd_per_kwh: float = 0.15
     lifetime_years: float = 3.0  # hardware amortised over this many years of continuous use
     gpu_price_usd: Optional[float] = None  # null: the catalog's indicative price
-    network_gbps: Optional[float] = None  # between nodes; null: 2.5 for ethernet (seed 000), 400 for infiniband
+    network_gbps: Optional[float] = None  # between nodes; null: 2.5 for ethernet (a consumer 2.5 GbE switch), 400 for
+    # infiniband (one NDR port per GPU)
     host_ram_gib: Optional[float] = None  # per node, checked for offload plans; null: not checked
     mfu: Optional[float] = None  # null: the planner's assumption for the GPU class
 
@@ -279,17 +291,16 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation: one function, every problem at once.
 
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed", "tp")
-PRECISION_MODES = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "fp8")
-QUANT_METHODS = ("none", "int8", "nf4")
-ADAPTERS = ("none", "lora")
-ARCHS = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
-DATA_SOURCES = ("reasoning", "jsonl", "synthetic_tokens")
-TASKS = ("train", "dry_run", "plan", "smoke", "generate", "serve", "bench_infer", "doctor")
-RUNNABLE_TASKS = ("train", "smoke")
-INFERENCE_TASKS = ("generate", "serve", "bench_infer")  # load weights, train nothing (dsrun/inference/)
-SERVE_ENGINES = ("transformers", "vllm")
-THINKING_DISPLAY = ("dim", "show", "hide")
+# An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
+# is its YAML and one entry there. The keys below have no builder of their own, only these values.
+VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
+          "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
+          "plan.mode": ("train", "inference"), "serve.engine": ("transformers", "vllm"),
+          "generate.show_thinking": ("dim", "show", "hide"), "generate.static_cache": ("auto", "true", "false"),
+          "data.train_on": TRAIN_ON}
+REGISTRIES = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
+              "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
+              "optim.schedule": SCHEDULES, "task.name": TASKS}
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
 PENDING: dict[tuple[str, str], str] = {}
@@ -309,8 +320,6 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     p: list[str] = []
     hw, par, prec, tr = cfg.hardware, cfg.parallel, cfg.precision, cfg.train
 
-    from dsrun.batch_size import auto_problem, global_batch_problem
-
     if problem := auto_problem(cfg):
         p.append(problem)
     _positive(p, cfg, ("train.accumulation", "train.seq_len",
@@ -319,8 +328,6 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                        "train.max_nonfinite_steps",
                        "plan.context", "plan.batch"))
     _positive(p, cfg, ("data.num_samples", "train.profile_steps"), allow_zero=True)
-    from dsrun.schedule import schedule_problems
-
     p += schedule_problems(cfg.optim, tr.max_steps)
     if tr.profile_steps > 0 and tr.max_steps is not None and tr.max_steps < tr.profile_steps + 2:
         p.append(f"train.profile_steps={tr.profile_steps}: needs train.max_steps >= {tr.profile_steps + 2} (one step "
@@ -341,23 +348,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be between 0 and 1")
 
-    choices = {
-        "hardware.accelerator": (hw.accelerator, ("cpu", "cuda")),
-        "parallel.strategy": (par.strategy, STRATEGIES),
-        "precision.mode": (prec.mode, PRECISION_MODES),
-        "quant.method": (cfg.quant.method, QUANT_METHODS),
-        "adapter.method": (cfg.adapter.method, ADAPTERS),
-        "model.arch": (cfg.model.arch, ARCHS),
-        "model.init": (cfg.model.init, ("random", "pretrained")),
-        "data.source": (cfg.data.source, DATA_SOURCES),
-        "optim.name": (cfg.optim.name, ("adamw", "sgd")),
-        "task.name": (cfg.task.name, TASKS),
-        "monitor.wandb.mode": (cfg.monitor.wandb.mode, ("offline", "online", "disabled")),
-        "plan.mode": (cfg.plan.mode, ("train", "inference")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    for key in ("hardware.accelerator", "parallel.strategy", "precision.mode", "quant.method", "adapter.method",
+                "model.arch", "model.init", "data.source", "optim.name", "task.name", "monitor.wandb.mode",
+                "plan.mode"):
+        p += choice_problems(cfg, key)
 
     if hw.gpu is not None and hw.gpu not in gpu_catalog:
         p.append(f"hardware.gpu={hw.gpu}: not in the GPU catalog; known: {', '.join(sorted(gpu_catalog))}")
@@ -446,7 +440,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     for (group, option), issue in PENDING.items():
         # plans and dry runs describe options that land later; only tasks that execute need the backend now
         describes = group in ("quant", "parallel", "precision") and cfg.task.name not in RUNNABLE_TASKS
-        if _selected(cfg, group, option) and not describes:
+        if selected(cfg, group, option) and not describes:
             p.append(f"{group}={option}: lands with {issue}; not available in this version")
 
     p += value_problems(cfg)
@@ -475,11 +469,8 @@ def inference_problems(cfg: Any) -> list[str]:
             p.append(f"{key}={value}: must be in (0, 1]")
     if not 0 <= srv.port <= 65535:
         p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
-    choices = {"serve.engine": (srv.engine, SERVE_ENGINES), "generate.show_thinking": (gen.show_thinking,
-               THINKING_DISPLAY), "generate.static_cache": (str(gen.static_cache).lower(), ("auto", "true", "false"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            p.append(f"{key}={value}: unknown; choose one of {', '.join(allowed)}")
+    for key in ("serve.engine", "generate.show_thinking", "generate.static_cache"):
+        p += choice_problems(cfg, key)
     if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
         p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
                  f"{', '.join(QUANT_METHODS)}")
@@ -488,7 +479,19 @@ def inference_problems(cfg: Any) -> list[str]:
     return p
 
 
-TRAIN_ON = ("assistant", "all")
+def choice_problems(cfg: Any, key: str) -> list[str]:
+    """`key`'s value against its registry (or VALUES): one problem naming the choices, or none."""
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    if key == "generate.static_cache":  # a YAML true is a bool
+        value = str(value).lower()
+    allowed = list(REGISTRIES[key] if key in REGISTRIES else VALUES[key])
+    if value in allowed:
+        return []
+    return [f"{key}={value}: unknown; choose one of {', '.join(allowed)}"]
+
+
 DEFAULT_MAX_STEPS = 150  # the run's length when neither train.max_steps nor train.epochs is set
 
 
@@ -501,8 +504,7 @@ def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
     for key, value in (("train.max_steps", tr.max_steps), ("train.epochs", tr.epochs)):
         if value is not None and value < 1:
             p.append(f"{key}={value}: must be >= 1")
-    if data.train_on not in TRAIN_ON:
-        p.append(f"data.train_on={data.train_on}: unknown; choose one of {', '.join(TRAIN_ON)}")
+    p += choice_problems(cfg, "data.train_on")
     if data.eval_split is not None and not 0 < data.eval_split < 1:
         p.append(f"data.eval_split={data.eval_split}: the fraction of records held out must be between 0 and 1 "
                  "(exclusive), e.g. data.eval_split=0.05")
@@ -519,7 +521,7 @@ def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
                  "data.eval_path")
 
 
-def _selected(cfg: Any, group: str, option: str) -> bool:
+def selected(cfg: Any, group: str, option: str) -> bool:
     if group == "monitor":
         return bool(cfg.monitor[option].enabled)
     if group == "parallel":
@@ -531,44 +533,6 @@ def _selected(cfg: Any, group: str, option: str) -> bool:
     if group == "task":
         return cfg.task.name == option
     raise KeyError(group)
-
-
-def resolve(cfg: Any) -> None:
-    """Fill the `auto` choices in place (hardware detection, precision, MoE kernels) so the run folder records
-    what really ran. Called once, before validate()."""
-    from dsrun.hardware import detect, gpu_catalog
-
-    finetune = cfg.model.finetune  # the model option's fine-tuning defaults, where the user set nothing
-    if cfg.train.lr is None:
-        cfg.train.lr = finetune.lora_lr if cfg.adapter.method != "none" else finetune.lr
-    if cfg.train.seq_len is None:
-        cfg.train.seq_len = finetune.seq_len
-    hw = cfg.hardware
-    if hw.accelerator == "auto":
-        found = detect()
-        hw.accelerator, hw.gpu = found["accelerator"], found["gpu"]
-        if hw.devices is None:  # "every GPU": a number the user gave is kept as given, 1 included
-            hw.devices = found["devices"]
-    if hw.devices is None:
-        raise ConfigError([f"hardware.devices=null means every GPU this machine has, which only hardware=auto "
-                           f"detects; give hardware={hw.name} a number of devices"])
-    if cfg.parallel.strategy == "auto":
-        many = hw.devices * hw.num_nodes > 1
-        cfg.parallel.strategy = cfg.parallel.name = "ddp" if many else "single"
-    if cfg.precision.mode == "auto":
-        gpu = gpu_catalog().get(hw.gpu or "", {})
-        cfg.precision.mode = "bf16-mixed" if hw.accelerator == "cuda" and gpu.get("bf16", True) else "32-true"
-    if cfg.model.experts_implementation is None:
-        # grouped_mm is bf16-only and CUDA-fast; eager runs everywhere (PITFALLS: DeepSeek MoE)
-        bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")
-        cfg.model.experts_implementation = "grouped_mm" if hw.accelerator == "cuda" and bf16 else "eager"
-    from dsrun.batch_size import AUTO, auto_problem, derive_accumulation, planned_micro_batch
-
-    if cfg.train.micro_batch == AUTO and auto_problem(cfg) is None:  # after parallel (data-parallel size)
-        cfg.train.micro_batch = planned_micro_batch(cfg)  # the probe before training may still change it
-    derive_accumulation(cfg)
-    if cfg.train.max_steps is None and cfg.train.epochs is None:
-        cfg.train.max_steps = DEFAULT_MAX_STEPS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,12 +608,17 @@ def value_problems(cfg: Any) -> list[str]:
     return p
 
 
+def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{group.key: (selector, the options that read it)} from each registry entry's `reads`."""
+    keys = {key for keys in reads.values() for key in keys}
+    return {f"{group}.{key}": (selector, tuple(n for n, r in reads.items() if key in r)) for key in sorted(keys)}
+
+
 # Keys only some options of a group read: set on the command line under another option, they would be ignored.
-READ_ONLY_BY = {"optim.momentum": ("optim.name", ("sgd",)), "optim.betas": ("optim.name", ("adamw",)),
-                "optim.eps": ("optim.name", ("adamw",)),
-                "optim.min_lr_ratio": ("optim.schedule", ("cosine", "linear", "wsd")),
-                "optim.decay_fraction": ("optim.schedule", ("wsd",)),
-                "data.path": ("data.source", ("jsonl",))}
+READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
+                **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
+                "optim.min_lr_ratio": ("optim.schedule", DECAYING),
+                "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

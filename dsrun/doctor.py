@@ -17,9 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from dsrun import allreduce, doctor_checks, doctor_probe
+from dsrun.batch import data_parallel_size
+from dsrun.errors import UserError
 from dsrun.hardware import match_gpu, measured_path
+from dsrun.plan import plan
+from dsrun.plan.memory import bytes_per_param
+from dsrun.plan.overrides import apply_overrides
 from dsrun.runs import rank_zero, write_json
-from dsrun.strategy import apply_environment, data_parallel_size
+from dsrun.strategy import apply_environment
 
 CPU_MAX_BYTES, GPU_MAX_BYTES = 4 * 2**20, 256 * 2**20
 COLOURS = {"ok": "green", "note": "cyan", "warn": "yellow", "fail": "red"}
@@ -92,11 +97,8 @@ def gradient_sync(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
     counts the parameters; not hidden under backward here, so an upper bound per optimizer step)."""
     if not result.get("bus_bandwidth_gbs"):
         return None
-    from dsrun.errors import UserError
-    from dsrun.plan import apply_overrides, bytes_per_param, plan
-
     try:  # counted as a CPU plan: the count does not depend on the card, which may be missing from the catalog
-        trainable = plan(apply_overrides(cfg, ["hardware.accelerator=cpu"]), suggest=False).parameters["trainable"]
+        trainable = plan(apply_overrides(cfg, ["hardware.accelerator=cpu"])).parameters["trainable"]
     except UserError:  # e.g. model.init=pretrained without a local config.json
         return None
     gradient_bytes = trainable * bytes_per_param(cfg)["gradients"]

@@ -7,9 +7,12 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from dsrun.config import HardwareConfig
 
 CATALOG_PATH = Path(__file__).with_name("gpus.yaml")
 
@@ -83,3 +86,25 @@ def measured_links(hardware_cfg: Any) -> dict[str, dict[str, Any]]:
     device = "cpu" if hardware_cfg.accelerator == "cpu" else hardware_cfg.gpu
     return {scope: entry for scope, entry in saved.items()
             if isinstance(entry, dict) and entry.get("device") == device and entry.get("bus_bandwidth_gbs")}
+
+
+def emulate_memory(hardware_cfg: HardwareConfig, device: Any) -> float | None:
+    """Cap what this process may allocate: hardware.memory_cap_gib, or under hardware.emulate the profile's VRAM
+    (a 4060 recipe proven on an H100). GPU: the caching allocator's fraction of the card. CPU: the heap may grow
+    by the cap from here (RLIMIT_DATA), so a too-large step fails as an allocation, not by the kernel's OOM killer."""
+    import resource
+
+    import torch
+
+    hw = hardware_cfg
+    cap_gib = hw.memory_cap_gib or (gpu_catalog()[hw.gpu]["vram_gib"] if hw.emulate and hw.gpu else None)
+    if cap_gib is None:
+        return None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
+    else:
+        in_use = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmData:"))
+        resource.setrlimit(resource.RLIMIT_DATA, (in_use + int(cap_gib * 2**30), resource.RLIM_INFINITY))
+    return cap_gib

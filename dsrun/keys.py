@@ -11,15 +11,15 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from dsrun.config import RunConfig
+
 FREE_FORM = ("model.fields", "hardware.env")  # dict nodes whose new keys code reads (HF config fields, env vars)
 
 
 def schema_keys() -> list[str]:
     """Every dotted key of the schema (leaves and free-form nodes)."""
-    from omegaconf import OmegaConf
-
-    from dsrun.config import RunConfig
-
     def walk(node: Any, prefix: str) -> Any:
         for key in node.keys():
             dotted = f"{prefix}{key}"

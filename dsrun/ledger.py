@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsrun.errors import Interrupted, TrainingDiverged, UserError
-from dsrun.runs import rank_zero
+from dsrun.quiet import console
+from dsrun.runs import git_commit, rank_zero, write_json
 
 BUSY_TIMEOUT_S = 60.0
 SCHEMA = """
@@ -125,8 +126,6 @@ def _git_commit(run_dir: Path) -> str | None:
     try:  # the snapshot already asked git; a run that died before its snapshot asks again
         return json.loads((run_dir / "env.json").read_text())["git_commit"]
     except (OSError, ValueError, KeyError):
-        from dsrun.runs import git_commit
-
         return git_commit()
 
 
@@ -158,8 +157,6 @@ def record_run(run_dir: Path, summary: dict[str, Any], cfg: Any, *, good: bool =
     if row_id is not None:
         record["id"] = row_id
     if Path(run_dir).is_dir():
-        from dsrun.runs import write_json
-
         write_json(Path(run_dir) / "record.json", {**record, "overrides": json.loads(record["overrides"])})
     return record
 
@@ -169,8 +166,6 @@ def amend_status(record: dict[str, Any], status: str) -> None:
     record["status"] = status
     if "id" in record:
         _write("UPDATE runs SET status = ? WHERE id = ?", [status, record["id"]])
-    from dsrun.runs import write_json
-
     write_json(Path(record["run_dir"]) / "record.json", record)
 
 
@@ -256,8 +251,6 @@ def latest_good() -> dict[str, Any] | None:
 def runs_command(args: list[str]) -> None:
     """`dsrun runs [--status X] [--limit N]`: the ledger as a table, newest first."""
     from rich.table import Table
-
-    from dsrun.quiet import console
 
     parser = _Parser(prog="dsrun runs", description="List recorded runs, newest first.")
     parser.add_argument("--status", help="completed, interrupted, oom, nan, refused, crashed or skipped")

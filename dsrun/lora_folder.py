@@ -1,5 +1,6 @@
 """A LoRA run's `model/` folder (the adapter, the tokenizer) as `model.init=pretrained model.path=<run>/model`:
-the base is rebuilt as training built it (dsrun.export.merged_model) and the adapter merged into it.
+the base is rebuilt as training built it (dsrun.model.merged_model) and the adapter merged into it. This module
+only reads the folder; dsrun/model.py builds from it.
 
 Where the base comes from: `base_model_name_or_path` in adapter_config.json, an absolute folder for a pretrained
 base (a relative one is read relative to the adapter folder); absent for a random-init base, which the run's
@@ -44,25 +45,6 @@ def run_snapshot(folder: Path) -> Any:
     if snap.model.init == "pretrained":
         snap.model.path = base_path(folder) or snap.model.path
     return snap
-
-
-def base_architecture(folder: Path) -> Any:
-    from dsrun.model import architecture
-
-    return architecture(run_snapshot(folder).model)
-
-
-def merged(folder: Path, dtype: Any, quant_cfg: Any) -> Any:
-    """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
-    from dsrun.export import merged_model
-
-    if quant_cfg is not None and quant_cfg.method != "none":
-        raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
-                        f"bits; `dsrun export {folder.parent} OUT` first, then model.path=OUT quant={quant_cfg.name}")
-    model, _ = merged_model(folder.resolve().parent, dtype=dtype, snap=run_snapshot(folder))
-    for parameter in model.parameters():  # peft loads the adapter for inference (frozen): this is a model to train
-        parameter.requires_grad_(True)
-    return model
 
 
 def absolute_base(model: Any) -> None:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsrun.checkpoint import last_checkpoint_note
 from dsrun.errors import UserError
-from dsrun.lora_folder import absolute_base, base_architecture, is_adapter_folder, merged
+from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
+from dsrun.parallelize import decoder_blocks
+from dsrun.quantize import bnb_config, quantize_linears
+from dsrun.safe_read import check_safetensors, read_json_object
+
+if TYPE_CHECKING:
+    from dsrun.config import ModelConfig, QuantConfig
 
 
-def architecture(model_cfg: Any):
+def architecture(model_cfg: ModelConfig) -> Any:
     """The transformers config of a model option, offline: from its fields, or the config.json of its weights."""
     from omegaconf import OmegaConf
     from transformers import AutoConfig
@@ -50,8 +57,6 @@ def _weights_source(model_cfg: Any) -> str:
                             "*.safetensors")
         if not (folder / "config.json").is_file():
             raise UserError(f"model.path={folder}: no config.json in it; is this a Hugging Face model folder?")
-        from dsrun.safe_read import read_json_object
-
         fix = "restore it from the model's source (it describes the architecture)"
         if "model_type" not in read_json_object(folder / "config.json", fix):
             raise UserError(f"{folder / 'config.json'}: no model_type in it; {fix}")
@@ -59,8 +64,9 @@ def _weights_source(model_cfg: Any) -> str:
     return model_cfg.hub_id
 
 
-def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = torch.float32, quant_cfg: Any = None,
-                compute_dtype: torch.dtype = torch.float32, device: Any = None) -> torch.nn.Module:
+def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dtype = torch.float32,
+                quant_cfg: QuantConfig | None = None, compute_dtype: torch.dtype = torch.float32,
+                device: Any = None) -> torch.nn.Module:
     """The causal LM of `config` (from architecture()): random weights (seeded, identical on every rank) or the
     real ones from safetensors, created in `dtype`, the dtype its weights train in (weight_dtype()).
 
@@ -76,8 +82,6 @@ def build_model(model_cfg: Any, config: Any, seed: int, dtype: torch.dtype = tor
         if model_cfg.path and not any(Path(source).glob("*.safetensors")):
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
         if model_cfg.path:
-            from dsrun.safe_read import check_safetensors
-
             check_safetensors(Path(source))
         extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
             if quantized else {}
@@ -101,14 +105,90 @@ def build_run_model(cfg: Any, config: Any, device: Any) -> torch.nn.Module:
                        compute_dtype=weight_dtype(mode, frozen=True), device=device)
 
 
-def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype: torch.dtype,
+# ---------------------------------------------------------------------------------------------------------------
+# A run's model/ folder: full weights, or a LoRA adapter merged into the base rebuilt as the run built it.
+
+def base_architecture(folder: Path) -> Any:
+    return architecture(run_snapshot(folder).model)
+
+
+def merged(folder: Path, dtype: Any, quant_cfg: Any) -> Any:
+    """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
+    if quant_cfg is not None and quant_cfg.method != "none":
+        raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
+                        f"bits; `dsrun export {folder.parent} OUT` first, then model.path=OUT quant={quant_cfg.name}")
+    model, _ = merged_model(folder.resolve().parent, dtype=dtype, snap=run_snapshot(folder))
+    for parameter in model.parameters():  # peft loads the adapter for inference (frozen): this is a model to train
+        parameter.requires_grad_(True)
+    return model
+
+
+def read_run(run_dir: Path) -> Any:
+    """The run's resolved config; a folder that is not a finished run is one line."""
+    from omegaconf import OmegaConf
+
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml); pass a folder `python -m dsrun` wrote")
+    if not (run_dir / "model").is_dir():
+        raise UserError(f"{run_dir}: the run saved no final weights (no model/); finish it with "
+                        f"`dsrun resume {run_dir}`, then export")
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every bitsandbytes layer back to a plain nn.Linear holding its dequantized weight: the weight the
+    adapters were trained against."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                continue
+            state = getattr(child.weight, "quant_state", None) or getattr(child, "state", None)
+            weight = dequantize_bnb_weight(child.weight, state=state).to(dtype)
+            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                     device=weight.device, dtype=dtype)
+            linear.weight.data.copy_(weight)
+            if child.bias is not None:
+                linear.bias.data.copy_(child.bias.data.to(dtype))
+            setattr(parent, name, linear)
+    return model
+
+
+def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The run's final model in `dtype` with any LoRA adapter merged, and the run's config (`snap`: that config
+    with its base path made absolute, dsrun/lora_folder.py). The base is rebuilt as training built it (same seed,
+    dtype, device type and, for a quantized base, the same block-by-block creation), so random-init runs load too."""
+    from transformers import AutoModelForCausalLM
+
+    snap = snap if snap is not None and (run_dir / "model").is_dir() else read_run(run_dir)
+    weights = run_dir / "model"
+    if not (weights / "adapter_config.json").is_file():
+        try:
+            return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, use_safetensors=True), snap
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{weights}: cannot load the run's weights: {str(exc).splitlines()[0]}") from None
+    from peft import PeftModel
+
+    device = torch.device("cuda" if snap.hardware.accelerator == "cuda" else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available() and snap.model.init == "random":
+        raise UserError(f"{run_dir}: a LoRA adapter over a random-init base built on a GPU; that base is rebuilt "
+                        "from the same random numbers only on a GPU: run this on a GPU machine")
+    snap.model.experts_implementation = "eager" if device.type == "cpu" else snap.model.experts_implementation
+    with torch.device(device):  # where training created the base: random init draws from that device's generator
+        base = build_run_model(snap, architecture(snap.model), device)
+    merged = PeftModel.from_pretrained(dequantize(base, dtype).to(dtype), weights).merge_and_unload()
+    return merged.to(dtype), snap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def materialize_quantized(model: torch.nn.Module, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
                           device: torch.device) -> torch.nn.Module:
     """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
     head, norms and rotary buffers first, then each decoder block, quantized before the next one is created, so
     the device holds at most one block in 16 bits."""
-    from dsrun.parallelize import decoder_blocks
-    from dsrun.quantize import quantize_linears
-
     blocks = decoder_blocks(model)
     inside = {id(m) for block in blocks for m in block.modules()}
     outside = [m for m in model.modules() if id(m) not in inside]
@@ -124,17 +204,6 @@ def materialize_quantized(model: torch.nn.Module, quant_cfg: Any, compute_dtype:
                 model._init_weights(module)
             quantize_linears(block, quant_cfg, compute_dtype)
     return model
-
-
-def bnb_config(quant_cfg: Any, compute_dtype: torch.dtype) -> Any:
-    """transformers' bitsandbytes settings for loading real weights: the same layers dsrun's own quantization
-    makes (quantize.quantize_linears), quantized as each weight is loaded."""
-    from transformers import BitsAndBytesConfig
-
-    if quant_cfg.method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                                  bnb_4bit_use_double_quant=quant_cfg.double_quant)
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -157,25 +226,6 @@ def weight_dtype(precision_mode: str, frozen: bool = False) -> torch.dtype:
     if frozen:
         return FROZEN_DTYPE.get(precision_mode, torch.float32)
     return torch.bfloat16 if precision_mode == "bf16-true" else torch.float32
-
-
-def add_adapters(model: torch.nn.Module, adapter_cfg: Any) -> torch.nn.Module:
-    if adapter_cfg.method == "none":
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = list(adapter_cfg.target_modules)
-    if targets != ["all-linear"]:
-        head = model.get_output_embeddings()
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and m is not head})
-        if missing := [t for t in targets if t not in names]:
-            raise UserError(f"adapter.target_modules: {', '.join(missing)} not in this model; its linear layers are "
-                            f"{', '.join(names)} (or all-linear)")
-    lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
-                      target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
-    # adapter weights (and so their optimizer states) in fp32 over a 16-bit frozen base
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
 
 
 def numel(p: torch.Tensor) -> int:
@@ -219,8 +269,6 @@ def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
     from safetensors import SafetensorError
-
-    from dsrun.checkpoint import last_checkpoint_note
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

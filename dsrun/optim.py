@@ -1,15 +1,44 @@
-"""Optimizer from the `optim` group (its learning-rate schedule: dsrun/schedule.py)."""
+"""The optimizer registry (the `optim` group; its learning-rate schedule: dsrun/schedule.py).
+
+Adding an optimizer: conf/optim/<name>.yaml and one entry in OPTIMIZERS (its builder, and the optim.* keys only it
+reads, so the pre-check refuses them under another optimizer instead of ignoring them).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from dsrun.config import OptimConfig
 
 
-def build_optimizer(optim_cfg: Any, params: list[torch.nn.Parameter], lr: float, fused: bool) -> torch.optim.Optimizer:
-    if optim_cfg.name == "sgd":
-        # exact gradient-parity tests use it: AdamW turns float noise in near-zero gradients into full-size steps
-        return torch.optim.SGD(params, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, fused=fused)
+@dataclass(frozen=True)
+class Optimizer:
+    build: Callable[..., Any]  # (optim config, params, lr, fused) -> torch.optim.Optimizer
+    reads: tuple[str, ...] = ()  # optim.* keys only this optimizer reads
+
+
+def _sgd(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused: bool) -> torch.optim.Optimizer:
+    import torch
+
+    # exact gradient-parity tests use it: AdamW turns float noise in near-zero gradients into full-size steps
+    return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+
+def _adamw(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused: bool) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=fused)
+
+
+OPTIMIZERS: dict[str, Optimizer] = {"adamw": Optimizer(_adamw, reads=("betas", "eps")),
+                                    "sgd": Optimizer(_sgd, reads=("momentum",))}
+
+
+def build_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], *, lr: float,
+                    fused: bool) -> torch.optim.Optimizer:
+    return OPTIMIZERS[optim.name].build(optim, params, lr, fused)

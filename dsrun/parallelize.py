@@ -4,12 +4,15 @@ memory) -> per-block compile -> FSDP2 (blocks, then root)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dsrun.activation_offload import offload_checkpointing
+
+if TYPE_CHECKING:
+    from dsrun.config import ParallelConfig, PrecisionConfig
 
 LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -22,25 +25,26 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def parallelize(model: nn.Module, cfg: Any, mesh: Any = None) -> nn.Module:
+def parallelize(model: nn.Module, *, parallel: ParallelConfig, precision: PrecisionConfig, compile: bool,
+                mesh: Any = None) -> nn.Module:
     """mesh is Fabric's ("data_parallel", "tensor_parallel") DeviceMesh for fsdp/tp, None for single/ddp."""
-    par = cfg.parallel
-    if cfg.precision.mode == "fp8":
+    par = parallel
+    if precision.mode == "fp8":
         apply_float8(model)
     if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
     blocks = decoder_blocks(model)
     offload = par.activation_checkpointing and par.offload_activations
     if offload:  # compiles the block inside the checkpoint: the offloading wrapper stays eager
-        offload_checkpointing(blocks, compile=cfg.train.compile)
+        offload_checkpointing(blocks, compile=compile)
     elif par.activation_checkpointing:
         apply_activation_checkpointing(model, blocks)
         blocks = decoder_blocks(model)
-    if cfg.train.compile and not offload:
+    if compile and not offload:
         for block in blocks:
             block.compile()
     if mesh is not None:
-        apply_fsdp(model, blocks, mesh["data_parallel"], cfg)
+        apply_fsdp(model, blocks, mesh["data_parallel"], parallel=parallel, precision=precision)
     return model
 
 
@@ -51,21 +55,23 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module]) ->
     wrap(model, check_fn=lambda m: isinstance(m, block_types))
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, cfg: Any) -> None:
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, *, parallel: ParallelConfig,
+               precision: PrecisionConfig) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    # Fabric's precision flag does not reach FSDP2: mixed precision is FSDP's policy (PITFALLS)
-    compute = LOW_PRECISION.get(cfg.precision.mode)
+    # Fabric's precision flag does not reach FSDP2 (its ModelParallelStrategy ignores it for the sharded
+    # parameters): mixed precision is FSDP's own policy, as in lightning's examples/fabric/tensor_parallel
+    compute = LOW_PRECISION.get(precision.mode)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else \
         MixedPrecisionPolicy()
     options = {"mesh": dp_mesh, "mp_policy": policy,
-               "offload_policy": CPUOffloadPolicy() if cfg.parallel.offload else None}
+               "offload_policy": CPUOffloadPolicy() if parallel.offload else None}
     options = {k: v for k, v in options.items() if v is not None}
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
-        reshard = cfg.parallel.reshard_after_forward and i < len(blocks) - 1
+        reshard = parallel.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, reshard_after_forward=reshard, **options)
-    fully_shard(model, reshard_after_forward=cfg.parallel.reshard_after_forward, **options)
+    fully_shard(model, reshard_after_forward=parallel.reshard_after_forward, **options)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from dsrun.errors import UserError
+from dsrun.sources import check_data_file  # reads the first bytes too: compressed and special files are named
+from dsrun.task_table import RUNNABLE_TASKS
 
 TOKENIZER_CHOICES = ("deepseek", "model")  # model.tokenizer values that are not a folder
 
@@ -15,7 +17,7 @@ def missing_paths(cfg: Any) -> list[str]:
     """One problem per file or folder the job would read and cannot."""
     p: list[str] = []
     data, model = cfg.data, cfg.model
-    trains = cfg.task.name in ("train", "smoke")
+    trains = cfg.task.name in RUNNABLE_TASKS
     if trains and data.source == "jsonl" and data.path:
         p += _file_problem(data.path, "data.path")
     if trains and data.eval_path:
@@ -29,8 +31,6 @@ def missing_paths(cfg: Any) -> list[str]:
 
 
 def _file_problem(path: str, key: str) -> list[str]:
-    from dsrun.data import check_data_file  # reads the first bytes too: compressed and special files are named
-
     try:
         check_data_file(Path(path).expanduser(), key)
     except UserError as exc:

@@ -1,36 +1,85 @@
 """Frozen base weights in 8 or 4 bits (bitsandbytes), for QLoRA: every linear layer inside the transformer blocks
 becomes a bitsandbytes layer; embeddings, the output head, norms, routers and 3-D expert tensors stay as they are
-(in 16 bits: model.weight_dtype). model.build_model calls this block by block as the blocks are created.
-Works on CUDA and on CPU."""
+(in 16 bits: model.weight_dtype). model.build_model calls this block by block as the blocks are created; real
+weights are quantized by transformers as they load, with the settings of bnb_config (the same layers).
+Works on CUDA and on CPU.
+
+The quant.method registry is QUANT_METHODS: adding a method is conf/quant/<option>.yaml and one entry there (its
+layer, and transformers' loading settings for it). torch and bitsandbytes load only when a model is quantized.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dsrun.config import QuantConfig
 
 
-def quantize_linears(module: nn.Module, quant_cfg: Any, compute_dtype: torch.dtype) -> None:
-    """Replace every plain nn.Linear inside `module` by its bitsandbytes form, quantized where its weight lives."""
+@dataclass(frozen=True)
+class Method:
+    layer: Callable[..., Any]  # (nn.Linear, quant config, compute dtype) -> its bitsandbytes layer, on meta
+    loading: Callable[..., Any]  # (quant config, compute dtype) -> transformers' BitsAndBytesConfig
+
+
+def _nf4_layer(child: nn.Linear, quant: QuantConfig, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
+    # uint8 storage: these layers are for single/DDP; FSDP2 and ZeRO cannot shard them safely
+    layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=quant.double_quant,
+                              quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=quant.double_quant)
+    return layer
+
+
+def _int8_layer(child: nn.Linear, quant: QuantConfig, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                has_fp16_weights=False, threshold=6.0, device="meta")
+    layer.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+    return layer
+
+
+def _nf4_loading(quant: QuantConfig, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=quant.double_quant)
+
+
+def _int8_loading(quant: QuantConfig, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+QUANT_METHODS: dict[str, Method | None] = {"none": None, "int8": Method(_int8_layer, _int8_loading),
+                                           "nf4": Method(_nf4_layer, _nf4_loading)}
+
+
+def quantize_linears(module: nn.Module, quant_cfg: QuantConfig, compute_dtype: torch.dtype) -> None:
+    """Replace every plain nn.Linear inside `module` by its bitsandbytes form, quantized where its weight lives."""
+    from torch import nn
+
+    method = QUANT_METHODS[quant_cfg.method]
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
                 continue
-            device, weight = child.weight.device, child.weight.data
-            if quant_cfg.method == "nf4":
-                # uint8 storage: these layers are for single/DDP; FSDP2 and ZeRO cannot shard them safely
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=compute_dtype, compress_statistics=quant_cfg.double_quant,
-                                          quant_type="nf4", device="meta")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
-                                                 compress_statistics=quant_cfg.double_quant)
-            else:
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                            has_fp16_weights=False, threshold=6.0, device="meta")
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            layer = method.layer(child, quant_cfg, compute_dtype)
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, name, layer.to(device))  # quantizes on the move
+            setattr(parent, name, layer.to(child.weight.device))  # quantizes on the move
+
+
+def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype) -> Any:
+    """transformers' bitsandbytes settings for loading real weights: the same layers quantize_linears makes,
+    quantized as each weight is loaded."""
+    return QUANT_METHODS[quant_cfg.method].loading(quant_cfg, compute_dtype)

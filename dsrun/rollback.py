@@ -15,12 +15,13 @@ from typing import Any
 
 import yaml
 
-from dsrun.batch_size import chosen_micro_batch
+from dsrun.constants import CONF_DIR
 from dsrun.errors import UserError
+from dsrun.ledger import latest_good, ledger_path
+from dsrun.safe_read import read_yaml_mapping
 
 SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
 SMOKE_MAX_GRAD_NORM = 100.0  # pre-clip norm; healthy runs clipped at 1.0 stay within ~0.1-10
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def snapshot_of(folder: str) -> Path:
@@ -76,10 +77,19 @@ def replay_argv(args: list[str]) -> list[str]:
             "hydra.job.name=dsrun", "train.resume=never", *chosen_micro_batch(saved.parent.parent), *args[1:]]
 
 
+def chosen_micro_batch(run: Path) -> list[str]:
+    """`dsrun resume|replay` of a train.micro_batch=auto run use the size its probe chose (its config.yaml
+    snapshot) instead of probing again: the data order and the checkpoint assume that split."""
+    snapshot = run / "config.yaml"
+    if not snapshot.is_file():
+        return []
+    saved = read_yaml_mapping(snapshot, "restore it, or remove it to resume with the snapshot in .hydra/")
+    chosen = (saved.get("train") or {}).get("micro_batch") if isinstance(saved.get("train"), dict) else None
+    return [f"train.micro_batch={chosen}"] if isinstance(chosen, int) else []
+
+
 def rollback_argv(args: list[str]) -> list[str]:
     """`dsrun rollback [overrides]`: replay the newest run a smoke check marked good."""
-    from dsrun.ledger import latest_good, ledger_path
-
     good = latest_good()
     if good is None:
         raise UserError(f"no run is marked good in the ledger {ledger_path()}; a passing `python -m dsrun "

@@ -23,7 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from dsrun.batch import global_batch
 from dsrun.errors import UserError
+from dsrun.runs import git_commit
 from dsrun.safe_read import read_yaml_mapping
 
 LOCK = ".dsrun.lock"
@@ -127,10 +131,6 @@ def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list
 
 def check_global_batch(folder: Path, resolved: Any) -> None:
     """The checkpoint's data position and loss scale assume the global batch it was trained with."""
-    from omegaconf import OmegaConf
-
-    from dsrun.strategy import global_batch
-
     path = folder / "config.yaml"
     if not path.is_file():
         return
@@ -146,8 +146,6 @@ def check_global_batch(folder: Path, resolved: Any) -> None:
 
 
 def record_resume(folder: Path, changes: list[tuple[str, Any, Any]], overrides: list[str]) -> None:
-    from dsrun.runs import git_commit
-
     entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "overrides": overrides,
              "changed": {key: [old, new] for key, old, new in changes}, "git_commit": git_commit(),
              "host": platform.node(), "pid": os.getpid()}

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+import dsrun
+
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "TORCH_", "PYTORCH_", "OMP_", "MKL_", "HF_", "TRANSFORMERS_", "WANDB_",
                 "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "DSRUN_", "LD_LIBRARY_PATH")
@@ -54,8 +56,6 @@ def environment() -> dict[str, Any]:
     import lightning
     import torch
     import transformers
-
-    import dsrun
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
         else []

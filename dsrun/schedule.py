@@ -13,9 +13,29 @@ to the new end (the stable phase is flat, so nothing jumps).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
-SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+@dataclass(frozen=True)
+class Schedule:
+    decay: Callable[[float], float] | None  # the share of (lr - the floor) left at a fraction of the decay; None: flat
+    stable_phase: bool = False  # the decay is only the last optim.decay_fraction of the horizon
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _linear(progress: float) -> float:
+    return 1 - progress
+
+
+# The optim.schedule registry: adding a schedule is one entry here (and its name in docs/configuration.md).
+SCHEDULES: dict[str, Schedule] = {"cosine": Schedule(_cosine), "linear": Schedule(_linear),
+                                  "constant": Schedule(None), "wsd": Schedule(_linear, stable_phase=True)}
+DECAYING = tuple(name for name, s in SCHEDULES.items() if s.decay is not None)  # read optim.min_lr_ratio
+STABLE_PHASE = tuple(name for name, s in SCHEDULES.items() if s.stable_phase)  # read optim.decay_fraction
 DEFAULT_WARMUP_CAP = 10  # optim.warmup_steps=null: 10 steps, or a tenth of a shorter run
 
 
@@ -34,26 +54,24 @@ def horizon_on_resume(optim_cfg: Any, saved: int | None, max_steps: int, step: i
     horizon was saved: their run's length was max_steps at the time, which is the best guess left."""
     if saved is None:
         return max_steps
-    if optim_cfg.schedule == "wsd" and step < decay_start(optim_cfg, saved):
+    if SCHEDULES[optim_cfg.schedule].stable_phase and step < decay_start(optim_cfg, saved):
         return max_steps
     return saved
 
 
 def lr_factor(optim_cfg: Any, horizon: int) -> Callable[[int], float]:
     """The lr multiplier of optimizer step `step` (from 0)."""
-    kind, floor = optim_cfg.schedule, optim_cfg.min_lr_ratio
+    shape, floor = SCHEDULES[optim_cfg.schedule], optim_cfg.min_lr_ratio
     warmup = warmup_steps(optim_cfg, horizon)
-    tail = decay_start(optim_cfg, horizon) if kind == "wsd" else warmup
+    tail = decay_start(optim_cfg, horizon) if shape.stable_phase else warmup
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        if kind == "constant" or step < tail:
+        if shape.decay is None or step < tail:
             return 1.0
         progress = min(1.0, (step - tail) / max(1, horizon - tail))
-        if kind == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)  # linear, and wsd's tail
+        return floor + (1 - floor) * shape.decay(progress)
 
     return factor
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-SCRATCH_TASKS = ("dry_run", "plan")
+from dsrun.task_table import SCRATCH_TASKS
 
 
 def discard_scratch_folder(cfg: Any) -> None:

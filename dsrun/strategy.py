@@ -7,29 +7,14 @@ import os
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
+from dsrun.batch import world_size
 from dsrun.errors import UserError
+from dsrun.hardware import cuda_devices_present
 
+# The precision.mode registry: each mode and the precision Fabric runs it with (fp8 is bf16 autocast around
+# torchao's float8 linears: parallelize.apply_float8). A new mode: conf/precision/<option>.yaml and one entry here.
 FABRIC_PRECISION = {"32-true": "32-true", "16-mixed": "16-mixed", "bf16-mixed": "bf16-mixed",
-                    "bf16-true": "bf16-true"}
-
-
-def world_size(cfg: Any) -> int:
-    return cfg.hardware.devices * cfg.hardware.num_nodes
-
-
-def data_parallel_size(cfg: Any) -> int:
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
-    return world_size(cfg) // tp
-
-
-def data_parallel_rank(global_rank: int, cfg: Any) -> int:
-    """Ranks of one tensor-parallel group read the same data (Fabric's mesh is (data_parallel, tensor_parallel))."""
-    return global_rank // (world_size(cfg) // data_parallel_size(cfg))
-
-
-def global_batch(cfg: Any) -> int:
-    """Sequences per optimizer step: the one place this product is computed."""
-    return cfg.train.micro_batch * cfg.train.accumulation * data_parallel_size(cfg)
+                    "bf16-true": "bf16-true", "fp8": "bf16-mixed"}
 
 
 def apply_environment(hardware_cfg: Any) -> None:
@@ -40,8 +25,6 @@ def apply_environment(hardware_cfg: Any) -> None:
 
 def check_environment(cfg: Any) -> None:
     """What the config cannot know: does this machine have the devices it asks for? (Not for plan / dry runs.)"""
-    from dsrun.hardware import cuda_devices_present
-
     hw = cfg.hardware
     if hw.accelerator == "cuda":
         present = cuda_devices_present()
@@ -92,40 +75,63 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
 
 
 def grad_clip(cfg: Any) -> float:
-    """optim.grad_clip, or the precision's default when unset (fp16: 0.5, seed 002); 0 turns clipping off."""
+    """optim.grad_clip, or the precision's default when unset (fp16: 0.5, conf/precision/fp16.yaml); 0 turns clipping
+    off."""
     return cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
 
 
 def build_fabric(cfg: Any):
     import lightning as L
-    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
-
-    from dsrun.parallelize import parallelize
+    from lightning.fabric.strategies import ModelParallelStrategy
 
     apply_environment(cfg.hardware)
     accelerator = "cuda" if cfg.hardware.accelerator == "cuda" else "cpu"
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    # fp8 runs bf16 autocast around torchao's float8 linears (parallelize.apply_float8)
-    precision = "bf16-mixed" if cfg.precision.mode == "fp8" else FABRIC_PRECISION[cfg.precision.mode]
-    if cfg.parallel.strategy == "single":
-        strategy: Any = "auto"
-    elif cfg.parallel.strategy == "ddp":
-        # gradients as views into the all-reduce buckets: saves a full fp32 copy of the gradients
-        strategy = DDPStrategy(process_group_backend=backend, timeout=timeout, gradient_as_bucket_view=True)
-    elif cfg.parallel.strategy in ("fsdp", "tp"):
-        tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
-        strategy = ModelParallelStrategy(
-            parallelize_fn=lambda model, mesh: parallelize(model, cfg, mesh), data_parallel_size=world_size(cfg) // tp,
-            tensor_parallel_size=tp, process_group_backend=backend, timeout=timeout)
-        if precision in ("bf16-mixed", "16-mixed"):
-            precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
-    elif cfg.parallel.strategy == "deepspeed":
-        strategy = DeepSpeedStrategy(config=deepspeed_config(cfg), process_group_backend=backend, timeout=timeout)
-    else:
-        raise AssertionError(cfg.parallel.strategy)  # validate() knows every strategy
+    precision = FABRIC_PRECISION[cfg.precision.mode]
+    strategy = STRATEGIES[cfg.parallel.strategy](cfg, backend, timeout)  # validate() knows every strategy
+    if isinstance(strategy, ModelParallelStrategy) and precision in ("bf16-mixed", "16-mixed"):
+        precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
     return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
                     strategy=strategy, precision=precision)
+
+
+def _single(cfg: Any, backend: str, timeout: timedelta) -> Any:
+    return "auto"
+
+
+def _ddp(cfg: Any, backend: str, timeout: timedelta) -> Any:
+    from lightning.fabric.strategies import DDPStrategy
+
+    # gradients as views into the all-reduce buckets: saves a full fp32 copy of the gradients
+    return DDPStrategy(process_group_backend=backend, timeout=timeout, gradient_as_bucket_view=True)
+
+
+def _model_parallel(cfg: Any, backend: str, timeout: timedelta) -> Any:
+    """FSDP2, and FSDP2 over a tensor-parallel mesh (parallel=tp)."""
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    from dsrun.parallelize import parallelize
+
+    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
+    return ModelParallelStrategy(
+        parallelize_fn=lambda model, mesh: parallelize(model, parallel=cfg.parallel, precision=cfg.precision,
+                                                       compile=cfg.train.compile, mesh=mesh),
+        data_parallel_size=world_size(cfg) // tp, tensor_parallel_size=tp, process_group_backend=backend,
+        timeout=timeout)
+
+
+def _deepspeed(cfg: Any, backend: str, timeout: timedelta) -> Any:
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(config=deepspeed_config(cfg), process_group_backend=backend, timeout=timeout)
+
+
+# The parallel.strategy registry: name -> (cfg, process-group backend, collective timeout) -> Fabric's strategy.
+# Adding a strategy: conf/parallel/<option>.yaml and one entry here (setup order, micro-step sync and the optimizer
+# step below branch on the strategy object, not its name).
+STRATEGIES: dict[str, Callable[[Any, str, timedelta], Any]] = {
+    "single": _single, "ddp": _ddp, "fsdp": _model_parallel, "deepspeed": _deepspeed, "tp": _model_parallel}
 
 
 def is_deepspeed(fabric: Any) -> bool:
@@ -164,7 +170,8 @@ def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, 
     if isinstance(fabric.strategy, ModelParallelStrategy):
         model = fabric.setup_module(model)  # calls parallelize() with the device mesh
         return model, fabric.setup_optimizers(make_optimizer(model))
-    model = parallelize(model, cfg)  # fp8 / activation checkpointing / compile; no mesh
+    # fp8 / activation checkpointing / compile; no mesh
+    model = parallelize(model, parallel=cfg.parallel, precision=cfg.precision, compile=cfg.train.compile)
     return fabric.setup(model, make_optimizer(model))
 
 

@@ -1,7 +1,8 @@
 """Sweeps (`python -m dsrun -m a=1,2 b=x,y`): every training trial runs as its own process.
 
 Hydra's launcher calls the task function once per trial in one process. A trial that segfaults, is killed or
-OOMs would take the whole sweep with it, and Fabric's own launcher hangs under Hydra multirun (PITFALLS). So under
+OOMs would take the whole sweep with it, and Fabric's own launcher hangs under Hydra multirun (Lightning dropped
+that support: lightning PRs #15689, #15737). So under
 `-m` the task function starts `python -m dsrun <the trial's overrides> hydra.run.dir=<its folder>
 hydra.output_subdir=null` (the same re-run Fabric uses for its ranks), waits, and records how the trial ended:
 
@@ -15,18 +16,18 @@ Plans and dry runs are cheap and cannot crash the sweep: they still run in-proce
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from dsrun import ledger
+from dsrun.child import run_child
+from dsrun.plan import plan
 from dsrun.runs import rank_zero
+from dsrun.task_table import RUNNABLE_TASKS
 
-RUNNABLE = ("train", "smoke")
 ERROR_LINE = re.compile(r"error|exception|fatal|segmentation|killed|abort", re.IGNORECASE)
 
 
@@ -35,7 +36,7 @@ def isolated(cfg: Any) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.task.name in RUNNABLE
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.task.name in RUNNABLE_TASKS
 
 
 def run_trial(cfg: Any) -> dict[str, Any]:
@@ -58,43 +59,13 @@ def run_trial(cfg: Any) -> dict[str, Any]:
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
         record = outcome(job_dir, cfg, returncode) if rank_zero() else {}
         if stopped_by:  # the user (or SLURM) stopped the sweep: start no more trials
-            from dsrun.checkpoint import last_checkpoint_note  # what the trial left, read from the disk
+            from dsrun.checkpoint import last_checkpoint_note  # (torch) what the trial left, read from the disk
 
             raise SystemExit(f"dsrun: sweep stopped by {stopped_by} during {label}; {last_checkpoint_note(job_dir)}; "
                              f"the trial can be continued with: dsrun resume {job_dir}")
     if record:
         print(f"dsrun: {label}: {record['status']}", file=sys.stderr, flush=True)
     return record
-
-
-def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run the trial with its output in `log`. SIGTERM/SIGINT are passed on, so the trial checkpoints and exits
-    as a single run would; returns (exit code, the signal that stopped the sweep or '')."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    stopped_by = ""
-    with open(log, "w") as out:
-        # the sweep's name reaches W&B (group) through the environment, so the trial's config stays the sweep's
-        extra = env if env is not None else {"DSRUN_SWEEP": log.parent.parent.name}
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, **extra})
-
-        def forward(signum: int, frame: Any) -> None:
-            nonlocal stopped_by
-            stopped_by = signal.Signals(signum).name
-            child.send_signal(signum)
-
-        previous = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, forward)
-        except ValueError:  # not the main thread (some launchers): no forwarding, the trial still runs
-            pass
-        try:
-            returncode = child.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return returncode, stopped_by
 
 
 def outcome(job_dir: Path, cfg: Any, returncode: int) -> dict[str, Any]:
@@ -152,7 +123,5 @@ def skip_reason(cfg: Any) -> str | None:
     it anyway, after a process start). On CPU nothing is skipped; `train.force=true` starts it anyway."""
     if cfg.hardware.accelerator != "cuda" or cfg.train.force or cfg.hardware.gpu is None:
         return None
-    from dsrun.plan import plan
-
-    p = plan(cfg, suggest=False)
+    p = plan(cfg)
     return None if p.fits else p.verdict

@@ -1,4 +1,5 @@
-"""Tasks a composed config can run (`task=<name>`); the Hydra entry point calls run_task()."""
+"""Tasks a composed config can run (`task=<name>`, listed in dsrun/task_table.py); the Hydra entry point calls
+run_task()."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ from rich.tree import Tree
 from omegaconf import DictConfig, OmegaConf
 
 from dsrun import sweep
-from dsrun.doctor import doctor_task
+from dsrun.batch import data_parallel_size, global_batch
+from dsrun.batch_size import probe_micro_batch as probe
 from dsrun.config_view import folded_config
+from dsrun.errors import UserError
 from dsrun.ledger import recorded
-from dsrun.plan_report import plan_task
+from dsrun.plan.search import with_suggestions
 from dsrun.quiet import console, verbose
 from dsrun.rollback import prepare_smoke, smoke_problems
-from dsrun.runs import rank_zero, run_dir
-from dsrun.strategy import check_environment, data_parallel_size, global_batch
+from dsrun.runs import rank_zero, run_dir, write_json
+from dsrun.strategy import check_environment
+from dsrun.task_table import RUNNABLE_TASKS, TASKS
 
 
 def config_tree(cfg: DictConfig) -> Tree:
@@ -95,12 +99,9 @@ def timeout_advice(folder: Any) -> str:
 
 def check_plan(cfg: DictConfig) -> None:
     """Refuse, before anything starts, a GPU recipe the planner says will not fit (train.force=true overrides)."""
-    from dsrun.errors import UserError
-    from dsrun.plan import plan
-
     if cfg.hardware.accelerator != "cuda" or cfg.train.force or cfg.hardware.gpu is None:
         return
-    verdict = plan(cfg, suggest=True)
+    verdict = with_suggestions(cfg)
     if verdict.fits:
         return
     fixes = "; ".join(f"{s.change} ({' '.join(s.overrides)}: {s.total_gib:.1f} GiB)"
@@ -116,10 +117,7 @@ def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
 
     import torch
 
-    from dsrun.plan import plan
-    from dsrun.runs import write_json
-
-    verdict = plan(cfg, suggest=True)
+    verdict = with_suggestions(cfg)
     if cfg.hardware.accelerator == "cuda":
         kind, peak = "GPU", torch.cuda.max_memory_reserved() / 2**30
         (folder / "oom_memory_summary.txt").write_text(torch.cuda.memory_summary())
@@ -149,27 +147,10 @@ def smoke(cfg: DictConfig) -> None:
     train(cfg, check=smoke_problems)  # passing marks the run good: `dsrun rollback` returns to it
 
 
-def _inference(module: str, name: str) -> Any:
-    """An inference task, imported only when it runs (dsrun/inference/)."""
-    def task(cfg: DictConfig) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(f"dsrun.inference.{module}"), name)(cfg)
-    return task
-
-
-TASKS = {"dry_run": dry_run, "train": train, "plan": plan_task, "smoke": smoke,  # plan_task: no GPU needed
-         "doctor": doctor_task}
-TASKS.update(generate=_inference("generate", "generate_task"), serve=_inference("server", "serve_task"),
-             bench_infer=_inference("bench", "bench_task"))
-
-
 def run_task(cfg: DictConfig, probe_micro_batch: bool = False) -> Any:
     if sweep.isolated(cfg):  # under -m each training trial is its own process: a crash cannot end the sweep
         return sweep.run_trial(cfg)  # the trial probes its own train.micro_batch=auto
-    if probe_micro_batch and cfg.task.name in sweep.RUNNABLE and rank_zero():
-        from dsrun.batch_size import probe_micro_batch as probe
-
+    if probe_micro_batch and cfg.task.name in RUNNABLE_TASKS and rank_zero():
         check_environment(cfg)
         probe(cfg, run_dir())
-    return TASKS[cfg.task.name](cfg)
+    return TASKS[cfg.task.name](cfg)  # dsrun/task_table.py

@@ -11,29 +11,108 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch
 from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
-from dsrun.errors import ConfigError, DataError, TrainingDiverged
+from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
+from dsrun.hardware import emulate_memory, gpu_catalog
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
-from dsrun.model import (add_adapters, architecture, build_run_model, flops_per_token, millions, parameter_counts,
-                         save_weights)
+from dsrun.adapters import add_adapters
+from dsrun.model import architecture, build_run_model, flops_per_token, millions, parameter_counts, save_weights
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
-from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, data_parallel_rank, data_parallel_size, full_state_dict,
-                            global_batch, grad_clip, is_deepspeed, micro_step, model_init, optimizer_step, setup,
-                            zero3_partitioned)
+from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed,
+                            micro_step, model_init, optimizer_step, zero3_partitioned)
+from dsrun.strategy import setup as setup_strategy
 
 
 def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Train: set up, then one optimizer step at a time with logging, eval and checkpoints between steps, then
+    finish. A stop signal ends the loop after its step's checkpoint; both endings go through finish()."""
+    run = setup(cfg, run_dir)
+    tr, stop = cfg.train, StopSignal(run.fabric)
+    run.model.train()
+    status, step = "completed", run.start_step
+    for step in range(run.start_step + 1, run.max_steps + 1):
+        grad_norm = train_step(run, step)
+        streak = int(run.skipped_seen.swap(run.skipped_in_a_row))  # as of the previous step
+        if streak >= tr.max_nonfinite_steps:
+            raise TrainingDiverged(diverged_message(cfg, streak, step - 1, run.loss_sum, grad_norm, run_dir))
+        run.profiler.step()
+        evaluating = run.evaluator is not None and (step == run.max_steps
+                                                    or (tr.eval_every and step % tr.eval_every == 0))
+        if step % tr.log_every == 0 or step == run.max_steps or evaluating:
+            log(run, step, grad_norm, evaluating)
+        interrupted = stop.requested()
+        every = tr.checkpoint_every
+        if every >= 0 and (interrupted or step == run.max_steps or (every and step % every == 0)):
+            save_checkpoint(run, step)
+        if interrupted:
+            status = "interrupted"
+            break
+    return finish(run, stop, status, step)
+
+
+@dataclass
+class Run:
+    """What setup() builds and the steps carry forward: the objects, the run's length, and the counters a checkpoint
+    saves (the loss and labelled-token sums of the current log interval, tokens trained, the best eval)."""
+    cfg: Any
+    run_dir: Path
+    fabric: Any
+    model: Any
+    optimizer: Any
+    tokenizer: Any
+    batches: BatchStream
+    evaluator: Evaluator | None
+    checkpointer: Checkpointer
+    state: dict[str, Any]  # what a checkpoint restores: model, optimizer (and the fp16 scaler)
+    monitors: Any
+    profiler: Any  # StepProfiler, made once the start step is known
+    lr: float  # the peak learning rate (scaled with the data-parallel size when asked)
+    lr_at: Any  # step -> factor of lr (dsrun/schedule.py), made once the horizon is known
+    horizon: int  # the schedule's length, kept on resume
+    max_steps: int
+    length: dict[str, Any]  # max_steps, epochs, steps and tokens per epoch: in the summary
+    replicas: int  # ranks of one tensor-parallel group hold the same batch
+    clip: float
+    flops: float  # per token
+    peak_flops: float  # of all devices; 0 on CPU
+    tokens_per_step: int
+    memory_cap: float | None
+    load_peak: float | None
+    start_step: int = 0
+    last_log_step: int = 0
+    tokens_trained: float = 0.0
+    best_eval: dict[str, Any] = field(default_factory=lambda: {"loss": float("inf"), "step": None})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    loss_sum: Any = None  # 0-d device tensors, summed on the device: read at log steps only
+    trained_sum: Any = None
+    skipped_in_a_row: Any = None
+    skipped_seen: Any = None  # OneStepLate: the streak of skipped steps, read one step late
+    grad_norm: Any = None  # the last step's, before clipping (a device tensor)
+    started: float = 0.0
+    last_log_time: float = 0.0
+    last_checkpoint_time: float | None = None
+
+    @property
+    def rank_zero(self) -> bool:
+        return self.fabric.global_rank == 0
+
+
+def setup(cfg: Any, run_dir: Path) -> Run:
+    """Fabric, the run folder's snapshot, monitors, data, model, optimizer; then resume from the latest checkpoint
+    (model, optimizer, data position and the partial log interval, as if never stopped)."""
     fabric = build_fabric(cfg)
     fabric.launch()
     rank_zero = fabric.global_rank == 0
@@ -41,7 +120,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         snapshot(cfg, run_dir)
         if is_deepspeed(fabric):
             write_json(run_dir / "deepspeed.json", fabric.strategy.config)
-    memory_cap = emulate_memory(cfg, fabric.device)
+    memory_cap = emulate_memory(cfg.hardware, fabric.device)
     monitors = build_monitors(cfg, run_dir, rank_zero)  # a taken port fails before the model costs anything
     tr = cfg.train
     fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
@@ -75,17 +154,14 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         # fused AdamW skips a non-finite step on the device (optimizer_step); offloaded states stay with torch's
         # reference kernels
         fused = not cfg.parallel.offload
-        return build_optimizer(cfg.optim, trainable, lr, fused=fused)
+        return build_optimizer(cfg.optim, trainable, lr=lr, fused=fused)
 
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
-    model, optimizer = setup(fabric, cfg, model, make_optimizer)
+    model, optimizer = setup_strategy(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
-    horizon = max_steps  # the schedule's length, kept on resume (dsrun/schedule.py)
 
-    clip = grad_clip(cfg)
     tokens_per_step = global_batch(cfg) * tr.seq_len
-    peak_flops = peak_flops_per_s(cfg) * fabric.world_size
     per_epoch = batches.steps_per_epoch  # 0 when the data is smaller than one global batch
     length = {"max_steps": max_steps, "epochs": max_steps / per_epoch if per_epoch else None,
               "steps_per_epoch": per_epoch, "tokens_per_epoch": per_epoch * tokens_per_step,
@@ -100,130 +176,151 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
         if per_epoch:
             print(f"dsrun: {max_steps} steps = {length['epochs']:.2f} epochs of {per_epoch} steps "
                   f"({length['tokens_per_epoch']:,} tokens per epoch)", file=sys.stderr)
-    # resume: model, optimizer, data position and the partial log interval, as if never stopped
     checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints, adapter_only=cfg.adapter.method != "none")
-    state = checkpoint_state(fabric, model, optimizer)
-    start_step, last_log_step, loss_sum = 0, 0, torch.zeros((), device=fabric.device)
-    trained_sum, tokens_trained = torch.zeros((), device=fabric.device), 0.0  # labelled tokens, all ranks
-    best_eval = {"loss": float("inf"), "step": None}
-    history: list[dict[str, Any]] = []
-    resume_from = checkpointer.latest() if tr.resume == "auto" else None if tr.resume == "never" else Path(tr.resume)
-    if resume_from is not None:
-        saved = checkpointer.load(resume_from, state)
-        start_step, last_log_step = saved["step"], saved["last_log_step"]
-        batches.load_state_dict(saved["data"])
-        loss_sum.fill_(saved["loss_sum"])
-        trained_sum.fill_(saved.get("trained_sum", 0.0))
-        tokens_trained = saved.get("tokens_trained", 0.0)
-        best_eval = saved.get("best_eval", best_eval)
-        horizon = horizon_on_resume(cfg.optim, saved.get("horizon"), max_steps, start_step)
-        if rank_zero:
-            print(f"dsrun: resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    zero = torch.zeros((), device=fabric.device)
+    run = Run(cfg=cfg, run_dir=run_dir, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer,
+              batches=batches, evaluator=evaluator, checkpointer=checkpointer,
+              state=checkpoint_state(fabric, model, optimizer), monitors=monitors, profiler=None, lr=lr,
+              lr_at=None, horizon=max_steps, max_steps=max_steps, length=length, replicas=replicas,
+              clip=grad_clip(cfg), flops=flops, peak_flops=peak_flops_per_s(cfg) * fabric.world_size,
+              tokens_per_step=tokens_per_step, memory_cap=memory_cap, load_peak=load_peak,
+              loss_sum=zero.clone(), trained_sum=zero.clone(),
+              skipped_in_a_row=torch.zeros((), dtype=torch.int64, device=fabric.device),
+              skipped_seen=OneStepLate(fabric.device))
+    resume(run)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
-        history = truncate_metrics(run_dir / "metrics.jsonl", start_step)
-    info["start_step"] = start_step
-    lr_at = lr_factor(cfg.optim, horizon)
+        run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
+    info["start_step"] = run.start_step
+    run.lr_at = lr_factor(cfg.optim, run.horizon)
     monitors.start(info)
+    run.last_checkpoint_time = time.time() if tr.checkpoint_every >= 0 else None  # the age alert needs no lie
+    run.profiler = StepProfiler(tr.profile_steps, run_dir, fabric.global_rank, fabric.device, run.start_step)
+    run.started = run.last_log_time = time.perf_counter()
+    return run
 
-    stop = StopSignal(fabric)
-    skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=fabric.device)
-    skipped_seen = OneStepLate(fabric.device)
-    last_checkpoint_time = time.time() if tr.checkpoint_every >= 0 else None  # the age alert needs no lie
-    profiler = StepProfiler(tr.profile_steps, run_dir, fabric.global_rank, fabric.device, start_step)
-    started = last_log_time = time.perf_counter()
-    model.train()
-    for step in range(start_step + 1, max_steps + 1):
-        for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
-            group["lr"] = lr * lr_at(step - 1)
-        micro_batches = [tuple(t.to(fabric.device, non_blocking=True) if t is not None else None for t in batch)
-                         for batch in (next(batches) for _ in range(tr.accumulation))]
-        # the step's loss is its token losses over every labelled token of the global batch (torchtune's
-        # normalisation): counted from the labels up front, one all-reduce, no host sync
-        labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
-        if fabric.world_size > 1:
-            labelled = all_reduce_(labelled) / replicas
-        labelled = labelled.clamp(min=1)
-        trained_sum += labelled
-        for micro, (inputs, labels, positions) in enumerate(micro_batches):
-            # gradients are reduced once per optimizer step, not per micro-batch
-            with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
-                # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
-                # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/packing.py)
-                token_losses, _ = model(input_ids=inputs, labels=labels, position_ids=positions)
-                loss = token_losses / labelled
-                backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
-            loss_sum += loss.detach()
-        grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), clip)
-        skipped_in_a_row = torch.where(stepped, 0, skipped_in_a_row + 1)
-        streak = int(skipped_seen.swap(skipped_in_a_row))  # as of the previous step
-        if streak >= tr.max_nonfinite_steps:
-            raise TrainingDiverged(diverged_message(cfg, streak, step - 1, loss_sum, grad_norm, run_dir))
-        profiler.step()
 
-        evaluating = evaluator is not None and (step == max_steps or (tr.eval_every and step % tr.eval_every == 0))
-        if step % tr.log_every == 0 or step == max_steps or evaluating:
-            # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
-            mean_loss = all_reduce_(loss_sum).item() / replicas / (step - last_log_step)
-            trained = trained_sum.item()
-            tokens_trained += trained
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
-            metrics = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-                       "trained_tokens_per_s": trained / (now - last_log_time),
-                       "samples_per_s": tokens_per_s / tr.seq_len,
-                       "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
-                       "tokens_seen": step * tokens_per_step, "tokens_trained": tokens_trained,
-                       **peak_memory_gib(fabric.device),
-                       "elapsed_s": now - started, "last_checkpoint_time": last_checkpoint_time}
-            if evaluating:
-                metrics.update(evaluator(model, fabric))
-                if tr.keep_best and metrics["eval_loss"] < best_eval["loss"]:
-                    best_eval = {"loss": metrics["eval_loss"], "step": step}
-                    checkpointer.save(step, {**state, "step": step, "best_eval": best_eval, "horizon": horizon},
-                                      name="best")
-            history.append(metrics)
-            monitors.log(metrics)
-            loss_sum.zero_()
-            trained_sum.zero_()
-            last_log_step, last_log_time = step, time.perf_counter()  # eval and saves are not training time
+def resume(run: Run) -> None:
+    """From train.resume (auto: the latest checkpoint in the run folder): the weights, optimizer and scaler in place,
+    and the counters, data position and schedule horizon as they were at that step."""
+    tr = run.cfg.train
+    resume_from = run.checkpointer.latest() if tr.resume == "auto" else None if tr.resume == "never" \
+        else Path(tr.resume)
+    if resume_from is None:
+        return
+    saved = run.checkpointer.load(resume_from, run.state)
+    run.start_step, run.last_log_step = saved["step"], saved["last_log_step"]
+    run.batches.load_state_dict(saved["data"])
+    run.loss_sum.fill_(saved["loss_sum"])
+    run.trained_sum.fill_(saved.get("trained_sum", 0.0))
+    run.tokens_trained = saved.get("tokens_trained", 0.0)
+    run.best_eval = saved.get("best_eval", run.best_eval)
+    run.horizon = horizon_on_resume(run.cfg.optim, saved.get("horizon"), run.max_steps, run.start_step)
+    if run.rank_zero:
+        print(f"dsrun: resumed from {resume_from} at step {run.start_step}", file=sys.stderr)
 
-        interrupted = stop.requested()
-        every = tr.checkpoint_every
-        if every >= 0 and (interrupted or step == max_steps or (every and step % every == 0)):
-            checkpointer.save(step, {**state, "step": step, "last_log_step": last_log_step,
-                                     "loss_sum": loss_sum.item(), "data": batches.state_dict(),
-                                     "trained_sum": trained_sum.item(), "tokens_trained": tokens_trained,
-                                     "best_eval": best_eval, "horizon": horizon})
-            last_checkpoint_time = time.time()
-        if interrupted:
-            profiler.stop()
-            if rank_zero:
-                print(stopped_message(stop.name, step, run_dir), file=sys.stderr)
-            summary = summarize(history, time.perf_counter() - started, run_dir, global_batch(cfg), None,
-                                status="interrupted") | length
-            if rank_zero:
-                write_json(run_dir / "summary.json", summary)
-            monitors.finish(summary)
-            return summary
-    stop.restore()
-    profiler.stop()
-    streak = int(skipped_in_a_row)  # the last step, which the loop saw only one step late
-    if streak >= tr.max_nonfinite_steps:
-        raise TrainingDiverged(diverged_message(cfg, streak, max_steps, loss_sum, grad_norm, run_dir))
 
-    wall = time.perf_counter() - started
-    weights = run_dir / "model"
-    final_weights = full_state_dict(fabric, model)  # collective: every rank takes part
-    if rank_zero:
-        save_weights(fabric_unwrap(model), final_weights, weights, tokenizer)
-    summary = summarize(history, wall, run_dir, global_batch(cfg), weights if rank_zero else None) | length
-    summary["memory_cap_gib"] = memory_cap
-    summary["load_peak_gib"] = load_peak
-    if rank_zero:
+def train_step(run: Run, step: int) -> Any:
+    """One optimizer step: the learning rate of this step, the micro-batches (gradients reduced once, on the last),
+    clipping, the step (skipped when the gradients are not finite). Returns the gradient norm before clipping (a
+    device tensor); the loss and labelled-token sums and the skip streak stay on the device in `run`."""
+    fabric, model, optimizer, tr = run.fabric, run.model, run.optimizer, run.cfg.train
+    for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
+        group["lr"] = run.lr * run.lr_at(step - 1)
+    micro_batches = [tuple(t.to(fabric.device, non_blocking=True) if t is not None else None for t in batch)
+                     for batch in (next(run.batches) for _ in range(tr.accumulation))]
+    # the step's loss is its token losses over every labelled token of the global batch (torchtune's
+    # normalisation): counted from the labels up front, one all-reduce, no host sync
+    labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
+    if fabric.world_size > 1:
+        labelled = all_reduce_(labelled) / run.replicas
+    labelled = labelled.clamp(min=1)
+    run.trained_sum += labelled
+    dp = data_parallel_size(run.cfg)
+    for micro, (inputs, labels, positions) in enumerate(micro_batches):
+        # gradients are reduced once per optimizer step, not per micro-batch
+        with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
+            # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
+            # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/packing.py)
+            token_losses, _ = model(input_ids=inputs, labels=labels, position_ids=positions)
+            loss = token_losses / labelled
+            backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
+        run.loss_sum += loss.detach()
+    grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), run.clip)
+    run.skipped_in_a_row = torch.where(stepped, 0, run.skipped_in_a_row + 1)
+    run.grad_norm = grad_norm
+    return grad_norm
+
+
+def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
+    """The metrics of the log interval that ends at `step` (one host sync), an eval pass when due, and the best
+    checkpoint when it improved."""
+    fabric, tr = run.fabric, run.cfg.train
+    # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
+    mean_loss = all_reduce_(run.loss_sum).item() / run.replicas / (step - run.last_log_step)
+    trained = run.trained_sum.item()
+    run.tokens_trained += trained
+    now = time.perf_counter()
+    tokens_per_s = run.tokens_per_step * (step - run.last_log_step) / (now - run.last_log_time)
+    metrics = {"step": step, "loss": mean_loss, "lr": run.optimizer.param_groups[0]["lr"],
+               "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
+               "trained_tokens_per_s": trained / (now - run.last_log_time),
+               "samples_per_s": tokens_per_s / tr.seq_len,
+               "mfu": tokens_per_s * run.flops / run.peak_flops if run.peak_flops else None,
+               "tokens_seen": step * run.tokens_per_step, "tokens_trained": run.tokens_trained,
+               **peak_memory_gib(fabric.device),
+               "elapsed_s": now - run.started, "last_checkpoint_time": run.last_checkpoint_time}
+    if evaluating:
+        metrics.update(run.evaluator(run.model, fabric))
+        if tr.keep_best and metrics["eval_loss"] < run.best_eval["loss"]:
+            run.best_eval = {"loss": metrics["eval_loss"], "step": step}
+            run.checkpointer.save(step, {**run.state, "step": step, "best_eval": run.best_eval,
+                                         "horizon": run.horizon}, name="best")
+    run.history.append(metrics)
+    run.monitors.log(metrics)
+    run.loss_sum.zero_()
+    run.trained_sum.zero_()
+    run.last_log_step, run.last_log_time = step, time.perf_counter()  # eval and saves are not training time
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    run.checkpointer.save(step, {**run.state, "step": step, "last_log_step": run.last_log_step,
+                                 "loss_sum": run.loss_sum.item(), "data": run.batches.state_dict(),
+                                 "trained_sum": run.trained_sum.item(), "tokens_trained": run.tokens_trained,
+                                 "best_eval": run.best_eval, "horizon": run.horizon})
+    run.last_checkpoint_time = time.time()
+
+
+def finish(run: Run, stop: StopSignal, status: str, step: int) -> dict[str, Any]:
+    """The one ending: the summary (summary.json, the monitors). A completed run also checks its last step's
+    gradients and writes its final weights (a collective: every rank takes part); an interrupted one says what is on
+    disk and keeps its signal handlers, so a second Ctrl-C does not cut the save short."""
+    fabric, run_dir, cfg = run.fabric, run.run_dir, run.cfg
+    weights = None
+    if status == "completed":
+        stop.restore()
+    run.profiler.stop()
+    if status == "completed":
+        streak = int(run.skipped_in_a_row)  # the last step, which the loop saw only one step late
+        if streak >= cfg.train.max_nonfinite_steps:
+            raise TrainingDiverged(diverged_message(cfg, streak, run.max_steps, run.loss_sum, run.grad_norm,
+                                                    run_dir))
+    elif run.rank_zero:
+        print(stopped_message(stop.name, step, run_dir), file=sys.stderr)
+    wall = time.perf_counter() - run.started
+    if status == "completed":
+        final_weights = full_state_dict(fabric, run.model)  # collective: every rank takes part
+        if run.rank_zero:
+            weights = run_dir / "model"
+            save_weights(fabric_unwrap(run.model), final_weights, weights, run.tokenizer)
+    summary = summarize(run.history, wall, run_dir, global_batch(cfg), weights, status=status) | run.length
+    if status == "completed":
+        summary["memory_cap_gib"] = run.memory_cap
+        summary["load_peak_gib"] = run.load_peak
+    if run.rank_zero:
         write_json(run_dir / "summary.json", summary)
-    monitors.finish(summary)
-    fabric.barrier()
+    run.monitors.finish(summary)
+    if status == "completed":
+        fabric.barrier()
     return summary
 
 
@@ -244,8 +341,6 @@ def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, g
 
 
 def latest_checkpoint_or_none(run_dir: Path) -> Path | None:
-    from dsrun.errors import UserError
-
     try:
         return latest_checkpoint(run_dir)
     except UserError:
@@ -333,30 +428,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def emulate_memory(cfg: Any, device: torch.device) -> float | None:
-    """Cap what this process may allocate: hardware.memory_cap_gib, or under hardware.emulate the profile's VRAM
-    (a 4060 recipe proven on an H100). GPU: the caching allocator's fraction of the card. CPU: the heap may grow
-    by the cap from here (RLIMIT_DATA), so a too-large step fails as an allocation, not by the kernel's OOM killer."""
-    from dsrun.hardware import gpu_catalog
-
-    hw = cfg.hardware
-    cap_gib = hw.memory_cap_gib or (gpu_catalog()[hw.gpu]["vram_gib"] if hw.emulate and hw.gpu else None)
-    if cap_gib is None:
-        return None
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), device)
-    else:
-        in_use = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                      if line.startswith("VmData:"))
-        resource.setrlimit(resource.RLIMIT_DATA, (in_use + int(cap_gib * 2**30), resource.RLIM_INFINITY))
-    return cap_gib
-
-
 def peak_flops_per_s(cfg: Any) -> float:
     """The GPU's dense bf16 rate from the catalog (0 on CPU: no MFU there)."""
-    from dsrun.hardware import gpu_catalog
-
     spec = gpu_catalog().get(cfg.hardware.gpu or "")
     return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
 

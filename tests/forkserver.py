@@ -35,7 +35,7 @@ for name in ("torch", "lightning.fabric", "transformers", "hydra", "omegaconf", 
              "transformers.integrations.deepspeed", "transformers.models.qwen2.modeling_qwen2",
              "transformers.models.deepseek_v3.modeling_deepseek_v3", "transformers.models.auto.modeling_auto",
              "dsrun.cli", "dsrun.config", "dsrun.tasks", "dsrun.train", "dsrun.strategy", "dsrun.data", "dsrun.model",
-             "dsrun.plan", "dsrun.plan_speed", "dsrun.ledger", "dsrun.quantize", "dsrun.checkpoint"):
+             "dsrun.plan", "dsrun.plan.speed", "dsrun.ledger", "dsrun.quantize", "dsrun.checkpoint"):
     importlib.import_module(name)
 import threading
 assert threading.active_count() == 1, [t.name for t in threading.enumerate()]  # forking needs a single thread

@@ -13,10 +13,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, resolve, validate
+from dsrun.config import register_configs, validate
 from dsrun.doctor_checks import ifname_missing, judge
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import plan
+from dsrun.resolve import resolve
 from tests.conftest import REPO, dsrun
 from tests.test_multinode import veth_pair  # noqa: F401 (the two-host fixture)
 
@@ -56,7 +57,7 @@ def test_doctor_on_a_cpu_machine_reports_no_gpu_and_measures_gloo(tmp_path, monk
     assert report["gradient_sync"]["model"] == "tiny" and report["gradient_sync"]["seconds"] > 0
     # the planner now plans this box's CPU processes with the measured bandwidth
     monkeypatch.setenv("DSRUN_DOCTOR_DIR", str(saved))
-    p = plan(composed("task=plan", "hardware=cpu", "hardware.devices=2", "parallel=ddp"), suggest=False)
+    p = plan(composed("task=plan", "hardware=cpu", "hardware.devices=2", "parallel=ddp"))
     assert any("measured by dsrun doctor" in a for a in p.assumptions), p.assumptions
 
 
@@ -156,15 +157,15 @@ def test_socket_ifname_lists_follow_nccl_rules():
 def test_planner_uses_a_saved_bandwidth_only_for_the_device_it_was_measured_on(tmp_path, monkeypatch):
     monkeypatch.setenv("DSRUN_DOCTOR_DIR", str(tmp_path))
     args = ("task=plan", "hardware=4x4090", "precision=bf16", "parallel=ddp", "model=r1_distill_qwen_1_5b")
-    catalog = plan(composed(*args), suggest=False)
+    catalog = plan(composed(*args))
     from dsrun.hardware import measured_path
 
     entry = {"backend": "nccl", "ranks": 4, "nodes": 1, "bus_bandwidth_gbs": 1.0, "latency_us": 50.0,
              "message_bytes": 2**28, "measured_at": "2026-11-29 12:00", "device_name": "NVIDIA GeForce RTX 4090"}
     measured_path().write_text(json.dumps({"local": {**entry, "device": "rtx3090"}}))
-    assert plan(composed(*args), suggest=False).step_time_s == catalog.step_time_s  # another card: ignored
+    assert plan(composed(*args)).step_time_s == catalog.step_time_s  # another card: ignored
     measured_path().write_text(json.dumps({"local": {**entry, "device": "rtx4090"}}))
-    slow = plan(composed(*args), suggest=False)  # 1 GB/s instead of the catalog's ~25
+    slow = plan(composed(*args))  # 1 GB/s instead of the catalog's ~25
     assert slow.step_time_s > catalog.step_time_s
     assert any("within the node 1.00 GB/s" in a for a in slow.assumptions), slow.assumptions
 

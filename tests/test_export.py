@@ -21,7 +21,7 @@ def qlora_run(tmp_path_factory):
 def test_export_reloads_with_transformers_and_gives_the_merged_logits(qlora_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsrun.export import merged_model
+    from dsrun.model import merged_model
 
     out = tmp_path / "hf"
     proc = dsrun("export", str(qlora_run), str(out))

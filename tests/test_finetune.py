@@ -76,7 +76,8 @@ def test_long_documents_split_and_rows_pad_with_masked_labels():
 
 @pytest.mark.parametrize("model", ["tiny", "tiny_qwen2"])
 def test_a_packed_document_does_not_see_the_one_before_it(model):
-    """Eager and SDPA attention (compiled flex attention on CPU gave wrong values once: PITFALLS.md)."""
+    """Eager and SDPA attention (compiled flex attention on CPU, torch 2.13, gave wrong values at
+    length 8 once)."""
     from hydra import compose, initialize_config_dir
 
     from dsrun.config import register_configs

@@ -13,7 +13,8 @@ from dsrun import loss as loss_module
 from dsrun.config import AdapterConfig, ModelConfig, ParallelConfig, QuantConfig
 from dsrun.errors import UserError
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy
-from dsrun.model import add_adapters, architecture, build_model, weight_dtype
+from dsrun.adapters import add_adapters
+from dsrun.model import architecture, build_model, weight_dtype
 from dsrun.parallelize import decoder_blocks
 from tests.conftest import REPO
 
@@ -107,7 +108,7 @@ def test_offloaded_checkpointing_gives_the_gradients_of_plain_checkpointing(name
         run = OmegaConf.structured({"parallel": ParallelConfig(activation_checkpointing=True,
                                                                offload_activations=offload),
                                     "precision": {"mode": "32-true"}, "train": {"compile": False}})
-        parallelize(model, run)
+        parallelize(model, parallel=run.parallel, precision=run.precision, compile=False)
         model.train()
         ids = torch.randint(0, 1000, (2, 16))
         torch.manual_seed(1)  # the same dropout draws

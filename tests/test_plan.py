@@ -13,11 +13,16 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, resolve, validate
+from dsrun.config import register_configs, validate
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
-from dsrun.plan import (GIB, Dtypes, apply_overrides, block_activations, bytes_per_param, kv_bytes_per_token_layer,
-                        model_shape, plan)
+from dsrun.plan import plan
+from dsrun.plan.assumptions import GIB
+from dsrun.plan.memory import Dtypes, block_activations, bytes_per_param, kv_bytes_per_token_layer
+from dsrun.plan.overrides import apply_overrides
+from dsrun.plan.search import with_suggestions
+from dsrun.plan.shape import model_shape
+from dsrun.resolve import resolve
 from tests.conftest import REPO, assert_user_error, dsrun
 
 CONF = REPO / "conf"
@@ -34,7 +39,7 @@ def planned(*overrides: str, suggest: bool = False):
         cfg = compose(config_name="config", overrides=["task=plan", *overrides])
     resolve(cfg)
     validate(cfg, gpu_catalog())
-    return cfg, plan(cfg, suggest=suggest)
+    return cfg, (with_suggestions if suggest else plan)(cfg)
 
 
 # --- hand-computed cases ----------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def test_each_suggestion_is_the_plan_of_its_overrides():
     assert any(s.fits and not s.hardware_usd for s in p.suggestions)  # a software fix exists
     assert any(s.fits and s.hardware_usd for s in p.suggestions)  # and a hardware one
     for s in p.suggestions:
-        again = plan(apply_overrides(cfg, s.overrides), suggest=False)
+        again = plan(apply_overrides(cfg, s.overrides))
         assert (again.fits, again.total_gib) == (s.fits, pytest.approx(s.total_gib)), s.overrides
         if any(o.startswith("train.micro_batch") for o in s.overrides) and not s.hardware_usd:
             assert again.recipe["global_batch"] == p.recipe["global_batch"]  # same global batch
@@ -337,8 +342,8 @@ def test_plan_settings_are_validated():
 
 
 def test_small_steps_are_host_bound_and_the_optimizer_streams_its_state():
-    from dsrun.plan import HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, STEP_BANDWIDTH_EFFICIENCY, model_shape
-    from dsrun.plan_speed import host_time, optimizer_time
+    from dsrun.plan.assumptions import HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, STEP_BANDWIDTH_EFFICIENCY
+    from dsrun.plan.speed import host_time, optimizer_time
 
     base = ["model=r1_distill_qwen_1_5b", "hardware=1xh100", "precision=bf16", "train.micro_batch=1"]
     cfg, short = planned(*base, "train.seq_len=128")

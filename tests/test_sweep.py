@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, resolve, validate
+from dsrun.config import register_configs, validate
+from dsrun.resolve import resolve
 from dsrun.hardware import gpu_catalog
 from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, start
 
@@ -199,7 +200,8 @@ def test_ledger_loses_no_record_under_concurrent_writers(tmp_path):
 
 
 def test_trial_deaths_are_classified_from_exit_and_log(tmp_path):
-    from dsrun.sweep import exit_status, run_child
+    from dsrun.child import run_child
+    from dsrun.sweep import exit_status
 
     for code, expected in (("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "crashed: SIGKILL"),
                            ("import ctypes; ctypes.string_at(0)", "crashed: SIGSEGV"),
@@ -217,7 +219,7 @@ def test_sigterm_to_a_sweep_reaches_its_running_trial(tmp_path):
     ready = tmp_path / "ready"
     trial = (f"import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
              f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60); sys.exit(1)")
-    wrapper = (f"import sys; from pathlib import Path; from dsrun.sweep import run_child; "
+    wrapper = (f"import sys; from pathlib import Path; from dsrun.child import run_child; "
                f"print(run_child([sys.executable, '-c', {trial!r}], Path({str(tmp_path / 'trial.log')!r})))")
     proc = subprocess.Popen([sys.executable, "-c", wrapper], cwd=REPO, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 30
@@ -272,7 +274,7 @@ def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(t
     assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
     assert "chose 4" in proc.stderr
     # the probes are part of this run: the ledger holds the run once, not its probes
-    from dsrun.batch_size import chosen_micro_batch
+    from dsrun.rollback import chosen_micro_batch
 
     assert chosen_micro_batch(run) == ["train.micro_batch=4"]  # what resume and replay pin
 

@@ -21,11 +21,10 @@ from dsrun.inference.engine import Request, build_engine
 from dsrun.inference.fast import cache_bucket, static_settings, wanted, warm_up
 from dsrun.inference.load import load
 from dsrun.inference.metrics import ServerMetrics
+from dsrun.runs import run_dir
 
 
 def bench_task(cfg: Any) -> list[dict[str, Any]]:
-    from dsrun.runs import run_dir
-
     bench = cfg.bench_infer
     rows: list[dict[str, Any]] = []
     for quant in bench.quants:

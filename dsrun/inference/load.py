@@ -13,7 +13,12 @@ from typing import Any
 
 import torch
 
+from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
+from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
+from dsrun.model import architecture, build_model, freeze, merged_model
+from dsrun.parallelize import decoder_blocks
+from dsrun.quantize import bnb_config, quantize_linears
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 COMPUTE_DTYPE = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
@@ -59,9 +64,8 @@ def load(cfg: Any) -> Loaded:
     device = torch.device("cuda" if cfg.hardware.accelerator == "cuda" else "cpu")
     dtype = compute_dtype(cfg.precision.mode)
     if device.type == "cuda":
-        from dsrun.train import emulate_memory
-
-        emulate_memory(cfg, device)  # hardware.emulate / memory_cap_gib: prove a small card's recipe on a big one
+        # hardware.emulate / memory_cap_gib: prove a small card's recipe on a big one
+        emulate_memory(cfg.hardware, device)
     if kind == "option":
         model = _build(cfg.model, seed=cfg.train.seed, dtype=dtype, build_device=_build_device(cfg, device, dtype))
         tokenizer_folder, name = None, cfg.model.name
@@ -88,8 +92,6 @@ def load(cfg: Any) -> Loaded:
 
 def _build(model_cfg: Any, seed: int, dtype: torch.dtype, build_device: torch.device | None) -> Any:
     """The model option, built as training builds it (dsrun.model), on the device it will run on when it fits."""
-    from dsrun.model import architecture, build_model
-
     arch = architecture(model_cfg)
     with torch.device(build_device or "cpu"):
         return build_model(model_cfg, arch, seed=seed, dtype=dtype)
@@ -122,8 +124,6 @@ def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> 
     model_cfg.experts_implementation = cfg.model.experts_implementation  # kernels of this machine, not the run's
     weights = run / "model"
     if (weights / "adapter_config.json").is_file():
-        from dsrun.export import merged_model
-
         return merged_model(run, dtype)[0], model_cfg, "run-adapter"
     if not (weights / "config.json").is_file():
         raise UserError(f"task.source={run}: model/ holds neither full weights (config.json) nor a LoRA adapter "
@@ -131,19 +131,8 @@ def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> 
     return _from_folder(weights, cfg, dtype, device), model_cfg, "run"
 
 
-def bnb_config(quant_cfg: Any, dtype: torch.dtype) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    if quant_cfg.method == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=quant_cfg.double_quant, bnb_4bit_compute_dtype=dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 def max_memory(cfg: Any) -> dict[Any, str]:
     """Budgets for accelerate: the GPU(s) up to the hardware profile's memory (or the card), the rest in host RAM."""
-    from dsrun.hardware import gpu_catalog, host_memory_gib
-
     hw = cfg.hardware
     budgets: dict[Any, str] = {}
     for index in range(torch.cuda.device_count()):
@@ -158,7 +147,6 @@ def _build_device(cfg: Any, device: torch.device, dtype: torch.dtype) -> torch.d
     """Build on the GPU when the 16-bit weights fit its budget (fast); else on the CPU, and place() moves them."""
     if device.type != "cuda":
         return device
-    from dsrun.model import architecture
 
     arch = architecture(cfg.model)
     with torch.device("meta"):
@@ -173,10 +161,6 @@ def place(model: Any, cfg: Any, device: torch.device) -> Any:
     """Quantize (cfg.quant) and put the model on the device. Quantized: block by block, each quantized as it lands
     on the GPU (the 16-bit model is never whole there). Not quantized and larger than the card: across GPU(s) and
     CPU RAM within max_memory (accelerate's device map)."""
-    from dsrun.model import freeze
-    from dsrun.parallelize import decoder_blocks
-    from dsrun.quantize import quantize_linears
-
     if cfg.quant.method != "none":  # 4/8-bit weights are placed whole on the GPU (a quarter/half the size)
         for block in decoder_blocks(model):
             block.to(device)
@@ -197,8 +181,6 @@ def place(model: Any, cfg: Any, device: torch.device) -> Any:
 
 def _tokenizer(folder: Path | None, model_cfg: Any) -> Any:
     """The folder's own tokenizer when it has one, else the model option's (dsrun.data.load_tokenizer)."""
-    from dsrun.data import load_tokenizer
-
     if folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 

@@ -1,5 +1,6 @@
 """Prometheus metrics of the server, in a registry of its own (a second server in one process, or the training
-exporter, cannot collide with it: PITFALLS, prometheus_client)."""
+exporter, cannot collide with it: prometheus_client raises "Duplicated timeseries" when one registry gets a metric
+twice)."""
 
 from __future__ import annotations
 

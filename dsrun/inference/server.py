@@ -25,6 +25,7 @@ from dsrun.inference.chat import ChatError, Detokenizer, render, stop_ids
 from dsrun.inference.engine import Engine, QueueFull, Request, build_engine
 from dsrun.inference.load import Loaded, describe, load
 from dsrun.inference.metrics import ServerMetrics
+from dsrun.inference.vllm import serve_with_vllm
 
 MAX_BODY_BYTES = 4 * 2**20
 DRAIN_TIMEOUT_S = 30.0
@@ -39,8 +40,6 @@ class ApiError(Exception):
 def serve_task(cfg: Any) -> None:
     srv = cfg.serve
     if srv.engine == "vllm":
-        from dsrun.inference.vllm import serve_with_vllm
-
         return serve_with_vllm(cfg)
     describe(cfg.task.source)  # a wrong source stops before the port or the model
     api_key = _api_key(srv)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
@@ -13,6 +13,35 @@ from dsrun.monitor.health import HealthChecked
 from dsrun.monitor.jsonl import JsonlMonitor
 
 
+def _console(cfg: Any, run_dir: Path) -> Monitor:
+    return ConsoleMonitor()
+
+
+def _prometheus(cfg: Any, run_dir: Path) -> Monitor:
+    from dsrun.monitor.prometheus import PrometheusMonitor
+
+    prom = cfg.monitor.prometheus
+    return PrometheusMonitor(run_dir.name, prom.host, prom.port, prom.linger_s)
+
+
+def _tensorboard(cfg: Any, run_dir: Path) -> Monitor:
+    from dsrun.monitor.tensorboard import TensorboardMonitor
+
+    return TensorboardMonitor(run_dir / "tensorboard")
+
+
+def _wandb(cfg: Any, run_dir: Path) -> Monitor:
+    from dsrun.monitor.wandb import WandbMonitor
+
+    return WandbMonitor(cfg.monitor.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True))
+
+
+# The monitor registry: name -> builder, each turned on by monitor.<name>.enabled. Adding a monitor: its
+# conf/monitor/<name>.yaml, its settings in config.MonitorConfig, and one entry here. The JSONL log is always on.
+MONITORS: dict[str, Callable[[Any, Path], Monitor]] = {"console": _console, "prometheus": _prometheus,
+                                                       "tensorboard": _tensorboard, "wandb": _wandb}
+
+
 def build_monitors(cfg: Any, run_dir: Path, is_rank_zero: bool) -> Monitors:
     """The configured monitors; ranks other than 0 get none (rank 0 owns all output).
 
@@ -20,24 +49,9 @@ def build_monitors(cfg: Any, run_dir: Path, is_rank_zero: bool) -> Monitors:
     Backends are imported only when chosen: `import wandb` alone costs seconds."""
     if not is_rank_zero:
         return Monitors([])
-    chosen = cfg.monitor
     monitors: list[Monitor] = [JsonlMonitor(run_dir / "metrics.jsonl")]
-    console = ConsoleMonitor() if chosen.console.enabled else None
-    if console is not None:
-        monitors.append(console)
-    if chosen.prometheus.enabled:
-        from dsrun.monitor.prometheus import PrometheusMonitor
-
-        prom = chosen.prometheus
-        monitors.append(PrometheusMonitor(run_dir.name, prom.host, prom.port, prom.linger_s))
-    if chosen.tensorboard.enabled:
-        from dsrun.monitor.tensorboard import TensorboardMonitor
-
-        monitors.append(TensorboardMonitor(run_dir / "tensorboard"))
-    if chosen.wandb.enabled:
-        from dsrun.monitor.wandb import WandbMonitor
-
-        monitors.append(WandbMonitor(chosen.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True)))
+    monitors += [build(cfg, run_dir) for name, build in MONITORS.items() if cfg.monitor[name].enabled]
+    console = next((m for m in monitors if isinstance(m, ConsoleMonitor)), None)
     return HealthChecked(monitors, console.console if console is not None else None)
 
 

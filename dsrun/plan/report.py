@@ -10,7 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dsrun.plan import Plan, plan
+from dsrun.plan import Plan
+from dsrun.plan.search import with_suggestions
 
 LABELS = {
     "weights": "weights",
@@ -35,7 +36,7 @@ def plan_task(cfg: Any) -> Plan:
     """Print the plan and keep it as plan.json in the run folder (a sweep's trials each leave one)."""
     from hydra.core.hydra_config import HydraConfig
 
-    result = plan(cfg)
+    result = with_suggestions(cfg)
     text = json.dumps(result.to_dict(), indent=1)
     if HydraConfig.initialized():
         (Path(HydraConfig.get().runtime.output_dir) / "plan.json").write_text(text + "\n")

@@ -1,4 +1,4 @@
-"""What makes a recipe fit: each cheap change applied to a copy of the config and planned again (dsrun/plan.py).
+"""What makes a recipe fit: each cheap change applied to a copy of the config and planned again (dsrun/plan/).
 
 Software changes come first (micro-batch and accumulation at the same global batch, activation checkpointing,
 bf16 states, sharding, offload, LoRA / QLoRA), then hardware: for every catalog GPU the fewest cards that hold the
@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import yaml
 
-from dsrun.config import PENDING, RUNNABLE_TASKS, _selected, validate
+from dsrun.batch import data_parallel_size, global_batch, world_size
+from dsrun.config import PENDING, selected, validate
+from dsrun.constants import CONF_DIR
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
-from dsrun.plan import GIB, Box, Plan, Suggestion, apply_overrides, model_shape, plan
-from dsrun.strategy import data_parallel_size, global_batch, world_size
+from dsrun.plan import Plan, Suggestion, plan
+from dsrun.plan.assumptions import GIB
+from dsrun.plan.overrides import Box, apply_overrides, boxed
+from dsrun.plan.shape import model_shape
+from dsrun.task_table import RUNNABLE_TASKS
 
 CARD_COUNTS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CARDS_PER_NODE = {"consumer": 4, "datacenter": 8}  # seed 000's 4-card boxes; HGX boards of 8
+CARDS_PER_NODE = {"consumer": 4, "datacenter": 8}  # 4-card consumer boxes; HGX boards of 8
 SHOWN_HARDWARE = 4  # hardware suggestions kept, cheapest per token first
+
+
+def with_suggestions(cfg: Any) -> Plan:
+    """The plan, and when it does not fit, the changes that make it fit, each planned again."""
+    result = plan(cfg)
+    if not result.fits:
+        result.suggestions = suggestions(boxed(cfg))
+    return result
 
 
 def suggestions(cfg: Box) -> list[Suggestion]:
@@ -100,7 +114,7 @@ def _fit(cfg: Box, change: str, overrides: list[str], hardware_usd: float = 0.0)
             validate(candidate, gpu_catalog())
         except ConfigError:
             continue
-        p = plan(candidate, suggest=False)
+        p = plan(candidate)
         last = _suggestion(change, overrides + knobs, p, candidate, hardware_usd)
         if p.fits:
             return last
@@ -117,7 +131,7 @@ def _suggestion(change: str, overrides: list[str], p: Plan, cfg: Box, hardware_u
             described.append("activation checkpointing")
         elif item.startswith("plan.batch="):
             described.append(f"{cfg.plan.batch} sequences at a time")
-    pending = [issue for (group, option), issue in PENDING.items() if group != "task" and _selected(cfg, group, option)]
+    pending = [issue for (group, option), issue in PENDING.items() if group != "task" and selected(cfg, group, option)]
     return Suggestion(change=", ".join(dict.fromkeys(described)), overrides=overrides, fits=p.fits,
                       total_gib=p.total_gib, vram_gib=p.vram_gib, host_gib=p.host_gib, tokens_per_s=p.tokens_per_s,
                       usd_per_million_tokens=p.usd_per_million_tokens, hardware_usd=hardware_usd,
@@ -193,7 +207,5 @@ def _same_global_batch(cfg: Box, ranks: int) -> list[str]:
 
 @functools.cache
 def _hardware_options() -> dict[str, dict]:
-    from dsrun.cli import CONF_DIR
-
     return {p.stem: yaml.safe_load(p.read_text()) for p in sorted((CONF_DIR / "hardware").glob("*.yaml"))
             if p.stem not in ("auto", "cpu")}

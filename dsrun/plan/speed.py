@@ -1,6 +1,7 @@
-"""Speed and cost of a plan (dsrun/plan.py): FLOPs over an assumed fraction of the card's dense rate, plus the
+"""Speed and cost of a plan (dsrun/plan/): FLOPs over an assumed fraction of the card's dense rate, plus the
 communication a strategy cannot hide under backward; decode reads the weights once per step; cost is hardware
-amortisation plus electricity per 1M tokens. The assumptions are constants in dsrun/plan.py (docs/planner.md)."""
+amortisation plus electricity per 1M tokens. The assumptions are constants in dsrun/plan/assumptions.py
+(docs/planner.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ import math
 from typing import Any
 
 from dsrun.allreduce import all_reduce_seconds
-from dsrun.hardware import cpu_cores, pcie_gbs
-from dsrun.plan import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU, DECODE_BANDWIDTH_EFFICIENCY,
-                        FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR, HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR,
-                        HOST_LORA_BLOCK_S, HOST_MOE_FACTOR, HOST_OPTIMIZER_BYTES_PER_S, HOST_POWER_FACTOR,
-                        LINK_EFFICIENCY, MFU, MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY,
-                        STEP_BANDWIDTH_EFFICIENCY, Shape, _gather_bytes, _gathers, _lora, bytes_per_param, dtypes,
-                        measured_bandwidth, shard_counts)
-from dsrun.strategy import data_parallel_size, global_batch, world_size
+from dsrun.batch import data_parallel_size, global_batch, world_size
+from dsrun.hardware import cpu_cores, measured_links, pcie_gbs
+from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU,
+                                    DECODE_BANDWIDTH_EFFICIENCY, FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR,
+                                    HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR, HOST_LORA_BLOCK_S, HOST_MOE_FACTOR,
+                                    HOST_OPTIMIZER_BYTES_PER_S, HOST_POWER_FACTOR, LINK_EFFICIENCY, MFU,
+                                    MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY, STEP_BANDWIDTH_EFFICIENCY)
+from dsrun.plan.memory import bytes_per_param, dtypes, gather_bytes, gathers, lora_sizes, shard_counts
+from dsrun.plan.shape import Shape
+
+
+def measured_bandwidth(cfg: Any) -> dict[str, dict[str, Any]]:
+    """The links `dsrun doctor` measured on this machine that this plan crosses, by scope: 'local' when it spans
+    several devices of a node, 'network' when it spans nodes (unless plan.network_gbps is set by hand)."""
+    hw = cfg.hardware
+    return {scope: entry for scope, entry in measured_links(hw).items()
+            if (scope == "local" and hw.devices > 1) or (scope == "network" and hw.num_nodes > 1
+                                                          and not cfg.plan.network_gbps)}
 
 
 def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) -> tuple[float, float]:
@@ -89,12 +100,12 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     compute = tokens * flops / world * ((1 - share) / rate + share / _rate(cfg, spec, shape, "32-true")[0])
 
     bandwidth, ring = _bandwidth(cfg, spec), (n - 1) / n
-    trainable_bytes = (_lora(cfg, shape)[0] if lora else shape.total) * bytes_per_param(cfg)["gradients"]
+    trainable_bytes = (lora_sizes(cfg, shape)[0] if lora else shape.total) * bytes_per_param(cfg)["gradients"]
     if strategy == "ddp":
         overlapped = all_reduce_seconds(trainable_bytes, n, bandwidth)
-    elif _gathers(cfg):  # weights all-gathered for forward and backward of every micro-batch, gradients
+    elif gathers(cfg):  # weights all-gathered for forward and backward of every micro-batch, gradients
         # reduce-scattered once
-        gathered = _gather_bytes(cfg, shape.total, shape.matmul if cfg.quant.method != "none" else 0)
+        gathered = gather_bytes(cfg, shape.total, shape.matmul if cfg.quant.method != "none" else 0)
         overlapped = ring * (2 * tr.accumulation * gathered + trainable_bytes) / bandwidth
     elif strategy == "deepspeed":
         overlapped = ring * (tr.accumulation + 1) * trainable_bytes / bandwidth
@@ -114,7 +125,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
         link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
         b = bytes_per_param(cfg)
-        blocking += (_lora(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] * \
+        blocking += (lora_sizes(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] * \
             (b["weights"] + b["gradients"] + b["optimizer"]) / HOST_OPTIMIZER_BYTES_PER_S[strategy]
     gpu = compute + max(0.0, overlapped - 2 / 3 * compute)  # collectives hide under backward
     step = max(gpu, host_time(cfg, shape, spec)) + optimizer_time(cfg, shape, spec, host) + blocking
@@ -141,7 +152,7 @@ def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> flo
     if spec is None or "optimizer_states" in host:
         return 0.0
     b, div = bytes_per_param(cfg), shard_counts(cfg)
-    trainable = _lora(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
+    trainable = lora_sizes(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
     clips_in_kernel = (cfg.optim.name == "adamw" and cfg.precision.mode != "16-mixed"
                        and cfg.parallel.strategy != "deepspeed")  # strategy.optimizer_step
     per_param = 2 * (b["weights"] + b["optimizer"]) + (2 if clips_in_kernel else 4) * b["gradients"]

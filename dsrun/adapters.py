@@ -1,0 +1,42 @@
+"""Adapters trained on a frozen base (the `adapter` group). ADAPTERS is the adapter.method registry: adding one is
+conf/adapter/<option>.yaml and one entry there. peft and torch load only when an adapter is added."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from dsrun.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dsrun.config import AdapterConfig
+
+
+def _none(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+    return model
+
+
+def _lora(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(adapter_cfg.target_modules)
+    if targets != ["all-linear"]:
+        head = model.get_output_embeddings()
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not head})
+        if missing := [t for t in targets if t not in names]:
+            raise UserError(f"adapter.target_modules: {', '.join(missing)} not in this model; its linear layers are "
+                            f"{', '.join(names)} (or all-linear)")
+    lora = LoraConfig(r=adapter_cfg.r, lora_alpha=adapter_cfg.alpha, lora_dropout=adapter_cfg.dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    # adapter weights (and so their optimizer states) in fp32 over a 16-bit frozen base
+    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+
+
+ADAPTERS: dict[str, Callable[..., torch.nn.Module]] = {"none": _none, "lora": _lora}
+
+
+def add_adapters(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+    return ADAPTERS[adapter_cfg.method](model, adapter_cfg)

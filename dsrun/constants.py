@@ -1,0 +1,8 @@
+"""Values several layers share, kept at the bottom so no module imports its caller to reach one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config groups (conf/<group>/<option>.yaml)
+AUTO = "auto"  # a value resolve() or the pre-launch probe fills in (train.micro_batch=auto, hardware=auto, ...)
