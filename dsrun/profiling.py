@@ -77,19 +77,61 @@ class StepProfiler:
         shares = ", ".join(f"{op.key} {getattr(op, key) / total:.0%}" for op in top) if total else "none"
         first = self.start_step + WAIT + WARMUP + 1
         busy = f"GPU busy {device_busy_us(trace) / self.wall_us:.0%} of the wall time; " if device else ""
+        comm, exposed = exposed_communication_us(trace) if device else (0.0, 0.0)
+        if comm:
+            busy += (f"collectives {comm / self.steps / 1e3:.1f} ms a step, {exposed / self.steps / 1e3:.1f} ms of it "
+                     "with no other kernel running; ")
         print(f"dsrun: profiled steps {first}-{first + self.steps - 1} ({self.out}): {busy}largest operators: "
               f"{shares}", file=sys.stderr)
+
+
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of [start, stop) spans as disjoint sorted spans."""
+    merged: list[tuple[float, float]] = []
+    for begin, stop in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((begin, stop))
+    return merged
+
+
+def _length(spans: list[tuple[float, float]]) -> float:
+    return sum(stop - begin for begin, stop in spans)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two merged span lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def device_spans(trace: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(communication, everything else) as merged spans of the GPU's kernels, copies and memsets (union over
+    streams). Communication is NCCL's kernels."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    comm, other = [], []
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            (comm if "nccl" in e.get("name", "").lower() else other).append((e["ts"], e["ts"] + e["dur"]))
+    return _merged(comm), _merged(other)
 
 
 def device_busy_us(trace: Path) -> float:
     """Microseconds in which at least one kernel, copy or memset ran (the union over streams): below ~90 % of the
     wall time the GPU waits for the host to issue work."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
-    busy, end = 0.0, float("-inf")
-    for start, stop in spans:
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    return busy
+    comm, other = device_spans(trace)
+    return _length(_merged(comm + other))
+
+
+def exposed_communication_us(trace: Path) -> tuple[float, float]:
+    """(communication kernel time, the part of it during which no other kernel ran): the exposed part is what a
+    multi-GPU step loses to its collectives, however well the rest overlaps."""
+    comm, other = device_spans(trace)
+    return _length(comm), _length(comm) - _overlap(comm, other)
