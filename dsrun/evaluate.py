@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dsrun.errors import DataError
+from dsrun.attention import batch_kwargs
 from dsrun.loss import IGNORE_INDEX
 from dsrun.packing import Blocks
 
@@ -42,9 +43,9 @@ class Evaluator:
         model.eval()
         with torch.no_grad():
             for step in range(self.steps):
-                inputs, labels, positions = (t.to(fabric.device) if t is not None else None
-                                             for t in self._batch(step))
-                token_losses, labelled = model(input_ids=inputs, labels=labels, position_ids=positions)
+                inputs, labels, positions = self._batch(step)
+                token_losses, labelled = model(input_ids=inputs.to(fabric.device), labels=labels.to(fabric.device),
+                                               **batch_kwargs(positions, fabric.device))
                 totals[0] += token_losses.double()
                 totals[1] += labelled
         model.train()

@@ -23,6 +23,7 @@ from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
 from dsrun.hardware import emulate_memory, gpu_catalog
+from dsrun.attention import batch_kwargs, use_varlen_attention
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_run_model, flops_per_token, millions, parameter_counts, save_weights
@@ -145,6 +146,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     with model_init(fabric, cfg):
         model = build_run_model(cfg, arch, fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
+        if cfg.data.packing and cfg.data.document_mask:
+            use_varlen_attention(model)
         model = add_adapters(model, cfg.adapter)
 
     lr = tr.lr * (data_parallel_size(cfg) if cfg.optim.scale_lr_with_data_parallel else 1)
@@ -226,8 +229,10 @@ def train_step(run: Run, step: int) -> Any:
     fabric, model, optimizer, tr = run.fabric, run.model, run.optimizer, run.cfg.train
     for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
         group["lr"] = run.lr * run.lr_at(step - 1)
-    micro_batches = [tuple(t.to(fabric.device, non_blocking=True) if t is not None else None for t in batch)
-                     for batch in (next(run.batches) for _ in range(tr.accumulation))]
+    # (inputs, labels, keyword arguments): packed documents' bounds are read from the position ids on the host
+    micro_batches = [(inputs.to(fabric.device, non_blocking=True), labels.to(fabric.device, non_blocking=True),
+                      batch_kwargs(positions, fabric.device))
+                     for inputs, labels, positions in (next(run.batches) for _ in range(tr.accumulation))]
     # the step's loss is its token losses over every labelled token of the global batch (torchtune's
     # normalisation): counted from the labels up front, one all-reduce, no host sync
     labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
@@ -236,12 +241,12 @@ def train_step(run: Run, step: int) -> Any:
     labelled = labelled.clamp(min=1)
     run.trained_sum += labelled
     dp = data_parallel_size(run.cfg)
-    for micro, (inputs, labels, positions) in enumerate(micro_batches):
+    for micro, (inputs, labels, documents) in enumerate(micro_batches):
         # gradients are reduced once per optimizer step, not per micro-batch
         with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
             # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
-            # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/packing.py)
-            token_losses, _ = model(input_ids=inputs, labels=labels, position_ids=positions)
+            # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/attention.py)
+            token_losses, _ = model(input_ids=inputs, labels=labels, **documents)
             loss = token_losses / labelled
             backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
         run.loss_sum += loss.detach()
