@@ -7,7 +7,7 @@ no schedule), seq 2048, micro-batch 1, LoRA r16/alpha 32 on the seven projection
 (Unsloth patches transformers on import; peak-memory counters stay apart): 5 warm-up steps, then 3 windows of 20
 timed steps (CUDA-synchronised); tokens/s is the median window. Peaks are the allocator's (reserved decides an OOM).
 
-    python bench/qlora.py [--steps 20] [--only stock,unsloth,dsrun,dsrun_eager] [--anchors-site /tmp/anchors] [--cap-gib 8]
+    python bench/qlora.py [--steps 20] [--only stock,unsloth,dsrun,dsrun_eager,dsrun_host_embedding] [--anchors-site /tmp/anchors] [--cap-gib 8]
 
 Unsloth's wheels: ../shared/anchors/unsloth-wheels.sh, installed into --anchors-site. Writes $OUT/qlora.json and
 prints a Markdown table for BENCHMARKS.md.
@@ -143,7 +143,8 @@ def case_unsloth(steps: int) -> dict:
     return {**timed_loop(model, steps), "version": getattr(unsloth, "__version__", None)}
 
 
-DSRUN_CASES = {"dsrun": ["train.compile=true"], "dsrun_eager": []}
+DSRUN_CASES = {"dsrun": ["train.compile=true"], "dsrun_eager": [],
+               "dsrun_host_embedding": ["train.compile=true", "parallel.offload_embedding=true"]}
 
 
 def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:

@@ -48,6 +48,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
     offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
+    offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch
     tensor_parallel_size: int = 1
     timeout_s: int = 1800  # collective timeout before the job aborts
 
@@ -400,6 +401,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if par.offload_activations and par.strategy not in ("single", "ddp"):
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
+    if par.offload_embedding and (cfg.adapter.method == "none" or par.strategy not in ("single", "ddp")):
+        p.append(f"parallel.offload_embedding=true with adapter={cfg.adapter.method}, parallel={par.name}: the "
+                 "embedding can leave the GPU only when it is frozen (adapter=lora or qlora) and unsharded "
+                 "(parallel=single or ddp); change those or set parallel.offload_embedding=false")
     if cfg.quant.method != "none" and par.strategy not in ("single", "ddp") and cfg.task.name in RUNNABLE_TASKS:
         # plans may still describe sharded quantized weights (FSDP-QLoRA with bf16 storage), which dsrun lacks
         p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from dsrun.errors import DataError
-from dsrun.attention import batch_kwargs
 from dsrun.loss import IGNORE_INDEX
+from dsrun.model_inputs import HostEmbedding, model_inputs
 from dsrun.packing import Blocks
 
 
@@ -38,14 +38,12 @@ class Evaluator:
         labels = labels.masked_fill(~real[:, None], IGNORE_INDEX)  # filler rows: a real row's tokens, no score
         return inputs, labels, positions
 
-    def __call__(self, model: Any, fabric: Any) -> dict[str, float]:
+    def __call__(self, model: Any, fabric: Any, embedding: HostEmbedding | None = None) -> dict[str, float]:
         totals = torch.zeros(2, dtype=torch.float64, device=fabric.device)  # loss sum, labelled tokens
         model.eval()
         with torch.no_grad():
             for step in range(self.steps):
-                inputs, labels, positions = self._batch(step)
-                token_losses, labelled = model(input_ids=inputs.to(fabric.device), labels=labels.to(fabric.device),
-                                               **batch_kwargs(positions, fabric.device))
+                token_losses, labelled = model(**model_inputs(*self._batch(step), fabric.device, embedding))
                 totals[0] += token_losses.double()
                 totals[1] += labelled
         model.train()

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # labels of positions that carry no loss (prompts, padding)
-# what the decoder is given besides the tokens (dsrun/attention.py: packed documents' bounds)
-MODEL_KWARGS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# what the decoder is given besides the tokens (dsrun/model_inputs.py: embedding rows from host memory, packed
+# documents' bounds)
+MODEL_KWARGS = ("inputs_embeds", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32 (110 tokens of a 152k vocabulary)
 
 
@@ -105,7 +107,8 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
     `model` is a transformers causal LM (before adapters or wrappers, which call its forward)."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
-    def forward(self: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any):
+    def forward(self: nn.Module, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
         hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state.flatten(0, 1)
         labels = labels.flatten()

@@ -23,10 +23,11 @@ from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
 from dsrun.hardware import emulate_memory, gpu_catalog
-from dsrun.attention import batch_kwargs, use_varlen_attention
+from dsrun.attention import use_varlen_attention
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_run_model, flops_per_token, millions, parameter_counts, save_weights
+from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
@@ -76,6 +77,7 @@ class Run:
     tokenizer: Any
     batches: BatchStream
     evaluator: Evaluator | None
+    host_embedding: HostEmbedding | None  # parallel.offload_embedding: the input embedding in host memory
     checkpointer: Checkpointer
     state: dict[str, Any]  # what a checkpoint restores: model, optimizer (and the fp16 scaler)
     monitors: Any
@@ -161,6 +163,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
 
     counts = parameter_counts(model)
     flops = flops_per_token(model, tr.seq_len)
+    host_embedding = offload_embedding(model) if cfg.parallel.offload_embedding else None
     model, optimizer = setup_strategy(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
 
@@ -182,7 +185,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints, adapter_only=cfg.adapter.method != "none")
     zero = torch.zeros((), device=fabric.device)
     run = Run(cfg=cfg, run_dir=run_dir, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer,
-              batches=batches, evaluator=evaluator, checkpointer=checkpointer,
+              batches=batches, evaluator=evaluator, host_embedding=host_embedding, checkpointer=checkpointer,
               state=checkpoint_state(fabric, model, optimizer), monitors=monitors, profiler=None, lr=lr,
               lr_at=None, horizon=max_steps, max_steps=max_steps, length=length, replicas=replicas,
               clip=grad_clip(cfg), flops=flops, peak_flops=peak_flops_per_s(cfg) * fabric.world_size,
@@ -229,24 +232,23 @@ def train_step(run: Run, step: int) -> Any:
     fabric, model, optimizer, tr = run.fabric, run.model, run.optimizer, run.cfg.train
     for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
         group["lr"] = run.lr * run.lr_at(step - 1)
-    # (inputs, labels, keyword arguments): packed documents' bounds are read from the position ids on the host
-    micro_batches = [(inputs.to(fabric.device, non_blocking=True), labels.to(fabric.device, non_blocking=True),
-                      batch_kwargs(positions, fabric.device))
-                     for inputs, labels, positions in (next(run.batches) for _ in range(tr.accumulation))]
+    # prepared on the host (packed documents' bounds, embedding rows kept in host memory), copied without a sync
+    micro_batches = [model_inputs(*batch, fabric.device, run.host_embedding)
+                     for batch in (next(run.batches) for _ in range(tr.accumulation))]
     # the step's loss is its token losses over every labelled token of the global batch (torchtune's
     # normalisation): counted from the labels up front, one all-reduce, no host sync
-    labelled = sum((labels != IGNORE_INDEX).sum() for _, labels, _ in micro_batches).float()
+    labelled = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches).float()
     if fabric.world_size > 1:
         labelled = all_reduce_(labelled) / run.replicas
     labelled = labelled.clamp(min=1)
     run.trained_sum += labelled
     dp = data_parallel_size(run.cfg)
-    for micro, (inputs, labels, documents) in enumerate(micro_batches):
+    for micro, batch in enumerate(micro_batches):
         # gradients are reduced once per optimizer step, not per micro-batch
         with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
             # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
             # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/attention.py)
-            token_losses, _ = model(input_ids=inputs, labels=labels, **documents)
+            token_losses, _ = model(**batch)
             loss = token_losses / labelled
             backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
         run.loss_sum += loss.detach()
@@ -275,7 +277,7 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
                **peak_memory_gib(fabric.device),
                "elapsed_s": now - run.started, "last_checkpoint_time": run.last_checkpoint_time}
     if evaluating:
-        metrics.update(run.evaluator(run.model, fabric))
+        metrics.update(run.evaluator(run.model, fabric, run.host_embedding))
         if tr.keep_best and metrics["eval_loss"] < run.best_eval["loss"]:
             run.best_eval = {"loss": metrics["eval_loss"], "step": step}
             run.checkpointer.save(step, {**run.state, "step": step, "best_eval": run.best_eval,

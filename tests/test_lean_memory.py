@@ -16,7 +16,7 @@ from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_model, weight_dtype
 from dsrun.parallelize import decoder_blocks
-from tests.conftest import REPO
+from tests.conftest import FAST, REPO, dsrun, read_metrics
 
 
 def model_cfg(name: str):
@@ -128,3 +128,16 @@ def test_lora_targets_missing_from_the_model_are_named_with_the_real_layers():
         add_adapters(model, AdapterConfig(method="lora", target_modules=["q_proj", "qkv_proj"]))
     message = str(err.value)
     assert "qkv_proj" in message and "q_proj" in message.split("linear layers are")[1] and "down_proj" in message
+
+
+def test_an_embedding_kept_in_host_memory_trains_and_evaluates_exactly_as_on_the_device(tmp_path):
+    """parallel.offload_embedding: the frozen table leaves the model (its rows travel with each batch) and the
+    losses, eval losses and gradient norms are those of the same LoRA run with the table on the device."""
+    rows = {}
+    for offload in ("false", "true"):
+        run_dir = tmp_path / offload
+        proc = dsrun(*FAST, "adapter=lora", "train.max_steps=3", "data.eval_split=0.05", "train.eval_every=3",
+                     f"parallel.offload_embedding={offload}", run_dir=run_dir)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows[offload] = [(r["loss"], r["grad_norm"], r.get("eval_loss")) for r in read_metrics(run_dir)]
+    assert rows["true"] == rows["false"] and rows["true"][-1][2] is not None, rows

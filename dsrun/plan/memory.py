@@ -163,6 +163,9 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         "logits_loss": logits_loss_bytes(cfg, shape, tokens, d),
     }
     host: dict[str, float] = {}
+    if cfg.parallel.get("offload_embedding") and shape.head:  # an untied, frozen table (validate() checks frozen)
+        m["weights"] -= shape.embedding * b["weights"]
+        host["embedding"] = shape.embedding * b["weights"] * cfg.hardware.devices
     if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
         host["activations"] = tokens * len(shape.moe_blocks) * shape.model.config.hidden_size * d.wide * \
             cfg.hardware.devices

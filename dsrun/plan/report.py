@@ -29,6 +29,7 @@ LABELS = {
     "working_set": "prefill working set + last logits",
     "cuda_context": "CUDA context + NCCL",
     "allocator": "allocator fragmentation",
+    "embedding": "input embedding (parallel.offload_embedding)",
 }
 
 
