@@ -21,7 +21,7 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dsrun", "errors", "constants", "task_table"]),
     ("tools", ["hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
-               "allreduce", "chat", "loss", "attention", "packing", "activation_offload", "profiling", "ledger", "report"]),
+               "allreduce", "chat", "loss", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
     ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "model",
                     "lora_folder", "checkpoint", "evaluate", "monitor/"]),
     ("schema", ["config"]),
