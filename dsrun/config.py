@@ -401,6 +401,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if par.offload_activations and par.strategy not in ("single", "ddp"):
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
+    if not OPTIMIZERS[cfg.optim.name].sharded and par.strategy not in ("single", "ddp"):
+        p.append(f"optim={cfg.optim.name} with parallel={par.name}: its states are built for whole parameters, not "
+                 "FSDP/TP shards or DeepSpeed's optimizer; use parallel=single or ddp, or optim=adamw")
     if par.offload_embedding and (cfg.adapter.method == "none" or par.strategy not in ("single", "ddp")):
         p.append(f"parallel.offload_embedding=true with adapter={cfg.adapter.method}, parallel={par.name}: the "
                  "embedding can leave the GPU only when it is frozen (adapter=lora or qlora) and unsharded "

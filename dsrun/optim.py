@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 class Optimizer:
     build: Callable[..., Any]  # (optim config, params, lr, fused) -> torch.optim.Optimizer
     reads: tuple[str, ...] = ()  # optim.* keys only this optimizer reads
+    states: Callable[[Any], int] = lambda optim: 0  # state tensors per parameter (the planner's memory)
+    state_bytes: float | None = None  # bytes per state element; None: the trained weight's width
+    sharded: bool = True  # works on FSDP2/TP's DTensor parameters and inside DeepSpeed
 
 
 def _sgd(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused: bool) -> torch.optim.Optimizer:
@@ -35,8 +38,21 @@ def _adamw(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fuse
                              weight_decay=optim.weight_decay, fused=fused)
 
 
-OPTIMIZERS: dict[str, Optimizer] = {"adamw": Optimizer(_adamw, reads=("betas", "eps")),
-                                    "sgd": Optimizer(_sgd, reads=("momentum",))}
+def _adamw8bit(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused: bool) -> Any:
+    import bitsandbytes as bnb
+
+    # bitsandbytes' block-wise 8-bit moments: 2 bytes of state per parameter instead of 8 (tensors under 4,096
+    # elements keep fp32 states, as bitsandbytes decides)
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+                               weight_decay=optim.weight_decay)
+
+
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adamw": Optimizer(_adamw, reads=("betas", "eps"), states=lambda optim: 2),
+    "adamw8bit": Optimizer(_adamw8bit, reads=("betas", "eps"), states=lambda optim: 2, state_bytes=1.0,
+                           sharded=False),
+    "sgd": Optimizer(_sgd, reads=("momentum",), states=lambda optim: int(bool(optim.momentum))),
+}
 
 
 def build_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter], *, lr: float,

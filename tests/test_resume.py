@@ -155,3 +155,34 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
     resumed = dsrun("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["loss"] for r in read_metrics(run_dir)] == [r["loss"] for r in read_metrics(tmp_path / "full")]
+
+
+def test_adamw8bit_keeps_8_bit_moments_and_resumes_exactly(tmp_path):
+    """optim=adamw8bit (bitsandbytes, real, on CPU): the tiny model's large tensors get uint8 moments, the run
+    learns, and a run killed after its first checkpoint resumes to the same losses as one never stopped."""
+    import torch
+
+    job = [*FAST, "optim=adamw8bit", "train.max_steps=6", "train.checkpoint_every=3", "train.seq_len=32",
+           "train.micro_batch=2"]
+    full = dsrun(*job, run_dir=tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    assert losses[-1] < losses[0], losses
+    run_dir = tmp_path / "cut"
+    proc = start([*job, f"hydra.run.dir={run_dir}"])
+    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(run_dir / "checkpoints" / "step-00000003" / "state", weights_only=True)
+
+    def tensors(value):  # bitsandbytes nests its quantized states in the optimizer's state dict
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, (dict, list, tuple)):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from tensors(item)
+
+    assert any(t.dtype == torch.uint8 and t.numel() >= 4096 for t in tensors(state["optimizer"])), "8-bit moments"
+    resumed = dsrun("resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["loss"] for r in read_metrics(run_dir)] == losses

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsrun.batch import data_parallel_size, world_size
+from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
 from dsrun.plan.shape import Shape
@@ -20,12 +21,17 @@ def bytes_per_param(cfg: Any) -> dict[str, float]:
         # ZeRO's layout: 16-bit weights and gradients, the fp32 master copy inside the optimizer
         return {"weights": 2, "gradients": 2, "optimizer": 4 + 4 * states}
     width = 2 if mode == "bf16-true" or frozen_16bit(cfg) else 4
-    return {"weights": width, "gradients": width, "optimizer": width * states}
+    return {"weights": width, "gradients": width, "optimizer": state_bytes(cfg, width) * states}
 
 
 def moments(cfg: Any) -> int:
     """Optimizer states per parameter: Adam's two moments, SGD's momentum buffer if any."""
-    return 2 if cfg.optim.name == "adamw" else int(bool(cfg.optim.momentum))
+    return OPTIMIZERS[cfg.optim.name].states(cfg.optim)
+
+
+def state_bytes(cfg: Any, width: float) -> float:
+    """Bytes per optimizer state element: the trained weight's width, or the optimizer's own (8-bit Adam)."""
+    return OPTIMIZERS[cfg.optim.name].state_bytes or width
 
 
 def shard_counts(cfg: Any) -> dict[str, int]:
@@ -138,7 +144,8 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     d, b, div = dtypes(cfg), bytes_per_param(cfg), shard_counts(cfg)
     strategy, tr = cfg.parallel.strategy, cfg.train
     lora_params, lora_act = lora_sizes(cfg, shape)
-    adapter_bytes = {"weights": 4, "gradients": 4, "optimizer": 4 * moments(cfg)}  # fp32 whatever the base's dtype
+    # fp32 whatever the base's dtype
+    adapter_bytes = {"weights": 4, "gradients": 4, "optimizer": state_bytes(cfg, 4) * moments(cfg)}
     trainable = 0 if lora_params else shape.total
     quantized = shape.matmul if cfg.quant.method != "none" else 0
     q_weight, q_const = quant_bytes(cfg.quant)
