@@ -170,6 +170,9 @@ def render(report: dict[str, Any], console: Console) -> None:
                           f"{g['nvlink_active']} links", {True: "on", False: "off"}.get(g["ecc"], "-"),
                           str(g["temperature_c"]), f"{g['power_limit_w'] or 0:.0f}")
         console.print(table)
+        if report.get("hidden_gpus"):
+            console.print("hidden from this process (CUDA_VISIBLE_DEVICES): " + ", ".join(
+                f"{g['index']} {g['name']}" for g in report["hidden_gpus"]))
         pairs = report["cuda"]["p2p"]
         console.print("peer access: " + (", ".join(f"{p['from']}->{p['to']} {'yes' if p['access'] else 'no'}"
                                                    for p in pairs) or "no GPU pair"))

@@ -225,9 +225,27 @@ def worst(findings: list[dict[str, str]]) -> str:
 HARDWARE_FIELDS = ("name", "accelerator", "gpu", "devices", "num_nodes", "interconnect", "network")
 
 
+def _uuid(value: str | None) -> str | None:
+    """NVML says 'GPU-<uuid>', torch '<uuid>'."""
+    return value.lower().removeprefix("gpu-") if value else None
+
+
+def visible_gpus(nvml: dict[str, Any], cuda: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """NVML lists every GPU of the machine, CUDA_VISIBLE_DEVICES or not: (the ones this process uses, the hidden
+    ones), matched by UUID. Without UUIDs on either side all count as used."""
+    used = {_uuid(u) for u in cuda.get("uuids") or [] if u}
+    if not used or not all(g.get("uuid") for g in nvml["gpus"]):
+        return nvml["gpus"], []
+    return ([g for g in nvml["gpus"] if _uuid(g["uuid"]) in used],
+            [g for g in nvml["gpus"] if _uuid(g["uuid"]) not in used])
+
+
 def judge(hardware: Any, found: dict[str, Any]) -> dict[str, Any]:
-    """The report: the readings, a verdict per software line, and every finding, worst level first."""
-    compat, nvml = compatibility(), found["nvml"]
+    """The report: the readings, a verdict per software line, and every finding, worst level first. GPU checks
+    cover the GPUs this process can use; hidden ones are named in a note."""
+    compat, found_nvml = compatibility(), found["nvml"]
+    used, hidden = visible_gpus(found_nvml, found["cuda"])
+    nvml = {**found_nvml, "gpus": used}
     versions = {**found["software"], **({"driver": nvml["driver"]} if nvml["driver"] else {})}
     verdicts = software_verdicts(found["software"], tested_ranges(), compat, nvml["driver"])
     findings = [finding(level, "software", f"{name} {versions.get(name)}: {text}")
@@ -236,11 +254,16 @@ def judge(hardware: Any, found: dict[str, Any]) -> dict[str, Any]:
     findings += gpu_findings(nvml["gpus"], compat)
     findings += network_findings(hardware, found["env"], found["network"])
     findings += allreduce_findings(hardware, found.get("allreduce", {}))
+    if hidden:
+        findings.append(finding("note", "gpu", f"{len(hidden)} more GPU(s) on this machine are hidden from this "
+                                               f"process (CUDA_VISIBLE_DEVICES): "
+                                               f"{', '.join(str(g['index']) for g in hidden)}; the checks cover the "
+                                               f"{len(used)} it uses"))
     findings.sort(key=lambda f: -LEVELS.index(f["level"]))
     return {"hostname": found.get("hostname"),
             "hardware": {**{k: getattr(hardware, k) for k in HARDWARE_FIELDS}, "env": dict(hardware.env)},
             "software": {name: {"version": versions.get(name), "level": level, "verdict": text}
                          for name, (level, text) in verdicts.items()},
-            "gpus": nvml["gpus"], "nvml_error": nvml["error"], "cuda": found["cuda"], "network": found["network"],
+            "gpus": used, "hidden_gpus": hidden, "nvml_error": nvml["error"], "cuda": found["cuda"], "network": found["network"],
             "env": found["env"], "allreduce": found.get("allreduce", {}), "findings": findings,
             "verdict": worst(findings)}

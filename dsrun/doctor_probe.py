@@ -59,9 +59,11 @@ def _gpu(nv: Any, index: int) -> dict[str, Any]:
     ecc = _optional(lambda: nv.nvmlDeviceGetEccMode(h))  # (current, pending)
     limit = _optional(lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h))
     default = _optional(lambda: nv.nvmlDeviceGetPowerManagementDefaultLimit(h))
+    uuid = _optional(lambda: nv.nvmlDeviceGetUUID(h))
     return {
         "index": index,
         "name": name.decode() if isinstance(name, bytes) else name,
+        "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
         "vram_gib": nv.nvmlDeviceGetMemoryInfo(h).total / 2**30,
         "pcie_gen": _optional(lambda: nv.nvmlDeviceGetCurrPcieLinkGeneration(h)),
         "pcie_gen_max": _optional(lambda: nv.nvmlDeviceGetMaxPcieLinkGeneration(h)),  # of the card in this slot
@@ -104,7 +106,8 @@ def cuda_view() -> dict[str, Any]:
     n = torch.cuda.device_count()
     pairs = [{"from": i, "to": j, "access": torch.cuda.can_device_access_peer(i, j)}
              for i in range(n) for j in range(n) if i != j]
-    return {"devices": n, "names": [torch.cuda.get_device_name(i) for i in range(n)], "p2p": pairs}
+    uuids = [_optional(lambda i=i: str(torch.cuda.get_device_properties(i).uuid)) for i in range(n)]
+    return {"devices": n, "names": [torch.cuda.get_device_name(i) for i in range(n)], "p2p": pairs, "uuids": uuids}
 
 
 def _read(path: Path) -> str | None:

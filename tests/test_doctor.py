@@ -117,6 +117,25 @@ def fake_reading(width: int, ifname: str) -> dict:
                     "NCCL_P2P_DISABLE": {"option": "1", "effective": "1"}}}
 
 
+def test_gpus_hidden_by_cuda_visible_devices_are_left_out_of_the_checks_and_named():
+    """NVML lists every GPU of the box; a process started with CUDA_VISIBLE_DEVICES=0 on a 2-GPU NVLink machine
+    must be judged on its one GPU (no peer), with the other named as hidden (matched by UUID, NVML's 'GPU-' prefix
+    and case aside)."""
+    hardware = composed("hardware=4x4090", "precision=bf16", "hardware.devices=1").hardware
+    reading = fake_reading(width=16, ifname="eth")
+    cards = [{**fake_4090(i, 16), "uuid": f"GPU-ABCD-000{i}"} for i in (0, 1)]
+    reading["nvml"]["gpus"] = cards
+    reading["cuda"] = {"devices": 1, "names": ["NVIDIA GeForce RTX 4090"], "p2p": [], "uuids": ["abcd-0000"]}
+    report = judge(hardware, reading)
+    assert [g["index"] for g in report["gpus"]] == [0] and [g["index"] for g in report["hidden_gpus"]] == [1]
+    notes = [f["message"] for f in report["findings"] if f["topic"] == "gpu"]
+    assert notes and "1 more GPU(s)" in notes[0] and "hidden" in notes[0], report["findings"]
+    reading["cuda"]["uuids"] = ["abcd-0000", "abcd-0001"]  # both visible: nothing hidden, no note
+    both = judge(hardware, reading)
+    assert len(both["gpus"]) == 2 and not both["hidden_gpus"]
+    assert not [f for f in both["findings"] if f["topic"] == "gpu"]
+
+
 def test_fake_reading_of_a_card_at_x8_of_x16_and_a_missing_interface_is_flagged():
     hardware = composed("hardware=4x4090", "precision=bf16").hardware
     report = judge(hardware, fake_reading(width=8, ifname="enp5s0"))
@@ -184,7 +203,8 @@ def test_doctor_reads_the_gpus_through_nvml(tmp_path):
     print(json.dumps({k: report[k] for k in ("gpus", "cuda", "software", "findings", "allreduce",
                                              "gradient_sync")}, indent=1))
     n = torch.cuda.device_count()
-    assert len(report["gpus"]) >= n and report["cuda"]["devices"] == n
+    assert len(report["gpus"]) == n and report["cuda"]["devices"] == n, "the GPUs this process uses"
+    assert all(g["uuid"] for g in report["gpus"])
     first = report["gpus"][0]
     assert first["name"] == torch.cuda.get_device_name(0)
     assert abs(first["vram_gib"] - torch.cuda.get_device_properties(0).total_memory / 2**30) < 1
