@@ -31,12 +31,15 @@ STRATEGIES = ("single", "ddp", "fsdp", "tp", "zero2", "zero3")
 
 
 def dsrun(args: list[str], run_dir: Path) -> tuple[dict | None, str]:
+    """(the run's summary, with the profiler's line if it printed one; None and the error tail on failure)."""
     proc = subprocess.run([sys.executable, "-m", "dsrun", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
                           capture_output=True, text=True)
     shutil.rmtree(run_dir / "model", ignore_errors=True)  # 3-15 GB each: the device's disk holds few
     if proc.returncode != 0:
         return None, f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1200:]}"
-    return json.loads((run_dir / "summary.json").read_text()), ""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    profiled = [line for line in proc.stderr.splitlines() if line.startswith("dsrun: profiled steps")]
+    return {**summary, "profile": profiled[-1] if profiled else None}, ""
 
 
 def planned(args: list[str]) -> dict:
@@ -61,7 +64,8 @@ def strategy_case(name: str, gpus: int, steps: int, out: Path, profile: bool = F
         for f in (run_dir / "profile").glob("ops_rank*.txt"):
             (out / f"profile-{name}-{gpus}gpu-{f.name}").write_text(f.read_text())
     return {**row, "status": "ok", "tokens_per_s": round(summary["tokens_per_s"]),
-            "final_loss": round(summary["final_loss"], 4), "peak_memory_gib": round(summary["peak_memory_gib"], 1)}
+            "final_loss": round(summary["final_loss"], 4), "peak_memory_gib": round(summary["peak_memory_gib"], 1),
+            **({"profile": summary["profile"]} if profile else {})}
 
 
 def anchor(gpus: int, out: Path) -> dict:
