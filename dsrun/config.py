@@ -159,6 +159,7 @@ class TaskConfig:
     name: str = "train"
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
     source: Optional[str] = None  # generate/serve/bench_infer: a run or model folder; null: the model option
+    out: Optional[str] = None  # task=export: a new folder for the Hugging Face model
 
 
 @dataclass
@@ -336,6 +337,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if tr.checkpoint_every < -1:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: steps between checkpoints; 0 saves only at the end, "
                  "-1 never")
+    if cfg.task.name == "export" and not (cfg.task.source and cfg.task.get("out")):
+        p.append("task=export needs task.source=RUN_DIR (a finished run) and task.out=OUT_DIR (a new folder), as "
+                 "`dsrun export RUN_DIR OUT_DIR`")
     if (steps := getattr(cfg.task, "steps", None)) is not None and steps < 1:  # old snapshots lack the key
         p.append(f"task.steps={steps}: must be >= 1")
     if isinstance(tr.micro_batch, int):
@@ -625,6 +629,7 @@ def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> di
 # Keys only some options of a group read: set on the command line under another option, they would be ignored.
 READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
                 **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
+                "task.out": ("task.name", ("export",)),
                 "optim.min_lr_ratio": ("optim.schedule", DECAYING),
                 "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
@@ -38,6 +39,14 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     print(f"dsrun: exported {run_dir} -> {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M "
           f"parameters, {next(model.parameters()).dtype})", file=sys.stderr)
     return out_dir
+
+
+def export_task(cfg: Any) -> Path:
+    """task=export task.source=RUN_DIR task.out=OUT_DIR (validate() requires both): the verb's work, the folder
+    on stdout."""
+    out = export(Path(cfg.task.source), Path(cfg.task.out))
+    print(out)
+    return out
 
 
 def export_argv(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ TASK_LINES = {
     "serve": "serve task.source's model (as `dsrun serve`)",
     "bench_infer": "time-to-first-token, decode tokens/s and memory per batch size",
     "doctor": "the machine check (as `dsrun doctor`)",
+    "export": "task.source's run as a Hugging Face folder in task.out (as `dsrun export`)",
 }
 # Words a newcomer tries that are not verbs, and the verb or command that does it.
 SYNONYMS = {"merge": "export", "continue": "resume", "ls": "runs", "list": "runs", "status": "runs",

@@ -33,6 +33,7 @@ TASKS: dict[str, Task] = {
     "serve": Task("dsrun.inference.server", "serve_task", loads_weights=True),
     "bench_infer": Task("dsrun.inference.bench", "bench_task", loads_weights=True),
     "doctor": Task("dsrun.doctor", "doctor_task"),
+    "export": Task("dsrun.export", "export_task", scratch=True),
 }
 RUNNABLE_TASKS = tuple(name for name, task in TASKS.items() if task.trains)
 INFERENCE_TASKS = tuple(name for name, task in TASKS.items() if task.loads_weights)

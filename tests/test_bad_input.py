@@ -38,6 +38,8 @@ ROWS = [
     ("single-with-two-processes", "config", ["hardware.devices=2", "parallel=single"], ["parallel=ddp"]),
     ("quant-without-adapter", "config", ["quant=nf4"], ["adapter=lora"]),
     ("quantized-base-sharded", "config", ["quant=nf4", "adapter=lora", "parallel=fsdp"], ["parallel=ddp"]),
+    ("export-without-out", "config", ["task=export", "task.source=outputs"], ["task=export needs", "task.out"]),
+    ("out-outside-export", "config", ["task.out=/tmp/x"], ["task.out", "only export"]),
     ("8bit-optimizer-sharded", "config", ["optim=adamw8bit", "parallel=fsdp", "hardware.devices=2"],
      ["optim=adamw8bit with parallel=fsdp", "parallel=single or ddp"]),
     ("offload-embedding-that-trains", "config", ["parallel.offload_embedding=true"],

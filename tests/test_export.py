@@ -44,3 +44,18 @@ def test_export_reloads_with_transformers_and_gives_the_merged_logits(qlora_run,
 
 def test_export_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
     assert_user_error(dsrun("export", str(tmp_path), str(tmp_path / "out")), "not a run folder")
+
+
+def test_task_export_writes_what_the_verb_writes(qlora_run, tmp_path):
+    """task=export task.source=RUN task.out=OUT is `dsrun export RUN OUT`: the same files, the same weights, the
+    folder's path on stdout."""
+    from safetensors.torch import load_file
+
+    verb, task = tmp_path / "verb", tmp_path / "task"
+    assert dsrun("export", str(qlora_run), str(verb)).returncode == 0
+    proc = dsrun("task=export", f"task.source={qlora_run}", f"task.out={task}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str(task.resolve())
+    assert {p.name for p in task.iterdir()} == {p.name for p in verb.iterdir()}
+    ours, theirs = load_file(task / "model.safetensors"), load_file(verb / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
