@@ -8,6 +8,7 @@ no schedule), seq 2048, micro-batch 1, LoRA r16/alpha 32 on the seven projection
 timed steps (CUDA-synchronised); tokens/s is the median window. Peaks are the allocator's (reserved decides an OOM).
 
     python bench/qlora.py [--steps 20] [--only stock,unsloth,dsrun,dsrun_eager,dsrun_host_embedding] [--anchors-site /tmp/anchors] [--cap-gib 8]
+    python bench/qlora.py --only unsloth,dsrun,dsrun_host_embedding --cap-gib 8 --micro-batches 1,2,4   # 8 GB card: best vs best
 
 Unsloth's wheels: ../shared/anchors/unsloth-wheels.sh, installed into --anchors-site. Writes $OUT/qlora.json and
 prints a Markdown table for BENCHMARKS.md.
@@ -29,6 +30,7 @@ MODEL_DIR = "/tmp/q7"
 SEQ, WARMUP, WINDOWS, SEED, DATA_SEED, SAMPLES = 2048, 5, 3, 42, 1234, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 152064
+MICRO = 1  # sequences per step (--micro-batches sweeps it)
 
 
 def batches():
@@ -39,7 +41,7 @@ def batches():
     from dsrun.data import BatchStream
 
     blocks = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(DATA_SEED))
-    return BatchStream(blocks, micro_batch=1, rank=0, world_size=1, seed=SEED)
+    return BatchStream(blocks, micro_batch=MICRO, rank=0, world_size=1, seed=SEED)
 
 
 def save_model() -> None:
@@ -99,7 +101,7 @@ def timed_loop(model, steps: int) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        windows.append(SEQ * steps / (time.perf_counter() - start))
+        windows.append(SEQ * MICRO * steps / (time.perf_counter() - start))
     return {"tokens_per_s": round(statistics.median(windows)), "windows": [round(w) for w in windows],
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -149,12 +151,12 @@ DSRUN_CASES = {"dsrun": ["train.compile=true"], "dsrun_eager": [],
 
 def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:
     """dsrun as a user runs it, on the saved model; its per-step log rows give the windows."""
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / f"{name}-mb{MICRO}"
     total = WARMUP + WINDOWS * steps
     cmd = [sys.executable, "-m", "dsrun", "model=r1_distill_qwen_7b", "model.init=pretrained",
            f"model.path={MODEL_DIR}", "quant=nf4", "adapter=lora", "precision=bf16", "data=synthetic_tokens",
            f"data.num_samples={SAMPLES}", f"data.seed={DATA_SEED}", f"train.seed={SEED}", f"train.seq_len={SEQ}",
-           "train.micro_batch=1", "train.accumulation=1", f"train.max_steps={total}", "train.lr=1e-4",
+           f"train.micro_batch={MICRO}", "train.accumulation=1", f"train.max_steps={total}", "train.lr=1e-4",
            "optim.betas=[0.9,0.999]", "optim.weight_decay=0.01", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
            "optim.grad_clip=0", "parallel.activation_checkpointing=true", "parallel.offload_activations=true",
            "train.log_every=1", "train.checkpoint_every=-1", "monitor=none", "hardware=auto",
@@ -168,7 +170,7 @@ def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:
     windows = []
     for w in range(WINDOWS):
         first, last = rows[WARMUP + w * steps - 1], rows[WARMUP + (w + 1) * steps - 1]
-        windows.append(SEQ * steps / (last["elapsed_s"] - first["elapsed_s"]))
+        windows.append(SEQ * MICRO * steps / (last["elapsed_s"] - first["elapsed_s"]))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"tokens_per_s": round(statistics.median(windows)), "windows": [round(w) for w in windows],
             "peak_reserved_gib": round(max(r["peak_memory_gib"] for r in rows), 2),
@@ -182,24 +184,33 @@ def main() -> None:
     parser.add_argument("--only", default="stock,unsloth," + ",".join(DSRUN_CASES))
     parser.add_argument("--case")  # internal: run one case in this process, print its JSON
     parser.add_argument("--anchors-site", default="/tmp/anchors")
-    parser.add_argument("--cap-gib", type=float)
+    parser.add_argument("--cap-gib", type=float, help="cap every case's allocator at this many GiB (an 8 GB card)")
+    parser.add_argument("--micro-batches", default="1", help="e.g. 1,2,4: each case at each micro-batch")
     args = parser.parse_args()
+    global MICRO
     out = Path(os.environ.get("OUT", "/tmp/bench"))
     if args.case:
+        MICRO = int(args.micro_batches)
+        cap(args.cap_gib)
         result = case_stock(args.steps) if args.case == "stock" else case_unsloth(args.steps)
         print("RESULT " + json.dumps(result), flush=True)
         return
     results = {}
-    for name in args.only.split(","):
+    sweep = args.micro_batches.split(",")
+    for name, micro in ((n, m) for n in args.only.split(",") for m in sweep):
+        MICRO, case = int(micro), name
+        name = f"{case}@mb{micro}" if len(sweep) > 1 else case
         started = time.perf_counter()
         try:
-            if name in DSRUN_CASES:
-                results[name] = case_dsrun(name, args.steps, args.cap_gib, out)
+            if case in DSRUN_CASES:
+                results[name] = case_dsrun(case, args.steps, args.cap_gib, out)
             else:
                 env = {**os.environ}
-                if name == "unsloth":
+                if case == "unsloth":
                     env["PYTHONPATH"] = os.pathsep.join([args.anchors_site, env.get("PYTHONPATH", "")])
-                proc = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(args.steps)],
+                proc = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(args.steps),
+                                       "--micro-batches", micro, *(["--cap-gib", str(args.cap_gib)] if args.cap_gib
+                                                                   else [])],
                                       capture_output=True, text=True, env=env)
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
@@ -214,11 +225,26 @@ def main() -> None:
     print_table(results)
 
 
+def cap(gib: float | None) -> None:
+    """The allocator capped as an 8 GB card would cap it (dsrun's hardware.memory_cap_gib does the same)."""
+    if gib:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+
+
 def print_table(results: dict) -> None:
     ok = {k: v for k, v in results.items() if "tokens_per_s" in v}
-    stock = ok.get("stock", {}).get("tokens_per_s")
-    unsloth = ok.get("unsloth", {}).get("tokens_per_s")
-    ref_losses = ok.get("stock", {}).get("losses")
+
+    def best(case: str) -> tuple[str | None, dict]:
+        """The fastest micro-batch of a case that ran (the case itself without a sweep)."""
+        runs = {k: v for k, v in ok.items() if k.split("@")[0] == case}
+        name = max(runs, key=lambda k: runs[k]["tokens_per_s"], default=None)
+        return name, runs.get(name, {})
+
+    stock = best("stock")[1].get("tokens_per_s")
+    unsloth = best("unsloth")[1].get("tokens_per_s")
+    ref_losses = next((v["losses"] for k, v in ok.items() if k.split("@")[0] == "stock"), None)
     print("| case | tokens/s (median of 3 x 20 steps) | vs stock | vs Unsloth | peak reserved GiB | peak allocated GiB "
           "| load peak GiB | loss at step 30 vs stock |")
     print("|---|---|---|---|---|---|---|---|")
@@ -229,6 +255,12 @@ def print_table(results: dict) -> None:
         print(f"| {name} | {r['tokens_per_s']:,} | {r['tokens_per_s'] / stock:.2f}x | "
               f"{r['tokens_per_s'] / unsloth:.2f}x | {r['peak_reserved_gib']} | {r['peak_allocated_gib']} | "
               f"{r['load_peak_gib']} | {loss_gap} |" if stock and unsloth else f"| {name} | {r} |")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120] if r['error'].strip() else ''} |")
+    winners = {case: best(case)[0] for case in ("unsloth", *DSRUN_CASES)}
+    print("\nfastest micro-batch per case: " + ", ".join(f"{case} {name} {ok[name]['tokens_per_s']:,} tokens/s"
+                                                      for case, name in winners.items() if name))
 
 
 if __name__ == "__main__":
