@@ -405,6 +405,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if par.offload_activations and par.strategy not in ("single", "ddp"):
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
+    if par.offload_embedding and (cfg.model.get("fields") or {}).get("tie_word_embeddings"):
+        p.append(f"parallel.offload_embedding=true: model={cfg.model.name} ties its input embedding to the output "
+                 "head, which the GPU needs every step; set parallel.offload_embedding=false")
     if not OPTIMIZERS[cfg.optim.name].sharded and par.strategy not in ("single", "ddp"):
         p.append(f"optim={cfg.optim.name} with parallel={par.name}: its states are built for whole parameters, not "
                  "FSDP/TP shards or DeepSpeed's optimizer; use parallel=single or ddp, or optim=adamw")
