@@ -141,3 +141,17 @@ def test_an_embedding_kept_in_host_memory_trains_and_evaluates_exactly_as_on_the
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows[offload] = [(r["loss"], r["grad_norm"], r.get("eval_loss")) for r in read_metrics(run_dir)]
     assert rows["true"] == rows["false"] and rows["true"][-1][2] is not None, rows
+
+
+def test_a_model_folder_that_ties_its_embedding_to_the_head_cannot_offload_it():
+    """validate() refuses tied fields up front; a pretrained folder's config.json is only read at build time, where
+    offload_embedding refuses it (ConfigError: one line)."""
+    from dsrun.errors import ConfigError
+    from dsrun.model_inputs import offload_embedding
+
+    cfg = model_cfg("tiny_qwen2")
+    cfg.fields.tie_word_embeddings = True
+    model = build_model(cfg, architecture(cfg), seed=0)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with pytest.raises(ConfigError, match="ties its input embedding"):
+        offload_embedding(model)
