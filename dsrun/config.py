@@ -7,7 +7,7 @@ every problem into one `ConfigError`; nothing downstream re-validates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -17,6 +17,7 @@ from dsrun.adapters import ADAPTERS
 from dsrun.batch import auto_problem, global_batch_problem
 from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
+from dsrun.monitor import MONITORS
 from dsrun.optim import OPTIMIZERS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
@@ -231,39 +232,10 @@ class BenchInferConfig:
     json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
 
 
-@dataclass
-class ConsoleMonitor:
-    enabled: bool = True  # the progress bar and summary stay beside any other monitor; monitor=none turns them off
-
-
-@dataclass
-class TensorboardMonitor:
-    enabled: bool = False
-
-
-@dataclass
-class WandbMonitor:
-    enabled: bool = False
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "dsrun"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-
-
-@dataclass
-class PrometheusMonitor:
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9400  # 0 picks a free port and prints it
-    linger_s: float = 0.0  # keep /metrics up this long after training, so a short job's last values get scraped
-
-
-@dataclass
-class MonitorConfig:
-    console: ConsoleMonitor = field(default_factory=ConsoleMonitor)
-    tensorboard: TensorboardMonitor = field(default_factory=TensorboardMonitor)
-    wandb: WandbMonitor = field(default_factory=WandbMonitor)
-    prometheus: PrometheusMonitor = field(default_factory=PrometheusMonitor)
+# monitor.<name>: one settings block per entry of the monitor registry (dsrun/monitor/__init__.py), so a new
+# monitor is its YAML and its entry there
+MonitorConfig = make_dataclass("MonitorConfig", [(name, entry.settings, field(default_factory=entry.settings))
+                                                 for name, entry in MONITORS.items()])
 
 
 @dataclass

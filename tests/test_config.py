@@ -59,6 +59,7 @@ EXPECTED_REFUSALS = {
     ("quant", "nf4"): "add adapter=lora",
     ("data", "jsonl"): "set data.path",
     ("parallel", "tp"): "tensor parallel covers dense attention/MLP models",
+    ("task", "export"): "task=export needs task.source=RUN_DIR",
 }
 
 

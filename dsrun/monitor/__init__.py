@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 
@@ -13,8 +14,21 @@ from dsrun.monitor.health import HealthChecked
 from dsrun.monitor.jsonl import JsonlMonitor
 
 
+@dataclass
+class ConsoleSettings:
+    enabled: bool = True  # the progress bar and summary stay beside any other monitor; monitor=none turns them off
+
+
 def _console(cfg: Any, run_dir: Path) -> Monitor:
     return ConsoleMonitor()
+
+
+@dataclass
+class PrometheusSettings:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9400  # 0 picks a free port and prints it
+    linger_s: float = 0.0  # keep /metrics up this long after training, so a short job's last values get scraped
 
 
 def _prometheus(cfg: Any, run_dir: Path) -> Monitor:
@@ -24,10 +38,24 @@ def _prometheus(cfg: Any, run_dir: Path) -> Monitor:
     return PrometheusMonitor(run_dir.name, prom.host, prom.port, prom.linger_s)
 
 
+@dataclass
+class TensorboardSettings:
+    enabled: bool = False
+
+
 def _tensorboard(cfg: Any, run_dir: Path) -> Monitor:
     from dsrun.monitor.tensorboard import TensorboardMonitor
 
     return TensorboardMonitor(run_dir / "tensorboard")
+
+
+@dataclass
+class WandbSettings:
+    enabled: bool = False
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dsrun"
+    entity: Optional[str] = None
+    group: Optional[str] = None
 
 
 def _wandb(cfg: Any, run_dir: Path) -> Monitor:
@@ -36,10 +64,18 @@ def _wandb(cfg: Any, run_dir: Path) -> Monitor:
     return WandbMonitor(cfg.monitor.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True))
 
 
-# The monitor registry: name -> builder, each turned on by monitor.<name>.enabled. Adding a monitor: its
-# conf/monitor/<name>.yaml, its settings in config.MonitorConfig, and one entry here. The JSONL log is always on.
-MONITORS: dict[str, Callable[[Any, Path], Monitor]] = {"console": _console, "prometheus": _prometheus,
-                                                       "tensorboard": _tensorboard, "wandb": _wandb}
+@dataclass(frozen=True)
+class MonitorEntry:
+    build: Callable[[Any, Path], Monitor]
+    settings: type  # its monitor.<name> block in the schema (config.MonitorConfig is made from these)
+
+
+# The monitor registry: name -> builder and settings, each turned on by monitor.<name>.enabled. Adding a monitor:
+# its conf/monitor/<name>.yaml and one entry here (a settings class and a builder). The JSONL log is always on.
+MONITORS: dict[str, MonitorEntry] = {"console": MonitorEntry(_console, ConsoleSettings),
+                                     "prometheus": MonitorEntry(_prometheus, PrometheusSettings),
+                                     "tensorboard": MonitorEntry(_tensorboard, TensorboardSettings),
+                                     "wandb": MonitorEntry(_wandb, WandbSettings)}
 
 
 def build_monitors(cfg: Any, run_dir: Path, is_rank_zero: bool) -> Monitors:
@@ -50,7 +86,7 @@ def build_monitors(cfg: Any, run_dir: Path, is_rank_zero: bool) -> Monitors:
     if not is_rank_zero:
         return Monitors([])
     monitors: list[Monitor] = [JsonlMonitor(run_dir / "metrics.jsonl")]
-    monitors += [build(cfg, run_dir) for name, build in MONITORS.items() if cfg.monitor[name].enabled]
+    monitors += [entry.build(cfg, run_dir) for name, entry in MONITORS.items() if cfg.monitor[name].enabled]
     console = next((m for m in monitors if isinstance(m, ConsoleMonitor)), None)
     return HealthChecked(monitors, console.console if console is not None else None)
 
