@@ -14,7 +14,6 @@ model builds no mask of its own (and does not look for packed sequences in the p
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "dsrun_varlen"
+_KERNEL: tuple[Any, bool] | None = None  # (torch's varlen_attn, whether it takes grouped KV heads), once registered
 
 
 def document_bounds(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -39,13 +39,15 @@ def batch_kwargs(positions: torch.Tensor | None, device: torch.device) -> dict[s
     restart their positions. `positions` is the host tensor, before the batch moves to `device`."""
     if positions is None:
         return {}
-    offsets, longest = document_bounds(positions)
+    offsets, _ = document_bounds(positions)
     offsets = offsets.to(device, non_blocking=True)
+    # the row length bounds every document: a constant, so a compiled block sees the same value every batch (the
+    # longest document would change each time and recompile it); the kernel's extra tiles exit at once
+    row = positions.shape[-1]
     return {"position_ids": positions.to(device, non_blocking=True), "cu_seq_lens_q": offsets,
-            "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
+            "cu_seq_lens_k": offsets, "max_length_q": row, "max_length_k": row}
 
 
-@functools.cache
 def _varlen() -> tuple[Any, bool] | None:
     """PyTorch's varlen flash attention and whether it takes grouped KV heads and a causal window (torch >= 2.12)
     or only equal heads and `is_causal` (2.10-2.11); None where torch has none."""
@@ -59,10 +61,9 @@ def _varlen() -> tuple[Any, bool] | None:
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, longest: int,
            scale: float | None) -> torch.Tensor | None:
     """[tokens, heads, dim] inputs -> [tokens, heads, dim], or None where the kernel does not apply."""
-    found = _varlen()
-    if found is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+    if _KERNEL is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
-    varlen_attn, grouped = found
+    varlen_attn, grouped = _KERNEL
     if grouped:
         return varlen_attn(query, key, value, offsets, offsets, longest, longest, scale=scale, window_size=(-1, 0),
                            enable_gqa=key.shape[1] != query.shape[1])
@@ -110,5 +111,7 @@ def use_varlen_attention(model: torch.nn.Module) -> None:
     """Route the model's attention through `varlen_attention` (registered once with transformers)."""
     from transformers import AttentionInterface
 
+    global _KERNEL
+    _KERNEL = _varlen()  # looked up once, not inside a compiled block
     AttentionInterface.register(NAME, varlen_attention)
     model.set_attn_implementation(NAME)

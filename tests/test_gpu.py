@@ -84,7 +84,7 @@ def test_varlen_flash_kernel_matches_transformers_packed_sdpa_in_bf16(model):
     from dsrun.model import architecture, build_model
     from tests.test_finetune import _packed_batch
 
-    if attention._varlen() is None:
+    if attention._varlen() is None:  # noqa: SLF001
         pytest.skip("this torch has no torch.nn.attention.varlen")
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
