@@ -31,8 +31,10 @@ class Interrupted(CompactHydraException):
     """SIGINT/SIGTERM while the training loop's own handlers are not installed (start-up, the final save, between
     sweep trials): the process stops with one line (Hydra prints only the message of this class)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int | str):
         import signal
 
-        self.signum, self.name = signum, signal.Signals(signum).name
+        if isinstance(signum, str):  # a signal inside an OmegaConf accessor: it re-raises type(error)(its message)
+            signum = next((s for s in signal.Signals if f"stopped by {s.name} " in signum), signal.SIGTERM)
+        self.signum, self.name = int(signum), signal.Signals(signum).name
         super().__init__(f"stopped by {self.name} before the run started; nothing was trained or saved")

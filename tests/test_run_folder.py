@@ -152,3 +152,24 @@ def test_a_signal_during_start_up_ends_with_one_line_and_a_ledger_row(tmp_path, 
     assert f"dsrun: stopped by {name} outside the training steps (start-up" in stderr, stderr
     assert "no complete checkpoint exists" in stderr and "Traceback" not in stderr
     assert json.loads((run / "record.json").read_text())["status"] == "interrupted"
+
+
+def test_a_signal_inside_an_omegaconf_accessor_still_ends_with_its_one_line(monkeypatch):
+    """OmegaConf re-raises an exception from inside its attribute access as type(exception)(message + key lines)
+    (a SIGINT handler raised Interrupted while setup read cfg.model): Interrupted rebuilt that way keeps its signal
+    (the exit code) and its one line. It raised ValueError ('... is not a valid Signals') before."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from dsrun.errors import Interrupted
+
+    cfg = OmegaConf.create({"model": {"experts_implementation": "eager"}})
+    model = cfg.model
+
+    def signal_arrives(*args, **kwargs):  # where the handler fired in the failing run: inside __getattr__
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(DictConfig, "_get_node", signal_arrives)
+    with pytest.raises(Interrupted) as caught:
+        model.experts_implementation
+    assert caught.value.signum == signal.SIGINT
+    assert str(caught.value) == "stopped by SIGINT before the run started; nothing was trained or saved"
