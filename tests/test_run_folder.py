@@ -165,8 +165,13 @@ def test_a_signal_inside_an_omegaconf_accessor_still_ends_with_its_one_line(monk
     cfg = OmegaConf.create({"model": {"experts_implementation": "eager"}})
     model = cfg.model
 
-    def signal_arrives(*args, **kwargs):  # where the handler fired in the failing run: inside __getattr__
-        raise Interrupted(signal.SIGINT)
+    get_node, fired = DictConfig._get_node, []
+
+    def signal_arrives(self, *args, **kwargs):  # where the handler fired in the failing run: inside __getattr__
+        if not fired:
+            fired.append(True)
+            raise Interrupted(signal.SIGINT)
+        return get_node(self, *args, **kwargs)
 
     monkeypatch.setattr(DictConfig, "_get_node", signal_arrives)
     with pytest.raises(Interrupted) as caught:
