@@ -72,8 +72,11 @@ def serve(path: str) -> None:
             for fd in fds:
                 os.close(fd)
             (registry / str(pid)).write_text(json.dumps(request["cmdline"]))
-            conn.send(struct.pack("!q", pid))
-            waiting[pid] = conn
+            try:
+                conn.send(struct.pack("!q", pid))
+                waiting[pid] = conn
+            except OSError:
+                conn.close()
         while waiting:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -81,7 +84,10 @@ def serve(path: str) -> None:
             (registry / str(pid)).unlink(missing_ok=True)
             conn = waiting.pop(pid, None)
             if conn is not None:
-                conn.send(struct.pack("!q", os.waitstatus_to_exitcode(status)))
+                try:  # the asker may have ended first (rank 0 before rank 1), as a parent may
+                    conn.send(struct.pack("!q", os.waitstatus_to_exitcode(status)))
+                except OSError:
+                    pass
                 conn.close()
 
 
