@@ -8,6 +8,12 @@ exits as the interpreter would (threads joined, atexit handlers run) without tea
 Only the imports are shared: what a fresh interpreter would do differently (PYTHON* variables, a different
 sys.path) is run as a plain subprocess instead (`needs_fresh`).
 
+A forked run's own Python children — Fabric's ranks, sweep trials, micro-batch probes, submitit's tasks, each
+`python [-u] -m module ...` or `python -c ...` started through subprocess.Popen — are forked from the zygote too
+(`_forking_popen`): still separate processes (real gloo, real signals, their own exit status), without the ~8 s of
+imports each. They are the zygote's children, not their starter's: a test that finds them by parent pid sets
+DSRUN_TEST_FORK_CHILDREN=0 for its run, and one that finds them by command line reads `command_lines()`.
+
 Set DSRUN_TEST_FORKSERVER=0 to run every test run as a plain subprocess.
 """
 
