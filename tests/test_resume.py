@@ -3,6 +3,8 @@ match an uninterrupted run exactly (CPU)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import FAST, REPO, dsrun, read_metrics
 from tests.conftest import start as start_dsrun
 
@@ -107,6 +110,10 @@ def test_fsdp_resume_same_world_size_is_identical_and_reshards_to_one_process(tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     subprocess.run(["pkill", "-9", "-f", str(half)], check=False)  # the other rank
+    for pid, cmdline in forkserver.command_lines().items():  # ... when the test zygote forked it
+        if str(half) in " ".join(cmdline):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert (half / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     assert (half / "checkpoints" / "step-00000003" / "state").is_dir(), "sharded (torch.distributed.checkpoint)"
     same = tmp_path / "same"

@@ -60,10 +60,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+# rank 1 a plain child of rank 0 (not forked by the test zygote): found by its parent pid, as dsrun's collective
+# timeout finds the ranks it must end
+PLAIN_RANKS = {"DSRUN_TEST_FORK_CHILDREN": "0"}
+
+
 def two_rank_job(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     """A long 2-process DDP job, once it is training: (the launching rank-0 process, the pid of rank 1)."""
     main = start(*FAST, "parallel=ddp", "hardware.devices=2", "train.micro_batch=1", "train.max_steps=100000",
-                 *extra, f"hydra.run.dir={run_dir}")
+                 *extra, f"hydra.run.dir={run_dir}", env=PLAIN_RANKS)
     deadline = time.time() + 120
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
         if main.poll() is not None or time.time() > deadline:

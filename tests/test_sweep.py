@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from dsrun.config import register_configs, validate
 from dsrun.resolve import resolve
 from dsrun.hardware import gpu_catalog
+from tests import forkserver
 from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, start
 
 TINY = [*FAST, "train.seq_len=32", "train.max_steps=4", "train.max_nonfinite_steps=2"]
@@ -54,6 +55,9 @@ def pid_with_arg(arg: str, owner: subprocess.Popen, timeout: float = 240) -> int
                     return int(entry.name)
             except OSError:
                 continue
+        for pid, cmdline in forkserver.command_lines().items():  # a trial forked by the test zygote
+            if arg.decode() in cmdline:
+                return pid
         assert owner.poll() is None, f"the sweep ended before the trial started: {owner.stderr.read()[-3000:]}"
         time.sleep(0.02)
     raise AssertionError(f"no process with {arg}")
@@ -66,9 +70,7 @@ def sweep(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DSRUN_LEDGER": str(root / "ledger.sqlite")}
     folder = root / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "dsrun", "-m", *TINY, "train.micro_batch=1,2",
-                             "train.lr=3e-3,1e30", f"hydra.sweep.dir={folder}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start("-m", *TINY, "train.micro_batch=1,2", "train.lr=3e-3,1e30", f"hydra.sweep.dir={folder}", env=env)
     os.kill(pid_with_arg(f"hydra.run.dir={folder / '3'}".encode(), proc), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
     return SimpleNamespace(dir=folder, root=root, env=env, returncode=proc.returncode, stderr=stderr)
