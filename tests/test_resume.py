@@ -145,6 +145,15 @@ def test_diverging_run_skips_nonfinite_steps_stops_and_never_saves_nan(tmp_path)
         assert all(torch.isfinite(t).all() for t in state["model"].values()), folder
 
 
+def killed_after_first_checkpoint(job: list[str], run_dir: Path) -> Path:
+    """`job` started in `run_dir` and killed with SIGKILL once its first checkpoint is on disk."""
+    proc = start([*job, f"hydra.run.dir={run_dir}"])
+    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return run_dir
+
+
 def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
     import torch
 
@@ -152,11 +161,7 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tmp_path):
            "train.micro_batch=2"]
     full = dsrun(*job, run_dir=tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
-    run_dir = tmp_path / "cut"
-    proc = start([*job, f"hydra.run.dir={run_dir}"])
-    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_dir = killed_after_first_checkpoint(job, tmp_path / "cut")
     state = torch.load(run_dir / "checkpoints" / "step-00000003" / "state", weights_only=True)
     assert state["model"] and all("lora_" in name for name in state["model"]), "adapters only"
     resumed = dsrun("resume", str(run_dir))
@@ -175,11 +180,7 @@ def test_adamw8bit_keeps_8_bit_moments_and_resumes_exactly(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     losses = [r["loss"] for r in read_metrics(tmp_path / "full")]
     assert losses[-1] < losses[0], losses
-    run_dir = tmp_path / "cut"
-    proc = start([*job, f"hydra.run.dir={run_dir}"])
-    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_dir = killed_after_first_checkpoint(job, tmp_path / "cut")
     state = torch.load(run_dir / "checkpoints" / "step-00000003" / "state", weights_only=True)
 
     def tensors(value):  # bitsandbytes nests its quantized states in the optimizer's state dict
