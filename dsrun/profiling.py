@@ -76,8 +76,8 @@ class StepProfiler:
         top = sorted(ops, key=lambda op: getattr(op, key), reverse=True)[:4]
         shares = ", ".join(f"{op.key} {getattr(op, key) / total:.0%}" for op in top) if total else "none"
         first = self.start_step + WAIT + WARMUP + 1
-        busy = f"GPU busy {device_busy_us(trace) / self.wall_us:.0%} of the wall time; " if device else ""
-        comm, exposed = exposed_communication_us(trace) if device else (0.0, 0.0)
+        busy_us, comm, exposed = device_time(trace) if device else (0.0, 0.0, 0.0)
+        busy = f"GPU busy {busy_us / self.wall_us:.0%} of the wall time; " if device else ""
         if comm:
             busy += (f"collectives {comm / self.steps / 1e3:.1f} ms a step, {exposed / self.steps / 1e3:.1f} ms of it "
                      "with no other kernel running; ")
@@ -112,26 +112,14 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
     return total
 
 
-def device_spans(trace: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(communication, everything else) as merged spans of the GPU's kernels, copies and memsets (union over
-    streams). Communication is NCCL's kernels."""
-    events = json.loads(trace.read_text())["traceEvents"]
+def device_time(trace: Path) -> tuple[float, float, float]:
+    """Microseconds of the trace's GPU time, read in one pass: (busy: at least one kernel, copy or memset ran, the
+    union over streams — below ~90 % of the wall time the GPU waits for the host to issue work; communication: NCCL's
+    kernels; exposed: the part of that during which no other kernel ran — what a multi-GPU step loses to its
+    collectives, however well the rest overlaps)."""
     comm, other = [], []
-    for e in events:
+    for e in json.loads(trace.read_text())["traceEvents"]:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
             (comm if "nccl" in e.get("name", "").lower() else other).append((e["ts"], e["ts"] + e["dur"]))
-    return _merged(comm), _merged(other)
-
-
-def device_busy_us(trace: Path) -> float:
-    """Microseconds in which at least one kernel, copy or memset ran (the union over streams): below ~90 % of the
-    wall time the GPU waits for the host to issue work."""
-    comm, other = device_spans(trace)
-    return _length(_merged(comm + other))
-
-
-def exposed_communication_us(trace: Path) -> tuple[float, float]:
-    """(communication kernel time, the part of it during which no other kernel ran): the exposed part is what a
-    multi-GPU step loses to its collectives, however well the rest overlaps."""
-    comm, other = device_spans(trace)
-    return _length(comm), _length(comm) - _overlap(comm, other)
+    comm, other = _merged(comm), _merged(other)
+    return _length(_merged(comm + other)), _length(comm), _length(comm) - _overlap(comm, other)

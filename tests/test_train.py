@@ -128,20 +128,20 @@ def test_profile_steps_write_a_trace_and_an_operator_table(tmp_path):
 
 
 def test_gpu_busy_time_is_the_union_of_kernels_over_streams(tmp_path):
-    from dsrun.profiling import device_busy_us
+    from dsrun.profiling import device_time
 
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": [
         {"cat": "kernel", "ts": 0, "dur": 10}, {"cat": "kernel", "ts": 5, "dur": 10},  # two streams overlap
         {"cat": "kernel", "ts": 6, "dur": 2}, {"cat": "gpu_memcpy", "ts": 20, "dur": 5},
         {"cat": "cpu_op", "ts": 0, "dur": 100}, {"cat": "gpu_user_annotation", "ts": 0, "dur": 100}]}))
-    assert device_busy_us(trace) == 20
+    assert device_time(trace)[0] == 20
 
 
 def test_exposed_communication_is_nccl_time_with_no_other_kernel_running(tmp_path):
     """The profile line's multi-GPU figure, from a trace whose overlap is known: an all-gather 0-10 us beside a
     matmul 5-20 us on another stream, a reduce-scatter 30-40 us alone, a copy 35-37 us under it."""
-    from dsrun.profiling import device_busy_us, exposed_communication_us
+    from dsrun.profiling import device_time
 
     def event(name, cat, ts, dur):
         return {"name": name, "cat": cat, "ts": ts, "dur": dur, "ph": "X"}
@@ -151,5 +151,4 @@ def test_exposed_communication_is_nccl_time_with_no_other_kernel_running(tmp_pat
         event("ncclDevKernel_AllGather_RING_LL", "kernel", 0, 10), event("nvjet_gemm", "kernel", 5, 15),
         event("ncclDevKernel_ReduceScatter_Sum_f32", "kernel", 30, 10), event("Memcpy DtoD", "gpu_memcpy", 35, 2),
         event("aten::mm", "cpu_op", 0, 100)]}))
-    assert exposed_communication_us(trace) == (20.0, 13.0)  # 5 us of the all-gather, 8 of the reduce-scatter
-    assert device_busy_us(trace) == 30.0
+    assert device_time(trace) == (30.0, 20.0, 13.0)  # exposed: 5 us of the all-gather, 8 of the reduce-scatter
