@@ -24,14 +24,13 @@ NAME = "dsrun_varlen"
 _KERNEL: tuple[Any, bool] | None = None  # (torch's varlen_attn, whether it takes grouped KV heads), once registered
 
 
-def document_bounds(positions: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cumulative document offsets over the flattened [rows, seq] batch, int32; the longest document's length).
-    A document starts where its position id is 0 and at the start of every row."""
+def document_bounds(positions: torch.Tensor) -> torch.Tensor:
+    """Cumulative document offsets over the flattened [rows, seq] batch, int32. A document starts where its
+    position id is 0 and at the start of every row."""
     flat = positions.reshape(-1)
     starts = flat == 0
     starts[:: positions.shape[-1]] = True
-    offsets = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
-    return offsets, int((offsets[1:] - offsets[:-1]).max())
+    return torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])]).to(torch.int32)
 
 
 def batch_kwargs(positions: torch.Tensor | None, device: torch.device) -> dict[str, Any]:
@@ -39,8 +38,7 @@ def batch_kwargs(positions: torch.Tensor | None, device: torch.device) -> dict[s
     restart their positions. `positions` is the host tensor, before the batch moves to `device`."""
     if positions is None:
         return {}
-    offsets, _ = document_bounds(positions)
-    offsets = offsets.to(device, non_blocking=True)
+    offsets = document_bounds(positions).to(device, non_blocking=True)
     # the row length bounds every document: a constant, so a compiled block sees the same value every batch (the
     # longest document would change each time and recompile it); the kernel's extra tiles exit at once
     row = positions.shape[-1]
@@ -100,10 +98,9 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         if out is not None:
             return out.view(rows, seq, heads, out.shape[-1]), None
     mask = document_mask(cu_seq_lens_q, rows, seq)
-    repeat = heads // key.shape[1]
-    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                         dropout_p=dropout if module.training else 0.0)
+                                         dropout_p=dropout if module.training else 0.0,
+                                         enable_gqa=key.shape[1] != heads)
     return out.transpose(1, 2).contiguous(), None
 
 

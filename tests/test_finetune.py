@@ -116,8 +116,8 @@ def test_document_bounds_start_at_every_zero_position_and_every_row():
     from dsrun.attention import document_bounds
 
     positions = torch.tensor([[0, 1, 2, 0, 1], [2, 3, 0, 1, 2]])  # the second row continues a split document
-    offsets, longest = document_bounds(positions)
-    assert offsets.tolist() == [0, 3, 5, 7, 10] and offsets.dtype == torch.int32 and longest == 3
+    offsets = document_bounds(positions)
+    assert offsets.tolist() == [0, 3, 5, 7, 10] and offsets.dtype == torch.int32
 
 
 def _packed_batch(seed: int = 0):
