@@ -28,11 +28,11 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CASES = ("plain", "plain_compile", "dsrun", "dsrun_compile")
+CASES = ("plain", "plain_compile", "dsrun", "dsrun_compile")  # name: loop, and "_compile" compiles it
 LR = 1e-5
 
 
-def compose(args: argparse.Namespace, compiled: bool, run_dir: Path) -> Any:
+def compose(args: argparse.Namespace, compiled: bool) -> Any:
     """The dsrun config of the job, resolved and validated as the command line would."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -50,14 +50,13 @@ def compose(args: argparse.Namespace, compiled: bool, run_dir: Path) -> Any:
                  *(["hardware.devices=1"] if cuda else []), "parallel=single", "monitor=none",
                  "train.checkpoint_every=-1", f"train.compile={str(compiled).lower()}", f"train.lr={LR}",
                  "optim.warmup_steps=0", "optim.schedule=constant", "optim.grad_clip=0", "optim.betas=[0.9,0.999]",
-                 "optim.weight_decay=0.01", "train.max_steps=1000000", *args.set]
+                 "optim.weight_decay=0.01", f"train.max_steps={args.warmup + args.steps * args.repeats}", *args.set]
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides)
     resolve(cfg)
     validate(cfg, gpu_catalog())
-    run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
 
 
@@ -91,7 +90,7 @@ def plain_case(args: argparse.Namespace, compiled: bool, device: Any) -> dict[st
     from dsrun.data import BatchStream, build_datasets, load_tokenizer
     from dsrun.model import architecture, build_model
 
-    cfg = compose(args, False, Path(tempfile.mkdtemp()))
+    cfg = compose(args, False)
     torch.manual_seed(cfg.train.seed)
     arch = architecture(cfg.model)
     rows, _, _ = build_datasets(cfg.data, load_tokenizer(cfg.model), cfg.train.seq_len, arch.vocab_size)
@@ -109,18 +108,16 @@ def plain_case(args: argparse.Namespace, compiled: bool, device: Any) -> dict[st
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
-    return measure("plain_compile" if compiled else "plain", args, device, step, cfg, model)
+    return measure("plain_compile" if compiled else "plain", args, device, step, model)
 
 
 def dsrun_case(args: argparse.Namespace, compiled: bool, device: Any) -> dict[str, Any]:
     """dsrun's own setup and optimizer step, in this process."""
     from dsrun.train import setup, train_step
 
-    run_dir = Path(tempfile.mkdtemp())
-    cfg = compose(args, compiled, run_dir)
-    run = setup(cfg, run_dir)
+    run = setup(compose(args, compiled), Path(tempfile.mkdtemp()))
     counter = iter(range(1, 10**9))
 
     def step() -> Any:
@@ -129,10 +126,10 @@ def dsrun_case(args: argparse.Namespace, compiled: bool, device: Any) -> dict[st
         run.loss_sum.zero_()
         return loss
 
-    return measure("dsrun_compile" if compiled else "dsrun", args, device, step, cfg, run.model)
+    return measure("dsrun_compile" if compiled else "dsrun", args, device, step, run.model)
 
 
-def measure(name: str, args: argparse.Namespace, device: Any, step: Callable[[], Any], cfg: Any,
+def measure(name: str, args: argparse.Namespace, device: Any, step: Callable[[], Any],
             model: Any) -> dict[str, Any]:
     import torch
 
@@ -170,13 +167,12 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.peak_flops = 989e12 if device.type == "cuda" else 0.0
-    builders = {"plain": lambda: plain_case(args, False, device), "plain_compile": lambda: plain_case(args, True, device),
-                "dsrun": lambda: dsrun_case(args, False, device), "dsrun_compile": lambda: dsrun_case(args, True, device)}
     results = []
     for case in args.cases.split(","):
-        if case not in builders:
+        if case not in CASES:
             sys.exit(f"bench/speed.py: error: --cases {case}: choose from {', '.join(CASES)}")
-        results.append(builders[case]())
+        loop = plain_case if case.startswith("plain") else dsrun_case
+        results.append(loop(args, case.endswith("_compile"), device))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,7 +181,7 @@ def main() -> None:
     (out / "speed.json").write_text(json.dumps({"device": name, "args": {k: v for k, v in vars(args).items()},
                                                 "results": results}, indent=1))
     base = {r["case"]: r for r in results}
-    print(f"{name}, model={args.model} {' '.join(args.set)}, micro-batch {args.batch}, seq {args.seq}, "
+    print(f"{name}, {' '.join([f'model={args.model}', *args.set])}, micro-batch {args.batch}, seq {args.seq}, "
           f"{args.repeats} windows of {args.steps} steps (median)\n")
     print("| case | tokens/s | vs plain eager | vs plain compiled | MFU | peak GiB | loss |")
     print("|---|---|---|---|---|---|---|")

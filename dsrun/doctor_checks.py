@@ -264,6 +264,7 @@ def judge(hardware: Any, found: dict[str, Any]) -> dict[str, Any]:
             "hardware": {**{k: getattr(hardware, k) for k in HARDWARE_FIELDS}, "env": dict(hardware.env)},
             "software": {name: {"version": versions.get(name), "level": level, "verdict": text}
                          for name, (level, text) in verdicts.items()},
-            "gpus": used, "hidden_gpus": hidden, "nvml_error": nvml["error"], "cuda": found["cuda"], "network": found["network"],
+            "gpus": used, "hidden_gpus": hidden, "nvml_error": nvml["error"], "cuda": found["cuda"],
+            "network": found["network"],
             "env": found["env"], "allreduce": found.get("allreduce", {}), "findings": findings,
             "verdict": worst(findings)}

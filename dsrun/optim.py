@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Optimizer:
     build: Callable[..., Any]  # (optim config, params, lr, fused) -> torch.optim.Optimizer
+    states: Callable[[Any], int]  # state tensors per parameter (the planner's memory): required, never guessed
     reads: tuple[str, ...] = ()  # optim.* keys only this optimizer reads
-    states: Callable[[Any], int] = lambda optim: 0  # state tensors per parameter (the planner's memory)
     state_bytes: float | None = None  # bytes per state element; None: the trained weight's width
     sharded: bool = True  # works on FSDP2/TP's DTensor parameters and inside DeepSpeed
 
@@ -48,10 +48,10 @@ def _adamw8bit(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, 
 
 
 OPTIMIZERS: dict[str, Optimizer] = {
-    "adamw": Optimizer(_adamw, reads=("betas", "eps"), states=lambda optim: 2),
-    "adamw8bit": Optimizer(_adamw8bit, reads=("betas", "eps"), states=lambda optim: 2, state_bytes=1.0,
+    "adamw": Optimizer(_adamw, states=lambda optim: 2, reads=("betas", "eps")),
+    "adamw8bit": Optimizer(_adamw8bit, states=lambda optim: 2, reads=("betas", "eps"), state_bytes=1.0,
                            sharded=False),
-    "sgd": Optimizer(_sgd, reads=("momentum",), states=lambda optim: int(bool(optim.momentum))),
+    "sgd": Optimizer(_sgd, states=lambda optim: int(bool(optim.momentum)), reads=("momentum",)),
 }
 
 
