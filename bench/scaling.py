@@ -60,7 +60,7 @@ def strategy_case(name: str, gpus: int, steps: int, out: Path, profile: bool = F
     if summary is None:
         print(f"--- {name}@{gpus} failed: {error}", flush=True)
         return {**row, "status": error[:300]}
-    if profile:  # the operator tables come back; the traces are too large to
+    if profile:  # the operator tables come back with $OUT; the traces are too large to bring back
         for f in (run_dir / "profile").glob("ops_rank*.txt"):
             (out / f"profile-{name}-{gpus}gpu-{f.name}").write_text(f.read_text())
     return {**row, "status": "ok", "tokens_per_s": round(summary["tokens_per_s"]),
@@ -88,34 +88,33 @@ def allreduce(gpus: int, out: Path) -> list[dict]:
     return json.loads(path.read_text()) if proc.returncode == 0 and path.is_file() else []
 
 
-def seven_b(strategy: str, gpus: int, steps: int, out: Path) -> dict:
-    args = ["model=r1_distill_qwen_7b", "data=synthetic_tokens", "train.seq_len=2048", "train.micro_batch=1",
-            "precision=bf16", "monitor=none", f"parallel={strategy}", "parallel.activation_checkpointing=true",
-            "hardware=auto", f"hardware.devices={gpus}", f"train.max_steps={steps}", "train.log_every=5",
-            "train.checkpoint_every=-1"]
+def against_plan(case: str, gpus: int, args: list[str], run: list[str]) -> dict:
+    """The planner's per-GPU peak for `args`, then the run (`args` + `run`) and its measured peak."""
     plan = planned(args)
-    summary, error = dsrun(args, RUNS / f"7b-{strategy}-{gpus}gpu")
-    row = {"case": f"7b_{strategy}", "gpus": gpus, "planned_gib": round(plan.get("total_gib", 0), 1)}
-    if summary is None:
-        return {**row, "status": error[:300]}
-    measured = summary["peak_memory_gib"]
-    return {**row, "status": "ok", "measured_gib": round(measured, 1), "tokens_per_s": round(summary["tokens_per_s"]),
-            "plan_error": round(row["planned_gib"] / measured - 1, 3)}
-
-
-def recipe(name: str, gpus: int, steps: int, out: Path) -> dict:
-    args = [f"+recipe={name}", f"hardware.devices={gpus}", "hardware.num_nodes=1", "data=synthetic_tokens",
-            "data.num_samples=64", f"train.max_steps={steps}", "train.accumulation=2", "train.log_every=5",
-            "train.checkpoint_every=-1", "monitor=none"]
-    plan = planned(args)
-    summary, error = dsrun([*args, "hardware.emulate=true"], RUNS / f"recipe-{name}-{gpus}gpu")
-    row = {"case": f"recipe_{name}", "gpus": gpus, "planned_gib": round(plan.get("total_gib", 0), 2),
+    summary, error = dsrun([*args, *run], RUNS / f"{case}-{gpus}gpu")
+    row = {"case": case, "gpus": gpus, "planned_gib": round(plan.get("total_gib", 0), 2),
            "capacity_gib": plan.get("vram_gib")}
     if summary is None:
         return {**row, "status": error[:300]}
     measured = summary["peak_memory_gib"]
     return {**row, "status": "ok", "measured_gib": round(measured, 2), "tokens_per_s": round(summary["tokens_per_s"]),
             "plan_error": round(row["planned_gib"] / measured - 1, 3)}
+
+
+def seven_b(strategy: str, gpus: int, steps: int) -> dict:
+    args = ["model=r1_distill_qwen_7b", "data=synthetic_tokens", "train.seq_len=2048", "train.micro_batch=1",
+            "precision=bf16", "monitor=none", f"parallel={strategy}", "parallel.activation_checkpointing=true",
+            "hardware=auto", f"hardware.devices={gpus}", f"train.max_steps={steps}", "train.log_every=5",
+            "train.checkpoint_every=-1"]
+    return against_plan(f"7b_{strategy}", gpus, args, [])
+
+
+def recipe(name: str, gpus: int, steps: int) -> dict:
+    """A recipe at its per-GPU shape on the GPUs present, each capped at its card's memory."""
+    args = [f"+recipe={name}", f"hardware.devices={gpus}", "hardware.num_nodes=1", "data=synthetic_tokens",
+            "data.num_samples=64", f"train.max_steps={steps}", "train.accumulation=2", "train.log_every=5",
+            "train.checkpoint_every=-1", "monitor=none"]
+    return against_plan(f"recipe_{name}", gpus, args, ["hardware.emulate=true"])
 
 
 def table(results: list[dict], device: str, gpus: int, steps: int) -> None:
@@ -185,10 +184,10 @@ def main() -> None:
         record({"case": "allreduce", "gpus": gpus, "status": "ok", "sizes": allreduce(gpus, out)})
     if "7b" in parts:
         for strategy in ("fsdp", "zero3"):
-            record(seven_b(strategy, gpus, 10, out))
+            record(seven_b(strategy, gpus, 10))
     if "recipes" in parts:
         for name in SHARDED_RECIPES:
-            record(recipe(name, gpus, 10, out))
+            record(recipe(name, gpus, 10))
     device = torch.cuda.get_device_name(0) if gpus else "cpu"
     table(results, device, gpus, args.steps)
 
