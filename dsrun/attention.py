@@ -5,7 +5,7 @@ and cuDNN kernels (masked packing ran at 0.91x unmasked packing on an H200, BENC
 bounds are computed once per micro-batch on the host from the position ids (`document_bounds`, before the batch
 moves to the GPU: no device sync) and handed to each attention layer as transformers' flash-attention keyword
 arguments (`cu_seq_lens_q`/`_k`, `max_length_q`/`_k`). On CUDA the layers run PyTorch's variable-length flash
-attention (`torch.nn.attention.varlen`); elsewhere, or where that kernel does not apply, SDPA with a
+attention (ATen's, under `torch.nn.attention.varlen`); elsewhere, or where that kernel does not apply, SDPA with a
 block-diagonal causal mask built from the same bounds (what transformers computes, done once per layer call).
 
 The implementation is registered with transformers' AttentionInterface only, not its mask interface, so the
@@ -14,14 +14,13 @@ model builds no mask of its own (and does not look for packed sequences in the p
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 NAME = "dsrun_varlen"
-_KERNEL: tuple[Any, bool] | None = None  # (torch's varlen_attn, whether it takes grouped KV heads), once registered
+_KERNEL: Any | None = None  # the varlen flash kernel (_varlen), looked up once when registered
 
 
 def document_bounds(positions: torch.Tensor) -> torch.Tensor:
@@ -46,14 +45,14 @@ def batch_kwargs(positions: torch.Tensor | None, device: torch.device) -> dict[s
             "cu_seq_lens_k": offsets, "max_length_q": row, "max_length_k": row}
 
 
-def _varlen() -> tuple[Any, bool] | None:
-    """PyTorch's varlen flash attention and whether it takes grouped KV heads and a causal window (torch >= 2.12)
-    or only equal heads and `is_causal` (2.10-2.11); None where torch has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
+def _varlen() -> Any | None:
+    """The variable-length flash kernel, or None where this torch build has none (CPU-only builds).
+
+    ATen's `_flash_attention_forward` (with its backward) is what `torch.nn.attention.varlen.varlen_attn` wraps; it
+    is called directly because the public wrapper takes grouped KV heads only from torch 2.12 (2.11 would need K and
+    V copied per query head: measured on an H200, the copies cost more than the mask saves)."""
+    kernel = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    return kernel if kernel is not None and torch.backends.cuda.is_flash_attention_available() else None
 
 
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, longest: int,
@@ -61,15 +60,9 @@ def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets:
     """[tokens, heads, dim] inputs -> [tokens, heads, dim], or None where the kernel does not apply."""
     if _KERNEL is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
-    varlen_attn, grouped = _KERNEL
-    if grouped:
-        return varlen_attn(query, key, value, offsets, offsets, longest, longest, scale=scale, window_size=(-1, 0),
-                           enable_gqa=key.shape[1] != query.shape[1])
-    if value.shape[-1] != query.shape[-1] or (scale is not None and abs(scale - query.shape[-1] ** -0.5) > 1e-9):
-        return None  # the older kernel takes neither a narrower value head (MLA) nor a scale
-    repeat = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-    return varlen_attn(query, key, value, offsets, offsets, longest, longest, is_causal=True)
+    if value.shape[-1] != query.shape[-1]:
+        return None  # flash takes no narrower value head (MLA): the SDPA fallback
+    return _KERNEL(query, key, value, offsets, offsets, longest, longest, 0.0, True, False, scale=scale)[0]
 
 
 def document_mask(offsets: torch.Tensor, rows: int, seq: int) -> torch.Tensor:
@@ -93,7 +86,11 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                       **kwargs)
     rows, heads, seq, _ = query.shape
     if not (dropout and module.training):
-        flat = [t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+        # under autocast the rotary embedding hands over fp32 queries and keys (fp32 cos/sin from the fp32 residual
+        # stream) beside a bf16 value: cast as autocast casts SDPA's inputs, or the kernel's dtype check fails
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        flat = [t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[-1]).to(dtype) for t in (query, key, value)]
         out = _flash(*flat, cu_seq_lens_q, max_length_q or seq, scaling)
         if out is not None:
             return out.view(rows, seq, heads, out.shape[-1]), None

@@ -158,6 +158,30 @@ def test_varlen_attention_trains_exactly_as_transformers_packed_mask(model):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_varlen_kernel_gets_one_16_bit_dtype_under_autocast(monkeypatch):
+    """Mixed precision (fp32 weights, bf16 autocast): the rotary embedding returns fp32 queries and keys beside a
+    bf16 value, and the flash kernel takes 16-bit inputs only. It must get all three in the autocast dtype, or every
+    layer silently falls back to SDPA with a mask (what the H200 packing bench ran until this test)."""
+    from hydra import compose, initialize_config_dir
+
+    from dsrun import attention
+    from dsrun.config import register_configs
+    from dsrun.loss import attach_chunked_loss
+    from dsrun.model import architecture, build_model
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hardware=cpu", "model=tiny_qwen2"])
+    ids, positions = _packed_batch()
+    net = attach_chunked_loss(build_model(cfg.model, architecture(cfg.model), seed=0))
+    attention.use_varlen_attention(net)
+    seen = []
+    monkeypatch.setattr(attention, "_flash", lambda q, k, v, *rest: seen.append({q.dtype, k.dtype, v.dtype}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(input_ids=ids, labels=ids, **attention.batch_kwargs(positions, torch.device("cpu")))
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen), seen
+
+
 def chats(path: Path, n: int = 200) -> Path:
     """Random user turns, one fixed reply: only the reply can be learned."""
     rng = random.Random(0)
