@@ -28,6 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = "/tmp/q7"
 SEQ, WARMUP, WINDOWS, SEED, DATA_SEED, SAMPLES = 2048, 5, 3, 42, 1234, 256
+# dsrun logs (one host sync) every LOG steps, as a run does, not every step: the anchors' loops never sync inside a
+# window either. Losses are compared as LOG-step means, the form dsrun's log rows have. Divides WARMUP and --steps.
+LOG = 5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 152064
 MICRO = 1  # sequences per step (--micro-batches sweeps it)
@@ -39,9 +42,10 @@ def batches():
 
     sys.path.insert(0, str(REPO))
     from dsrun.data import BatchStream
+    from dsrun.packing import Blocks
 
-    blocks = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(DATA_SEED))
-    return BatchStream(blocks, micro_batch=MICRO, rank=0, world_size=1, seed=SEED)
+    tokens = torch.randint(0, VOCAB, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(DATA_SEED))
+    return BatchStream(Blocks(tokens[:, :-1], tokens[:, 1:]), micro_batch=MICRO, rank=0, world_size=1, seed=SEED)
 
 
 def save_model() -> None:
@@ -58,6 +62,8 @@ def save_model() -> None:
         model = Qwen2ForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(MODEL_DIR, max_shard_size="20GB")
+    del model
+    torch.cuda.empty_cache()  # the cases run in child processes; this one holds no memory while they do
 
 
 def ensure_tokenizer(path: str) -> None:
@@ -83,7 +89,7 @@ def timed_loop(model, steps: int) -> dict:
     stream, losses, windows = batches(), [], []
 
     def step():
-        inputs, labels = next(stream)
+        inputs, labels, _ = next(stream)
         block = torch.cat([inputs, labels[:, -1:]], dim=1).cuda()  # the seq + 1 tokens: seq predictions
         loss = model(input_ids=block, labels=block).loss
         loss.backward()
@@ -105,7 +111,8 @@ def timed_loop(model, steps: int) -> dict:
     return {"tokens_per_s": round(statistics.median(windows)), "windows": [round(w) for w in windows],
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "load_peak_gib": round(load_peak, 2), "losses": [round(float(x), 5) for x in losses]}
+            "load_peak_gib": round(load_peak, 2),
+            "losses": [round(float(sum(losses[i:i + LOG])) / LOG, 5) for i in range(0, len(losses) - LOG + 1, LOG)]}
 
 
 def case_stock(steps: int) -> dict:
@@ -113,7 +120,6 @@ def case_stock(steps: int) -> dict:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    save_model()
     torch.manual_seed(SEED)
     torch.cuda.reset_peak_memory_stats()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -133,7 +139,6 @@ def case_unsloth(steps: int) -> dict:
     import torch
     from unsloth import FastLanguageModel
 
-    save_model()
     ensure_tokenizer(MODEL_DIR)
     torch.manual_seed(SEED)
     torch.cuda.reset_peak_memory_stats()
@@ -159,7 +164,7 @@ def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:
            f"train.micro_batch={MICRO}", "train.accumulation=1", f"train.max_steps={total}", "train.lr=1e-4",
            "optim.betas=[0.9,0.999]", "optim.weight_decay=0.01", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",
            "optim.grad_clip=0", "parallel.activation_checkpointing=true", "parallel.offload_activations=true",
-           "train.log_every=1", "train.checkpoint_every=-1", "monitor=none", "hardware=auto",
+           f"train.log_every={LOG}", "train.checkpoint_every=-1", "monitor=none", "hardware=auto",
            f"hydra.run.dir={run_dir}", *DSRUN_CASES[name]]
     if cap_gib:
         cmd.append(f"hardware.memory_cap_gib={cap_gib}")
@@ -167,9 +172,10 @@ def case_dsrun(name: str, steps: int, cap_gib: float | None, out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"dsrun exit {proc.returncode}: {proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    at = {row["step"]: row for row in rows}  # a row every LOG steps
     windows = []
     for w in range(WINDOWS):
-        first, last = rows[WARMUP + w * steps - 1], rows[WARMUP + (w + 1) * steps - 1]
+        first, last = at[WARMUP + w * steps], at[WARMUP + (w + 1) * steps]
         windows.append(SEQ * MICRO * steps / (last["elapsed_s"] - first["elapsed_s"]))
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"tokens_per_s": round(statistics.median(windows)), "windows": [round(w) for w in windows],
@@ -187,6 +193,8 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, help="cap every case's allocator at this many GiB (an 8 GB card)")
     parser.add_argument("--micro-batches", default="1", help="e.g. 1,2,4: each case at each micro-batch")
     args = parser.parse_args()
+    if args.steps % LOG:
+        parser.error(f"--steps must be a multiple of {LOG} (dsrun's log interval here)")
     global MICRO
     out = Path(os.environ.get("OUT", "/tmp/bench"))
     if args.case:
@@ -195,6 +203,7 @@ def main() -> None:
         result = case_stock(args.steps) if args.case == "stock" else case_unsloth(args.steps)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    save_model()  # once, before any case: the dsrun cases load it by path too
     results = {}
     sweep = args.micro_batches.split(",")
     for name, micro in ((n, m) for n in args.only.split(",") for m in sweep):
@@ -245,16 +254,17 @@ def print_table(results: dict) -> None:
     stock = best("stock")[1].get("tokens_per_s")
     unsloth = best("unsloth")[1].get("tokens_per_s")
     ref_losses = next((v["losses"] for k, v in ok.items() if k.split("@")[0] == "stock"), None)
+    at_30 = 30 // LOG - 1  # the mean of steps 26-30
     print("| case | tokens/s (median of 3 x 20 steps) | vs stock | vs Unsloth | peak reserved GiB | peak allocated GiB "
-          "| load peak GiB | loss at step 30 vs stock |")
+          "| load peak GiB | loss over steps 26-30 vs stock |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in ok.items():
         loss_gap = ""
-        if ref_losses and len(r["losses"]) >= 30 and len(ref_losses) >= 30:
-            loss_gap = f"{100 * (r['losses'][29] - ref_losses[29]) / ref_losses[29]:+.2f} %"
-        print(f"| {name} | {r['tokens_per_s']:,} | {r['tokens_per_s'] / stock:.2f}x | "
-              f"{r['tokens_per_s'] / unsloth:.2f}x | {r['peak_reserved_gib']} | {r['peak_allocated_gib']} | "
-              f"{r['load_peak_gib']} | {loss_gap} |" if stock and unsloth else f"| {name} | {r} |")
+        if ref_losses and len(r["losses"]) > at_30 and len(ref_losses) > at_30:
+            loss_gap = f"{100 * (r['losses'][at_30] - ref_losses[at_30]) / ref_losses[at_30]:+.2f} %"
+        ratio = lambda ref: f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"  # noqa: E731 - a case may not have run
+        print(f"| {name} | {r['tokens_per_s']:,} | {ratio(stock)} | {ratio(unsloth)} | {r['peak_reserved_gib']} | "
+              f"{r['peak_allocated_gib']} | {r['load_peak_gib']} | {loss_gap} |")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120] if r['error'].strip() else ''} |")

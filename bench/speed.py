@@ -95,7 +95,7 @@ def plain_case(args: argparse.Namespace, compiled: bool, device: Any) -> dict[st
     arch = architecture(cfg.model)
     rows, _, _ = build_datasets(cfg.data, load_tokenizer(cfg.model), cfg.train.seq_len, arch.vocab_size)
     batches = BatchStream(rows, cfg.train.micro_batch, 0, 1, seed=cfg.train.seed)
-    model = build_model(cfg.model, arch, seed=cfg.train.seed, device=device)
+    model = build_model(cfg.model, arch, seed=cfg.train.seed).to(device)  # random init is built on the host
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=device.type == "cuda")
     forward = torch.compile(model) if compiled else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
