@@ -35,7 +35,9 @@ def static_settings(max_cache_len: int, backend: str = "inductor") -> dict[str, 
 
     # one graph per batch size: the default limit (8) would silently fall back to eager past 8 sizes
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compile_config = CompileConfig(backend=backend, fullgraph=False)
+    # dynamic=False: a static graph per batch size (torch's automatic dynamic shapes would make the batch symbolic
+    # at the second size, and every size would share that slower graph)
+    compile_config = CompileConfig(backend=backend, fullgraph=False, dynamic=False)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless told (CPU tests)
     return {"cache_implementation": "static", "max_cache_len": max_cache_len, "compile_config": compile_config}
 
