@@ -27,7 +27,7 @@ from strategies import CASES, JOB, REPO  # noqa: E402  (the same job and cases a
 RUNS = Path("/tmp/dsrun-scaling")  # run folders stay on the machine; $OUT gets the results
 ANCHOR = REPO / "bench" / "anchors" / "ddp_probe.py"
 SHARDED_RECIPES = ["4x4090_fsdp_bf16", "3x4090_ddp"]  # at their per-GPU shape
-STRATEGIES = ("single", "ddp", "fsdp", "tp", "zero2", "zero3")
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_bf16_reduce", "tp", "zero2", "zero3")
 
 
 def dsrun(args: list[str], run_dir: Path) -> tuple[dict | None, str]:
@@ -130,7 +130,8 @@ def table(results: list[dict], device: str, gpus: int, steps: int) -> None:
         if r.get("status") != "ok":
             print(f"| {r['case']} | {r['gpus']} | {r['status'][:60]} | | | | |")
             continue
-        base = one.get(r["case"]) or one.get("single")  # ddp/zero on 1 GPU is the single-process run
+        # a variant (fsdp_bf16_reduce) against its strategy on 1 GPU; ddp/zero on 1 GPU is the single-process run
+        base = one.get(r["case"]) or one.get(r["case"].split("_")[0]) or one.get("single")
         own = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["gpus"] > 1 else "-"
         vs = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain and r["gpus"] == gpus else "-"
         print(f"| {r['case']} | {r['gpus']} | {r['tokens_per_s']:,} | {own} | {vs} | {r.get('peak_memory_gib')} | "

@@ -30,6 +30,7 @@ CASES = {  # cheapest first: a call cut short by its time limit still returns mo
     "fp8_compile": ["parallel=single", "precision=fp8", "train.compile=true"],
     "ddp": ["parallel=ddp"],
     "fsdp": ["parallel=fsdp"],
+    "fsdp_bf16_reduce": ["parallel=fsdp", "parallel.reduce_dtype=bf16"],
     "tp": ["parallel=tp", "parallel.tensor_parallel_size=1"],
     "zero2": ["parallel=zero2"],
     "zero3": ["parallel=zero3"],

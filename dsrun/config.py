@@ -47,6 +47,7 @@ class ParallelConfig:
     zero_stage: int = 0
     offload: bool = False
     reshard_after_forward: bool = True
+    reduce_dtype: str = "fp32"  # fsdp/tp under mixed precision: gradients reduce-scattered in fp32 | bf16 (half the bytes)
     activation_checkpointing: bool = False
     offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
     offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch
@@ -377,6 +378,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if par.offload_activations and par.strategy not in ("single", "ddp"):
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
+    if par.reduce_dtype not in ("fp32", "bf16"):
+        p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
+    elif par.reduce_dtype == "bf16" and (par.strategy not in ("fsdp", "tp") or prec.mode != "bf16-mixed"):
+        p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
+                 "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
+                 "set parallel.reduce_dtype=fp32")
     if par.offload_embedding and (cfg.model.get("fields") or {}).get("tie_word_embeddings"):
         p.append(f"parallel.offload_embedding=true: model={cfg.model.name} ties its input embedding to the output "
                  "head, which the GPU needs every step; set parallel.offload_embedding=false")

@@ -62,8 +62,8 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, *, paral
     # Fabric's precision flag does not reach FSDP2 (its ModelParallelStrategy ignores it for the sharded
     # parameters): mixed precision is FSDP's own policy, as in lightning's examples/fabric/tensor_parallel
     compute = LOW_PRECISION.get(precision.mode)
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else \
-        MixedPrecisionPolicy()
+    reduce = torch.bfloat16 if parallel.reduce_dtype == "bf16" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce) if compute else MixedPrecisionPolicy()
     options = {"mesh": dp_mesh, "mp_policy": policy,
                "offload_policy": CPUOffloadPolicy() if parallel.offload else None}
     options = {k: v for k, v in options.items() if v is not None}

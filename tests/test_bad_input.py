@@ -47,6 +47,8 @@ ROWS = [
     ("offload-embedding-tied-to-head", "config", ["parallel.offload_embedding=true", "adapter=lora",
                                                   "model.fields.tie_word_embeddings=true"],
      ["ties its input embedding", "parallel.offload_embedding=false"]),
+    ("bf16-reduce-outside-fsdp", "config", ["parallel.reduce_dtype=bf16"],
+     ["parallel.reduce_dtype=bf16 with parallel=single", "parallel.reduce_dtype=fp32"]),
     ("jsonl-without-path", "config", ["data=jsonl"], ["data.path"]),
     ("unknown-gpu", "config", ["hardware.gpu=rtx9090"], ["rtx9090", "rtx4090"]),
     ("doctor-sizes-reversed", "config", ["task=doctor", "doctor.min_bytes=64", "doctor.max_bytes=4"],

@@ -107,6 +107,19 @@ def test_fsdp_with_activation_checkpointing_matches_without(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_fsdp_reduces_gradients_in_bf16_when_asked(tmp_path):
+    """parallel.reduce_dtype=bf16 reaches FSDP2's policy: the same run, gradients reduce-scattered in bf16 instead of
+    fp32, has gradient norms that differ by bf16 rounding only (a key that did nothing would give equal norms)."""
+    base = [*PARITY, "train.max_steps=3", "train.log_every=1", "precision=bf16", *LAYOUTS["fsdp"]]
+    runs = {dtype: dsrun(*base, f"parallel.reduce_dtype={dtype}", run_dir=tmp_path / dtype) for dtype in ("fp32", "bf16")}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    fp32, bf16 = (read_metrics(tmp_path / dtype) for dtype in ("fp32", "bf16"))
+    gaps = [abs(b["grad_norm"] - a["grad_norm"]) / a["grad_norm"] for a, b in zip(fp32, bf16)]
+    assert any(gap > 0 for gap in gaps) and max(gaps) < 2e-2, gaps
+    assert [b["loss"] for b in bf16] == pytest.approx([a["loss"] for a in fp32], rel=1e-2)
+
+
 def test_a_hung_rank_times_out_naming_the_rank(tmp_path):
     """SIGSTOP one rank: the other's collective gives up after parallel.timeout_s, names its rank, exits 4, and
     takes the hung rank down with it."""
