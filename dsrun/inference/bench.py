@@ -1,6 +1,7 @@
 """task=bench_infer: time to first token, decode tokens/s and peak memory per batch size and quant option, for
-plain transformers `generate` (what ../shared/anchors/infer_hf.py measures) and dsrun's fast path (static cache +
-compiled decode, on CUDA), then aggregate tokens/s of `bench_infer.concurrent` requests through the serving engine.
+plain transformers `generate` (what ../shared/anchors/infer_hf.py measures) and dsrun's two fast paths on CUDA
+(`dsrun_static`: `generate` with a static cache and the compiled decode step; `dsrun_loop`: dsrun's own greedy
+loop over the same, no host sync per token, dsrun/inference/decode.py), then aggregate tokens/s of `bench_infer.concurrent` requests through the serving engine.
 Prompts are random token ids (random-init models have no language). A table on stdout, rows as JSON in the run
 folder (and bench_infer.json_path)."""
 
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from dsrun.inference.decode import GreedyDecoder
 from dsrun.inference.engine import Request, build_engine
 from dsrun.inference.fast import cache_bucket, static_settings, wanted, warm_up
 from dsrun.inference.load import load
@@ -48,23 +50,31 @@ def bench_model(loaded: Any, bench: Any, quant: str) -> list[dict[str, Any]]:
     model, device = loaded.model, loaded.device
     vocab = model.config.get_text_config().vocab_size
     length = cache_bucket(bench.prompt_tokens + bench.new_tokens)
-    paths: dict[str, dict[str, Any]] = {"hf_generate": {}}
+    kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    # each path: x, new tokens -> generated ids
+    paths: dict[str, Callable[[torch.Tensor, int], Any]] = {
+        "hf_generate": lambda x, new: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                                                     min_new_tokens=new, **kwargs)}
     if wanted("auto", device):
-        paths["dsrun_static"] = static_settings(length)
-        warm_up(model, list(bench.batches), length, paths["dsrun_static"])
+        static = static_settings(length)
+        warm_up(model, list(bench.batches), length, static)
+        paths["dsrun_static"] = lambda x, new: model.generate(x, attention_mask=torch.ones_like(x),
+                                                              max_new_tokens=new, min_new_tokens=new, **kwargs,
+                                                              **static)
+        decoder = GreedyDecoder(model, length)
+        with torch.inference_mode():
+            decoder.warm_up(list(bench.batches))
+        paths["dsrun_loop"] = decoder
     rows = []
-    for name, extra in paths.items():
+    for name, run in paths.items():
         for batch in bench.batches:
             generator = torch.Generator().manual_seed(batch)
             x = torch.randint(0, vocab, (batch, bench.prompt_tokens), generator=generator).to(device)
-            run = lambda new: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,  # noqa: E731
-                                             min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
-                                             **extra)
             with torch.inference_mode():
-                run(4)  # warm-up (allocator, kernels; the static path is compiled already)
+                run(x, 4)  # warm-up (allocator, kernels; the compiled paths are compiled already)
                 reset_peak(device)
-                ttft = timed(lambda: run(1), device)
-                total = timed(lambda: run(bench.new_tokens), device)
+                ttft = timed(lambda: run(x, 1), device)
+                total = timed(lambda: run(x, bench.new_tokens), device)
             rows.append({"case": name, "quant": quant, "batch": batch, "prompt": bench.prompt_tokens,
                          "new_tokens": bench.new_tokens, "ttft_ms": round(ttft * 1e3, 1),
                          "decode_tok_s": round(batch * (bench.new_tokens - 1) / max(total - ttft, 1e-9), 1),
