@@ -243,6 +243,8 @@ def test_each_suggestion_is_the_plan_of_its_overrides():
     assert any(s.fits and not s.hardware_usd for s in p.suggestions)  # a software fix exists
     assert any(s.fits and s.hardware_usd for s in p.suggestions)  # and a hardware one
     for s in p.suggestions:
+        keys = [o.split("=", 1)[0] for o in s.overrides]
+        assert len(keys) == len(set(keys)), f"a key given twice: {s.overrides}"  # copied to a command line as is
         again = plan(apply_overrides(cfg, s.overrides))
         assert (again.fits, again.total_gib) == (s.fits, pytest.approx(s.total_gib)), s.overrides
         if any(o.startswith("train.micro_batch") for o in s.overrides) and not s.hardware_usd:

@@ -115,10 +115,21 @@ def _fit(cfg: Box, change: str, overrides: list[str], hardware_usd: float = 0.0)
         except ConfigError:
             continue
         p = plan(candidate)
-        last = _suggestion(change, overrides + knobs, p, candidate, hardware_usd)
+        last = _suggestion(change, _merged(overrides, knobs), p, candidate, hardware_usd)
         if p.fits:
             return last
     return last if overrides else None
+
+
+def _merged(overrides: list[str], knobs: list[str]) -> list[str]:
+    """overrides then knobs, a key the knobs set again given once (its last value), as a command line would apply
+    them: a suggestion is copied to one."""
+    merged: dict[str, str] = {}
+    for item in overrides + knobs:
+        key = item.split("=", 1)[0]
+        merged.pop(key, None)
+        merged[key] = item
+    return list(merged.values())
 
 
 def _suggestion(change: str, overrides: list[str], p: Plan, cfg: Box, hardware_usd: float) -> Suggestion:
