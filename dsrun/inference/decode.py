@@ -21,8 +21,9 @@ class GreedyDecoder:
         self.model, self.max_cache_len = model, max_cache_len
         self.caches: dict[int, Any] = {}
         options = {"mode": "reduce-overhead"} if backend == "inductor" else {"backend": backend}
-        # dynamic=False: a static graph per batch size (the cache object differs, so each recompiles anyway)
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False, **options)
+        # dynamic=False: a static graph per batch size (the cache object differs, so each recompiles anyway);
+        # fullgraph=False as transformers' own compiled decode: bitsandbytes' 8-bit layers break the graph
+        self.step = torch.compile(self._step, fullgraph=False, dynamic=False, **options)
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache: Any) -> torch.Tensor:
         logits = self.model(token, cache=cache, cache_position=position, position_ids=position[None],
