@@ -107,22 +107,29 @@ def test_mla_model_requests_are_batched_by_the_static_engine():
     assert max(engine.batch_sizes) >= 2, engine.batch_sizes
 
 
-def test_static_cache_decode_does_not_recompile_after_warm_up():
-    """The fixed cache bucket: after warm-up per batch size, new prompt lengths add no graph (eager backend on CPU
-    stands in for inductor; it compiles the same frames). Each batch size gets its own static graph: left to
-    torch's automatic dynamic shapes, the second size would turn the batch symbolic and later sizes would share
-    that graph, compiled for no size in particular (with CUDA graphs, recorded per size anyway)."""
+def tiny_model() -> torch.nn.Module:
+    """tiny_qwen2 in fp32, eval mode, KV cache on."""
     from omegaconf import OmegaConf
-    from torch._dynamo.utils import counters
 
-    from dsrun.inference.fast import cache_bucket, static_settings, warm_up
     from dsrun.model import architecture, build_model
 
     model_cfg = OmegaConf.load(Path(__file__).parent.parent / "conf" / "model" / "tiny_qwen2.yaml")
     model_cfg.experts_implementation = None
     arch = architecture(model_cfg)
     arch.use_cache = True
-    model = build_model(model_cfg, arch, seed=0).eval()
+    return build_model(model_cfg, arch, seed=0).eval()
+
+
+def test_static_cache_decode_does_not_recompile_after_warm_up():
+    """The fixed cache bucket: after warm-up per batch size, new prompt lengths add no graph (eager backend on CPU
+    stands in for inductor; it compiles the same frames). Each batch size gets its own static graph: left to
+    torch's automatic dynamic shapes, the second size would turn the batch symbolic and later sizes would share
+    that graph, compiled for no size in particular (with CUDA graphs, recorded per size anyway)."""
+    from torch._dynamo.utils import counters
+
+    from dsrun.inference.fast import cache_bucket, static_settings, warm_up
+
+    model = tiny_model()
     length = cache_bucket(300)
     assert length == 1024 and cache_bucket(1500) == 2048
     extra = static_settings(length, backend="eager")
@@ -163,17 +170,11 @@ def test_bench_infer_runs_on_cpu_and_prints_its_table(tmp_path):
 def test_greedy_decoder_matches_generate_and_compiles_once_per_batch_size():
     """dsrun/inference/decode.py's loop (static cache, compiled step; `eager` backend on CPU, inductor with CUDA
     graphs on a GPU) gives transformers' greedy tokens, and a second call of a batch size adds no graph."""
-    from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
 
     from dsrun.inference.decode import GreedyDecoder
-    from dsrun.model import architecture, build_model
 
-    model_cfg = OmegaConf.load(Path(__file__).parent.parent / "conf" / "model" / "tiny_qwen2.yaml")
-    model_cfg.experts_implementation = None
-    arch = architecture(model_cfg)
-    arch.use_cache = True
-    model = build_model(model_cfg, arch, seed=0).eval()
+    model = tiny_model()
     decoder = GreedyDecoder(model, 128, backend="eager")
     with torch.inference_mode():
         decoder.warm_up([1, 3])

@@ -18,11 +18,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 SHAPE = ["model=r1_distill_qwen_1_5b", "model.fields.num_hidden_layers=2", "hardware=auto", "hardware.devices=1"]
 
 
-def test_static_cache_compiled_decode_matches_plain_greedy_and_never_recompiles():
+def small_model() -> torch.nn.Module:
+    """R1-Distill-Qwen-1.5B's width, 2 layers, fp32 on the GPU, eval mode, KV cache on."""
     from omegaconf import OmegaConf
-    from torch._dynamo.utils import counters
 
-    from dsrun.inference.fast import cache_bucket, static_settings, warm_up
     from dsrun.model import architecture, build_model
 
     model_cfg = OmegaConf.load(Path(__file__).parent.parent / "conf" / "model" / "r1_distill_qwen_1_5b.yaml")
@@ -31,7 +30,15 @@ def test_static_cache_compiled_decode_matches_plain_greedy_and_never_recompiles(
     arch = architecture(model_cfg)
     arch.use_cache = True
     with torch.device("cuda"):
-        model = build_model(model_cfg, arch, seed=0, dtype=torch.float32).eval()
+        return build_model(model_cfg, arch, seed=0, dtype=torch.float32).eval()
+
+
+def test_static_cache_compiled_decode_matches_plain_greedy_and_never_recompiles():
+    from torch._dynamo.utils import counters
+
+    from dsrun.inference.fast import cache_bucket, static_settings, warm_up
+
+    model = small_model()
     length = cache_bucket(512 + 32)
     extra = static_settings(length)
     warm_up(model, [1, 4], length, extra)
@@ -50,19 +57,11 @@ def test_static_cache_compiled_decode_matches_plain_greedy_and_never_recompiles(
 def test_greedy_loop_with_cuda_graphs_matches_plain_greedy_and_never_recompiles():
     """dsrun/inference/decode.py with inductor and CUDA graphs: plain `generate`'s greedy tokens (fp32: the first 8
     agree), and no new graph after the warm-up of each batch size."""
-    from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
 
     from dsrun.inference.decode import GreedyDecoder
-    from dsrun.model import architecture, build_model
 
-    model_cfg = OmegaConf.load(Path(__file__).parent.parent / "conf" / "model" / "r1_distill_qwen_1_5b.yaml")
-    model_cfg.fields.num_hidden_layers = 2
-    model_cfg.experts_implementation = None
-    arch = architecture(model_cfg)
-    arch.use_cache = True
-    with torch.device("cuda"):
-        model = build_model(model_cfg, arch, seed=0, dtype=torch.float32).eval()
+    model = small_model()
     decoder = GreedyDecoder(model, 1024)
     with torch.inference_mode():
         decoder.warm_up([1, 4])
