@@ -50,6 +50,33 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, monkey
     torch.testing.assert_close(gw_a, gw_b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", ["eager", "broken"])
+def test_the_compiled_chunk_loss_equals_the_eager_one_and_a_compiler_failure_falls_back(backend, monkeypatch,
+                                                                                       capsys):
+    """The CUDA path traces `_loss_and_grad` with torch.compile (here through dynamo with the `eager` backend: the
+    trace, not inductor's kernels); a backend that fails leaves a warning and the eager result."""
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(loss_module, "COMPILE_BACKEND", "eager" if backend == "eager" else broken)
+    monkeypatch.setattr(loss_module, "_compiled", {})
+    torch.manual_seed(0)
+    logits = torch.randn(9, 50, dtype=torch.bfloat16)
+    labels = torch.randint(0, 50, (9,))
+    labels[::4] = IGNORE_INDEX
+    for want_grad in (True, False):
+        reference = loss_module.chunk_elementwise(torch.device("cpu"), want_grad)(logits.clone(), labels)
+        got = loss_module.chunk_elementwise(torch.device("cuda"), want_grad)(logits.clone(), labels)
+        torch.testing.assert_close(got[0], reference[0])
+        if want_grad:
+            torch.testing.assert_close(got[1], reference[1])
+            assert got[1].dtype == torch.bfloat16
+        else:
+            assert got[1] is None
+    warned = "did not compile" in capsys.readouterr().err
+    assert warned == (backend == "broken")
+
+
 def test_a_trained_head_gets_chunks_of_at_least_its_hidden_size():
     """Each chunk reads and writes the head's fp32 gradient once: 110-token chunks of a 152k vocabulary made the
     1.5B full fine-tune step 1.5x slower on an H200. A frozen head keeps the small chunks (the 8 GB cards' QLoRA)."""
