@@ -201,10 +201,10 @@ def test_gradient_norm_in_fp64_chunks_equals_the_whole(monkeypatch):
 
     from dsrun import strategy
 
-    grad = torch.randn(1000, 3, dtype=torch.bfloat16)
-    whole = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
+    grads = [torch.randn(1000, 3, dtype=torch.bfloat16), torch.randn(5), torch.randn(2, 7)]
+    whole = sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads)
     monkeypatch.setattr(strategy, "NORM_CHUNK", 7)
-    assert float(strategy._squared_norm_fp64(grad)) == pytest.approx(float(whole), rel=1e-12)
+    assert float(strategy._squared_norm_fp64(grads)) == pytest.approx(float(whole), rel=1e-12)
 
 
 def test_fused_adamw_skips_a_nonfinite_step_on_the_device():
