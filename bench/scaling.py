@@ -27,7 +27,7 @@ from strategies import CASES, JOB, REPO  # noqa: E402  (the same job and cases a
 RUNS = Path("/tmp/dsrun-scaling")  # run folders stay on the machine; $OUT gets the results
 ANCHOR = REPO / "bench" / "anchors" / "ddp_probe.py"
 SHARDED_RECIPES = ["4x4090_fsdp_bf16", "3x4090_ddp"]  # at their per-GPU shape
-STRATEGIES = ("single", "ddp", "fsdp", "fsdp_bf16_reduce", "tp", "zero2", "zero3")
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_bf16_reduce", "fsdp_no_reshard", "tp", "zero2", "zero3")
 
 
 def dsrun(args: list[str], run_dir: Path) -> tuple[dict | None, str]:

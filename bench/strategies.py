@@ -31,6 +31,7 @@ CASES = {  # cheapest first: a call cut short by its time limit still returns mo
     "ddp": ["parallel=ddp"],
     "fsdp": ["parallel=fsdp"],
     "fsdp_bf16_reduce": ["parallel=fsdp", "parallel.reduce_dtype=bf16"],
+    "fsdp_no_reshard": ["parallel=fsdp", "parallel.reshard_after_forward=false"],  # no all-gather in backward
     "tp": ["parallel=tp", "parallel.tensor_parallel_size=1"],
     "zero2": ["parallel=zero2"],
     "zero3": ["parallel=zero3"],
