@@ -57,12 +57,16 @@ def _varlen() -> Any | None:
 
 def _flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor, longest: int,
            scale: float | None) -> torch.Tensor | None:
-    """[tokens, heads, dim] inputs -> [tokens, heads, dim], or None where the kernel does not apply."""
+    """[rows, heads, seq, dim] inputs (kv heads may be fewer) -> [rows, seq, heads, dim], or None where the kernel
+    does not apply (checked before anything is copied)."""
     if _KERNEL is None or query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
         return None
     if value.shape[-1] != query.shape[-1]:
         return None  # flash takes no narrower value head (MLA): the SDPA fallback
-    return _KERNEL(query, key, value, offsets, offsets, longest, longest, 0.0, True, False, scale=scale)[0]
+    rows, heads, seq, _ = query.shape
+    flat = [t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[-1]) for t in (query, key, value)]
+    out = _KERNEL(*flat, offsets, offsets, longest, longest, 0.0, True, False, scale=scale)[0]
+    return out.view(rows, seq, heads, out.shape[-1])
 
 
 def document_mask(offsets: torch.Tensor, rows: int, seq: int) -> torch.Tensor:
@@ -85,15 +89,16 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, seq, _ = query.shape
+    # under autocast the rotary embedding hands over fp32 queries and keys (fp32 cos/sin from the fp32 residual
+    # stream) beside a bf16 value: cast as autocast casts SDPA's inputs (the fallback's result is the same), or no
+    # layer would reach the 16-bit kernel
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        query, key, value = (t.to(torch.get_autocast_dtype(device)) for t in (query, key, value))
     if not (dropout and module.training):
-        # under autocast the rotary embedding hands over fp32 queries and keys (fp32 cos/sin from the fp32 residual
-        # stream) beside a bf16 value: cast as autocast casts SDPA's inputs, or the kernel's dtype check fails
-        device = query.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-        flat = [t.transpose(1, 2).reshape(rows * seq, t.shape[1], t.shape[-1]).to(dtype) for t in (query, key, value)]
-        out = _flash(*flat, cu_seq_lens_q, max_length_q or seq, scaling)
+        out = _flash(query, key, value, cu_seq_lens_q, max_length_q or seq, scaling)
         if out is not None:
-            return out.view(rows, seq, heads, out.shape[-1]), None
+            return out, None
     mask = document_mask(cu_seq_lens_q, rows, seq)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                          dropout_p=dropout if module.training else 0.0,
