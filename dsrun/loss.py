@@ -59,29 +59,25 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, want_grad: bool) 
 # logits about six times (~46 bytes per logit; 8,192 tokens x 152k is 1.2 G logits a step), fused ~8. A compiler
 # failure falls back to the eager function, which computes the same.
 COMPILE_BACKEND = "inductor"
-_compiled: dict[bool, Any] = {}
+_fused: Any = None  # torch.compile(_loss_and_grad), made at the first CUDA chunk; False once it failed to compile
 
 
 def chunk_elementwise(device: torch.device, want_grad: bool) -> Any:
-    """`(logits, labels) -> (loss sum, grad or None)` for one chunk on `device`."""
-    def eager(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """`(logits, labels) -> (loss sum, grad or None)` for the chunks of a batch on `device`."""
+    def run(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        global _fused
+        if device.type == "cuda" and _fused is not False:
+            if _fused is None:
+                _fused = torch.compile(_loss_and_grad, backend=COMPILE_BACKEND)
+            try:
+                return _fused(logits, labels, want_grad)
+            except (torch._dynamo.exc.TorchDynamoException, ImportError) as exc:
+                print(f"dsrun: warning: the fused loss kernels did not compile ({type(exc).__name__}); the loss "
+                      "runs unfused", file=sys.stderr)
+                _fused = False
         return _loss_and_grad(logits, labels, want_grad)
 
-    if device.type != "cuda" or _compiled.get(want_grad) is False:
-        return eager
-    if want_grad not in _compiled:
-        _compiled[want_grad] = torch.compile(eager, backend=COMPILE_BACKEND)
-
-    def fused(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        try:
-            return _compiled[want_grad](logits, labels)
-        except (torch._dynamo.exc.TorchDynamoException, ImportError) as exc:
-            print(f"dsrun: warning: the fused loss kernels did not compile ({type(exc).__name__}); the loss runs "
-                  "unfused", file=sys.stderr)
-            _compiled[want_grad] = False
-            return eager(logits, labels)
-
-    return fused
+    return run
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -59,7 +59,7 @@ def test_the_compiled_chunk_loss_equals_the_eager_one_and_a_compiler_failure_fal
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(loss_module, "COMPILE_BACKEND", "eager" if backend == "eager" else broken)
-    monkeypatch.setattr(loss_module, "_compiled", {})
+    monkeypatch.setattr(loss_module, "_fused", None)
     torch.manual_seed(0)
     logits = torch.randn(9, 50, dtype=torch.bfloat16)
     labels = torch.randint(0, 50, (9,))
