@@ -4,8 +4,8 @@ R1-Distill-Qwen-1.5B's), bf16, a 512-token prompt:
 - the eager forward alone in a Python loop (dynamic cache, greedy on the GPU): the host's cost per layer call;
 - dsrun's static path (`dsrun/inference/fast.py`: static cache, decode step compiled with CUDA graphs, warmed up),
   64 and 256 new tokens;
-- a hand-written loop over the same static cache with `torch.compile(mode="reduce-overhead", fullgraph=True)` and
-  greedy argmax on the GPU, no host sync per token: what `generate`'s own per-token work costs.
+- dsrun's greedy loop (`dsrun/inference/decode.py`: the same static cache, the step compiled in reduce-overhead
+  mode, argmax on the GPU, no host sync per token), 256 new tokens: what `generate`'s own per-token work costs.
 
     python bench/decode.py [--layers 28 --hidden 1536 --intermediate 8960 --heads 12 --kv-heads 2]
     TORCH_LOGS=recompiles,perf_hints python bench/decode.py     # recompiles and CUDA-graph skips, if any
@@ -34,8 +34,9 @@ def rate(tokens: int, fn) -> float:
 
 
 def main() -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from dsrun.inference.decode import GreedyDecoder
     from dsrun.inference.fast import static_settings, warm_up
 
     parser = argparse.ArgumentParser()
@@ -61,7 +62,7 @@ def main() -> None:
 
         def eager_loop() -> None:
             for _ in range(32):
-                out = model(state["token"], past_key_values=state["past"], use_cache=True)
+                out = model(state["token"], cache=state["past"], use_cache=True)
                 state["token"] = out.logits[:, -1:].argmax(-1)
 
         rows["eager forward loop"] = rate(32, eager_loop)
@@ -75,25 +76,9 @@ def main() -> None:
             rows[f"dsrun static generate, {new} new"] = rate(
                 new - 1, lambda n=new: model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw, **extra))
 
-        cache = StaticCache(config=config, max_cache_len=CACHE)
-
-        def decode(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-            logits = model(token, past_key_values=cache, cache_position=position, position_ids=position[None],
-                           use_cache=True).logits
-            return logits[:, -1:].argmax(-1)
-
-        step = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
-        out = model(x, past_key_values=cache, cache_position=torch.arange(PROMPT, device="cuda"), use_cache=True)
-        token, position = out.logits[:, -1:].argmax(-1), torch.tensor([PROMPT], device="cuda")
-        for i in range(3):  # compile, record the graph
-            token = step(token.clone(), position + i)
-
-        def hand_loop() -> None:
-            nonlocal token
-            for i in range(3, 200):
-                token = step(token.clone(), position + i)
-
-        rows["hand loop (compiled step, no per-token sync)"] = rate(197, hand_loop)
+        decoder = GreedyDecoder(model, CACHE)
+        decoder.warm_up([1])
+        rows["dsrun greedy loop (compiled step, no per-token sync)"] = rate(255, lambda: decoder(x, 256))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers, hidden {args.hidden}; "
           f"batch 1, prompt {PROMPT}")
     print("| path | tokens/s |\n|---|---|")
