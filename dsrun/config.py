@@ -47,7 +47,7 @@ class ParallelConfig:
     zero_stage: int = 0
     offload: bool = False
     reshard_after_forward: bool = True
-    reduce_dtype: str = "fp32"  # fsdp/tp under mixed precision: gradients reduce-scattered in fp32 | bf16 (half the bytes)
+    reduce_dtype: str = "fp32"  # fsdp/tp under bf16 mixed precision: gradients reduce-scattered in fp32 | bf16
     activation_checkpointing: bool = False
     offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
     offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch

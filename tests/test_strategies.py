@@ -111,8 +111,8 @@ def test_fsdp_reduces_gradients_in_bf16_when_asked(tmp_path):
     """parallel.reduce_dtype=bf16 reaches FSDP2's policy: the same run, gradients reduce-scattered in bf16 instead of
     fp32, has gradient norms that differ by bf16 rounding only (a key that did nothing would give equal norms)."""
     base = [*PARITY, "train.max_steps=3", "train.log_every=1", "precision=bf16", *LAYOUTS["fsdp"]]
-    runs = {dtype: dsrun(*base, f"parallel.reduce_dtype={dtype}", run_dir=tmp_path / dtype) for dtype in ("fp32", "bf16")}
-    for proc in runs.values():
+    for dtype in ("fp32", "bf16"):
+        proc = dsrun(*base, f"parallel.reduce_dtype={dtype}", run_dir=tmp_path / dtype)
         assert proc.returncode == 0, proc.stderr[-2000:]
     fp32, bf16 = (read_metrics(tmp_path / dtype) for dtype in ("fp32", "bf16"))
     gaps = [abs(b["grad_norm"] - a["grad_norm"]) / a["grad_norm"] for a, b in zip(fp32, bf16)]

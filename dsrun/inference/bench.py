@@ -1,7 +1,8 @@
 """task=bench_infer: time to first token, decode tokens/s and peak memory per batch size and quant option, for
 plain transformers `generate` (what ../shared/anchors/infer_hf.py measures) and dsrun's two fast paths on CUDA
 (`dsrun_static`: `generate` with a static cache and the compiled decode step; `dsrun_loop`: dsrun's own greedy
-loop over the same, no host sync per token, dsrun/inference/decode.py), then aggregate tokens/s of `bench_infer.concurrent` requests through the serving engine.
+loop over the same, no host sync per token, dsrun/inference/decode.py), then aggregate tokens/s of
+`bench_infer.concurrent` requests through the serving engine.
 Prompts are random token ids (random-init models have no language). A table on stdout, rows as JSON in the run
 folder (and bench_infer.json_path)."""
 
