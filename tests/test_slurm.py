@@ -31,3 +31,12 @@ def test_sweep_through_submitit_local_executor(tmp_path):
         summary = json.loads((sweep / str(trial) / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["global_batch"] == micro_batch
     assert list(sweep.glob(".submitit/*")), "jobs went through submitit"
+
+
+def test_local_launcher_folder_has_no_job_id_for_the_controller_to_race():
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=dsrun_local"], return_hydra_config=True)
+    # submitit's local controller writes <folder>/<pid>_0_log.out; with %j the folder is created by the parent only
+    # after the controller has started, and the controller sometimes gets there first (a failed CI run).
+    assert "%j" not in cfg.hydra.launcher.submitit_folder
