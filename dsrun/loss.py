@@ -89,18 +89,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # Only labelled rows go through the head: a fine-tune masks its prompts (a third of the tokens of the
+        # default data, most of them where prompts are long), and their logits would be computed to be zeroed.
+        # Counting them is one host sync per micro-batch; the GPU has the whole forward queued by then.
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        gathered = len(rows) < len(labels)
+        if gathered:
+            hidden_rows, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+        else:
+            hidden_rows = hidden
+        grad_rows = torch.empty_like(hidden_rows) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         elementwise = chunk_elementwise(hidden.device, want_hidden or want_weight)
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk].to(dtype)
+        for start in range(0, hidden_rows.shape[0], chunk):
+            h = hidden_rows[start:start + chunk].to(dtype)
             part, grad = elementwise(h @ w.T, labels[start:start + chunk])
             total += part
             if want_hidden:
-                grad_hidden[start:start + chunk] = (grad @ w).to(hidden.dtype)
+                grad_rows[start:start + chunk] = (grad @ w).to(hidden.dtype)
             if want_weight:
                 grad_weight.add_(grad.T @ h)  # fp32 sum of the chunks' products
+        grad_hidden = grad_rows
+        if want_hidden and gathered:  # unlabelled rows get no gradient from the loss
+            grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_rows)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
         ctx.wants = (want_hidden, want_weight)
         ctx.weight_dtype = weight.dtype

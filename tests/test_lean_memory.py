@@ -25,15 +25,21 @@ def model_cfg(name: str):
                            OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), {"experts_implementation": "eager"})
 
 
+@pytest.mark.parametrize("masked", ["every_fifth", "none", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, monkeypatch):
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, masked, monkeypatch):
     # 8 tokens a chunk under a frozen head, 16 (the hidden size) where the head trains: 3 chunks, the last short
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * 8)
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, dtype=dtype, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (37,))
-    labels[::5] = IGNORE_INDEX
+    labels[{"every_fifth": slice(None, None, 5), "none": slice(0, 0), "all": slice(None)}[masked]] = IGNORE_INDEX
+    head_rows = []  # the rows whose logits the head computed: only the labelled ones
+    elementwise = loss_module.chunk_elementwise
+    monkeypatch.setattr(loss_module, "chunk_elementwise", lambda device, want_grad: (
+        lambda logits, chunk_labels: head_rows.append(len(logits)) or elementwise(device, want_grad)(
+            logits, chunk_labels)))
     grads = []
     for fn in (lambda: chunked_cross_entropy(hidden, weight, labels),
                lambda: F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX,
@@ -44,6 +50,7 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, monkey
         grads.append((value.detach(), hidden.grad.clone(), weight.grad.clone()))
         hidden.grad = weight.grad = None
     (loss_a, gh_a, gw_a), (loss_b, gh_b, gw_b) = grads
+    assert sum(head_rows) == int((labels != IGNORE_INDEX).sum())
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(gh_a, gh_b, rtol=tol, atol=tol)

@@ -254,31 +254,35 @@ def test_fixed_global_batch_derives_accumulation():
 
 
 def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(tmp_path):
-    """1 GiB cap on the process's heap, a model whose activations grow with the micro-batch (512 wide, 512 tokens; the
-    chunked loss keeps the default tiny model's step nearly flat in the micro-batch): the plan guesses 8, the probes at
-    16 and 8 run out of memory for real, 4 fits."""
+    """0.9 GiB cap on the process's heap, a model whose activations grow with the micro-batch (512 wide, 512 tokens;
+    the chunked loss keeps the default tiny model's step nearly flat in the micro-batch): the probes start above the
+    plan's guess and halve through real out-of-memory failures until one fits. Where exactly the cap bites depends
+    on the allocator (huge pages moved it from 8 to 4 once), so the test holds the pattern, not the number."""
     run = tmp_path / "run"
     proc = dsrun(*FAST, "train.max_steps=2", "train.micro_batch=auto", "train.global_batch=16",
-                 "hardware.memory_cap_gib=1", "model=tiny_qwen2", "model.fields.vocab_size=4096",
+                 "hardware.memory_cap_gib=0.9", "model=tiny_qwen2", "model.fields.vocab_size=4096",
                  "model.fields.hidden_size=512", "model.fields.intermediate_size=2048",
                  "model.fields.num_attention_heads=8", "model.fields.num_key_value_heads=4", "data=synthetic_tokens",
                  "train.seq_len=512", run_dir=run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     probe = json.loads((run / "micro_batch_probe" / "probe.json").read_text())
-    assert [(p["micro_batch"], p["result"]) for p in probe["probes"]] == \
-        [(16, "out of memory"), (8, "out of memory"), (4, "fits")]
-    assert (probe["planned"], probe["chosen"]) == (8, 4)
-    assert "out of host memory" in (run / "micro_batch_probe" / "8" / "probe.log").read_text()
+    tried = [(p["micro_batch"], p["result"]) for p in probe["probes"]]
+    sizes, results = [m for m, _ in tried], [r for _, r in tried]
+    assert sizes[0] == min(2 * probe["planned"], 16) and sizes == [sizes[0] >> i for i in range(len(sizes))], tried
+    assert len(tried) >= 2 and results == ["out of memory"] * (len(tried) - 1) + ["fits"], tried
+    chosen = sizes[-1]
+    assert probe["chosen"] == chosen and 1 <= chosen < 16
+    assert "out of host memory" in (run / "micro_batch_probe" / str(sizes[0]) / "probe.log").read_text()
     import yaml
 
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]
-    assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (4, 4, 16)
+    assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (chosen, 16 // chosen, 16)
     assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
-    assert "chose 4" in proc.stderr
+    assert f"chose {chosen}" in proc.stderr
     # the probes are part of this run: the ledger holds the run once, not its probes
     from dsrun.rollback import chosen_micro_batch
 
-    assert chosen_micro_batch(run) == ["train.micro_batch=4"]  # what resume and replay pin
+    assert chosen_micro_batch(run) == [f"train.micro_batch={chosen}"]  # what resume and replay pin
 
 
 def test_auto_micro_batch_needs_a_global_batch_and_one_node():
@@ -346,13 +350,14 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_passes_task_plan(recipe, capsys):
+def test_every_recipe_fits_its_card_by_its_plan(recipe, capsys):
     from dsrun.tasks import run_task
 
     cfg = composed(f"+recipe={recipe}", "task=plan", "plan.json=true")
     resolve(cfg)
     validate(cfg, gpu_catalog())
     result = run_task(cfg)
+    assert result.fits, f"{recipe}: the plan says {result.total_gib:.1f} GiB of {result.vram_gib:.1f}"
     assert result.total_gib > 0 and result.tokens_per_s > 0
     assert json.loads(capsys.readouterr().out)["total_gib"] == pytest.approx(result.total_gib)
 
