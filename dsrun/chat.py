@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsrun.errors import DataError
+from dsrun.errors import DataError, Interrupted
 
 # DeepSeek-R1's published chat template, verbatim: the `chat_template` of tokenizer_config.json in
 # huggingface.co/deepseek-ai/DeepSeek-R1 (the revision whose generation prompt opens `<think>\n`). The PyPI
@@ -98,6 +98,8 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], kept: list[int], wher
     shown = [dict(m, content=PLACEHOLDER.format(i)) if i in kept else m for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(shown, tokenize=False)
+    except Interrupted:  # Ctrl-C while the data is rendered (dsrun.cli.interrupt_start_up), not the chat's fault
+        raise
     except Exception as exc:  # jinja2.TemplateError and the template's own raise_exception
         raise DataError(f"{where}: the chat template refuses this chat ({str(exc).splitlines()[0]})") from None
     start = 0

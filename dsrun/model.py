@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dsrun.checkpoint import last_checkpoint_note
-from dsrun.errors import UserError
+from dsrun.errors import Interrupted, UserError
 from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
 from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
@@ -39,6 +39,8 @@ def architecture(model_cfg: ModelConfig) -> Any:
             else dict(model_cfg.fields)
         try:
             config = AutoConfig.for_model(model_cfg.arch, **fields)
+        except Interrupted:  # Ctrl-C during start-up (dsrun.cli.interrupt_start_up) is not a fault in the fields
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure here comes from the user's fields
             detail = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
             raise UserError(f"model.fields of model={model_cfg.name}: {detail}") from None

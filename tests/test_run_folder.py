@@ -154,6 +154,32 @@ def test_a_signal_during_start_up_ends_with_one_line_and_a_ledger_row(tmp_path, 
     assert json.loads((run / "record.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.parametrize("where", ["model fields", "chat template"])
+def test_a_signal_inside_a_start_up_step_that_turns_failures_into_user_errors_stays_a_signal(where, monkeypatch):
+    """Start-up steps that report any failure as a fault in the user's input (the model's fields, a chat the template
+    refuses) let the signal's Interrupted through: a CI run got exit 2 and "model.fields of model=tiny: stopped by
+    SIGINT" from a Ctrl-C that landed while the config was built."""
+    from omegaconf import OmegaConf
+
+    from dsrun import chat, model
+    from dsrun.config import ModelConfig
+    from dsrun.errors import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        if where == "model fields":
+            import transformers
+
+            monkeypatch.setattr(transformers.AutoConfig, "for_model", interrupted)
+            model.architecture(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                               OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
+        else:
+            tokenizer = type("Tokenizer", (), {"apply_chat_template": staticmethod(interrupted)})()
+            chat._apply(tokenizer, [{"role": "user", "content": "hi"}], [], "chats.jsonl:1")
+
+
 def test_a_signal_inside_an_omegaconf_accessor_still_ends_with_its_one_line(monkeypatch):
     """OmegaConf re-raises an exception from inside its attribute access as type(exception)(message + key lines)
     (a SIGINT handler raised Interrupted while setup read cfg.model): Interrupted rebuilt that way keeps its signal
