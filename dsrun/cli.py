@@ -16,6 +16,10 @@ from typing import Any, Callable
 # Growable allocator segments instead of fixed blocks: what one step frees serves the next one's other sizes (a 7B
 # QLoRA step held 0.4 GiB more reserved than allocated without). Read when CUDA first allocates: set before torch.
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+# CPU tensors of 2 MiB and up on transparent huge pages (read at PyTorch's first CPU allocation). A small model's step
+# allocates its vocabulary-sized logits and gradients afresh (30-70 MB each for the tiny model's 129k vocabulary);
+# faulting them in 4 KiB pages took a fifth of the default job's time on 2 cores (BENCHMARKS.md, CPU default job).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf

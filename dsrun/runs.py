@@ -16,7 +16,8 @@ import dsrun
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
 ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "TORCH_", "PYTORCH_", "OMP_", "MKL_", "HF_", "TRANSFORMERS_", "WANDB_",
-                "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "DSRUN_", "LD_LIBRARY_PATH")
+                "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_", "DSRUN_", "LD_LIBRARY_PATH",
+                "THP_MEM_ALLOC_ENABLE")
 REDACTED = "<redacted>"
 
 
