@@ -4,7 +4,8 @@ A 152k vocabulary makes the logits the largest tensor of a small-batch step: 2,0
 logits, plus their gradient in backward, where the whole 7B QLoRA step needs ~6 GiB. Here each chunk's logits live
 only while that chunk's loss and gradients (with respect to the hidden states and the head weight) are computed,
 during the forward pass; backward only scales those gradients. Same arithmetic as `head(h).float()` then
-`cross_entropy`: logits in the compute dtype, softmax in fp32.
+`cross_entropy`: logits in the compute dtype, softmax in fp32. Rows without a label (a fine-tune's prompts) never
+reach the head.
 
 The loss is computed inside the model's own forward (`attach_chunked_loss` replaces it), so every wrapper — DDP,
 FSDP2 (the root unit gathers the head), peft, Fabric — sees an ordinary forward call returning
