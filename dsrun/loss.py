@@ -85,16 +85,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over labelled tokens of cross_entropy(hidden @ weight.T, labels), gradients computed in the forward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: Any,
                 chunk: int) -> torch.Tensor:
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Only labelled rows go through the head: a fine-tune masks its prompts (a third of the tokens of the
-        # default data, most of them where prompts are long), and their logits would be computed to be zeroed.
-        # Counting them is one host sync per micro-batch; the GPU has the whole forward queued by then.
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        gathered = len(rows) < len(labels)
+        gathered = rows is not None
         if gathered:
             hidden_rows, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
         else:
@@ -125,7 +121,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.wants
         grad_hidden = next(saved) * grad_output if want_hidden else None
         grad_weight = (next(saved) * grad_output).to(ctx.weight_dtype) if want_weight else None
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def chunk_tokens(vocab: int, hidden: int, trains_head: bool) -> int:
@@ -136,10 +132,20 @@ def chunk_tokens(vocab: int, hidden: int, trains_head: bool) -> int:
     return max(1, CHUNK_ELEMENTS // vocab, hidden if trains_head else 0)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the token losses of `hidden` [tokens, d] through the head `weight` [vocab, d]."""
+def label_rows(labels: torch.Tensor) -> torch.Tensor | None:
+    """The flat positions of `labels` that carry a label, or None where all do. Computed on the host, where the
+    batch is built: on the device, counting them would be a host sync every micro-batch."""
+    labelled = labels.reshape(-1) != IGNORE_INDEX
+    return None if bool(labelled.all()) else labelled.nonzero().squeeze(1)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the token losses of `hidden` [tokens, d] through the head `weight` [vocab, d]. Only `rows` (the
+    labelled ones, `label_rows`) go through the head: a fine-tune masks its prompts (a third of the default data's
+    tokens, most of them where prompts are long), and their logits would be computed only to be zeroed."""
     chunk = chunk_tokens(weight.shape[0], weight.shape[1], weight.requires_grad)
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, chunk)
 
 
 def full_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -155,12 +161,12 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
     def forward(self: nn.Module, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs: Any):
+                label_rows: torch.Tensor | None = None, **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
         hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state.flatten(0, 1)
         labels = labels.flatten()
         if chunked:
-            loss = chunked_cross_entropy(hidden, head.weight, labels)
+            loss = chunked_cross_entropy(hidden, head.weight, labels, label_rows)
         else:
             loss = full_cross_entropy(head, hidden, labels)
         return loss, (labels != IGNORE_INDEX).sum()

@@ -1,6 +1,6 @@
 """One micro-batch as the model's keyword arguments, prepared on the host and copied to the device without a sync:
-the tokens (or, under `parallel.offload_embedding`, their embedding rows gathered from host memory), the labels,
-and packed documents' position ids and bounds (dsrun/attention.py).
+the tokens (or, under `parallel.offload_embedding`, their embedding rows gathered from host memory), the labels and
+which of them carry one (dsrun/loss.py), and packed documents' position ids and bounds (dsrun/attention.py).
 
 A frozen input embedding is a table the step only reads a few rows of: 152,064 x 3,584 bf16 is 1.0 GiB of an 8 GB
 card's 7B QLoRA step, for 14 MiB of rows per 2,048 tokens. Kept in host memory, those rows are gathered there and
@@ -15,6 +15,7 @@ from torch import nn
 
 from dsrun.attention import batch_kwargs
 from dsrun.errors import ConfigError
+from dsrun.loss import label_rows
 
 
 class HostEmbedding:
@@ -66,4 +67,6 @@ def model_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Te
     """Host tensors of one micro-batch -> the model's keyword arguments on `device` (copies queued, no sync)."""
     tokens = {"inputs_embeds": embedding.rows(inputs, device)} if embedding is not None else \
         {"input_ids": inputs.to(device, non_blocking=True)}
-    return {**tokens, "labels": labels.to(device, non_blocking=True), **batch_kwargs(positions, device)}
+    rows = label_rows(labels)
+    return {**tokens, "labels": labels.to(device, non_blocking=True), **batch_kwargs(positions, device),
+            **({"label_rows": rows.to(device, non_blocking=True)} if rows is not None else {})}

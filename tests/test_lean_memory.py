@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from dsrun import loss as loss_module
 from dsrun.config import AdapterConfig, ModelConfig, ParallelConfig, QuantConfig
 from dsrun.errors import UserError
-from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy
+from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy, label_rows
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_model, weight_dtype
 from dsrun.parallelize import decoder_blocks
@@ -41,7 +41,9 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(dtype, masked
         lambda logits, chunk_labels: head_rows.append(len(logits)) or elementwise(device, want_grad)(
             logits, chunk_labels)))
     grads = []
-    for fn in (lambda: chunked_cross_entropy(hidden, weight, labels),
+    rows = label_rows(labels)  # as dsrun/model_inputs.py passes them: None where every row has a label
+    assert (rows is None) == (masked == "none")
+    for fn in (lambda: chunked_cross_entropy(hidden, weight, labels, rows),
                lambda: F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=IGNORE_INDEX,
                                        reduction="sum")):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -189,3 +191,14 @@ def test_a_model_folder_that_ties_its_embedding_to_the_head_cannot_offload_it():
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with pytest.raises(ConfigError, match="ties its input embedding"):
         offload_embedding(model)
+
+
+def test_model_inputs_name_the_labelled_rows_only_where_some_are_masked():
+    """The loss skips unlabelled rows by positions counted on the host, where the batch is built (on the device the
+    count would be a host sync every micro-batch)."""
+    from dsrun.model_inputs import model_inputs
+
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    masked = model_inputs(ids, torch.tensor([[IGNORE_INDEX, 5, 6], [7, IGNORE_INDEX, 8]]), None, torch.device("cpu"))
+    assert masked["label_rows"].tolist() == [1, 2, 3, 5]
+    assert "label_rows" not in model_inputs(ids, torch.ones(2, 3, dtype=torch.long), None, torch.device("cpu"))
