@@ -131,6 +131,7 @@ class OptimConfig:
     # global batch that grows with the processes)
     schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
     decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
+    router_bias_rate: float = 1e-3  # DeepSeek-V3 routers' load-balancing bias step per step (dsrun/router_balance.py)
 
 
 @dataclass
@@ -556,7 +557,7 @@ def value_problems(cfg: Any) -> list[str]:
     p: list[str] = []
     tr, opt, hw = cfg.train, cfg.optim, cfg.hardware
     floats = {"train.lr": tr.lr, "optim.eps": opt.eps, "optim.weight_decay": opt.weight_decay,
-              "adapter.dropout": cfg.adapter.dropout}
+              "optim.router_bias_rate": opt.router_bias_rate, "adapter.dropout": cfg.adapter.dropout}
     if opt.grad_clip is not None:
         floats["optim.grad_clip"] = opt.grad_clip
     if hw.memory_cap_gib is not None:
@@ -570,6 +571,9 @@ def value_problems(cfg: Any) -> list[str]:
         p.append(f"optim.eps={opt.eps}: must be > 0 (it keeps AdamW's division finite), e.g. 1e-8")
     if _finite(opt.weight_decay) and opt.weight_decay < 0:
         p.append(f"optim.weight_decay={opt.weight_decay}: must be >= 0")
+    if _finite(opt.router_bias_rate) and opt.router_bias_rate < 0:
+        p.append(f"optim.router_bias_rate={opt.router_bias_rate}: must be >= 0 (0 leaves the routers' biases as "
+                 "they are)")
     if opt.grad_clip is not None and _finite(opt.grad_clip) and opt.grad_clip < 0:
         p.append(f"optim.grad_clip={opt.grad_clip}: must be >= 0 (0 turns clipping off, null takes the precision's)")
     if opt.name == "adamw":

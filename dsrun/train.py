@@ -31,6 +31,7 @@ from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.profiling import StepProfiler
+from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
 from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed,
@@ -78,6 +79,7 @@ class Run:
     batches: BatchStream
     evaluator: Evaluator | None
     host_embedding: HostEmbedding | None  # parallel.offload_embedding: the input embedding in host memory
+    router_balance: RouterBalance  # DeepSeek-V3 routers' load-balancing biases, moved after every step
     checkpointer: Checkpointer
     state: dict[str, Any]  # what a checkpoint restores: model, optimizer (and the fp16 scaler)
     monitors: Any
@@ -185,7 +187,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     checkpointer = Checkpointer(fabric, run_dir, tr.keep_checkpoints, adapter_only=cfg.adapter.method != "none")
     zero = torch.zeros((), device=fabric.device)
     run = Run(cfg=cfg, run_dir=run_dir, fabric=fabric, model=model, optimizer=optimizer, tokenizer=tokenizer,
-              batches=batches, evaluator=evaluator, host_embedding=host_embedding, checkpointer=checkpointer,
+              batches=batches, evaluator=evaluator, host_embedding=host_embedding,
+              router_balance=RouterBalance(model, cfg.optim.router_bias_rate), checkpointer=checkpointer,
               state=checkpoint_state(fabric, model, optimizer), monitors=monitors, profiler=None, lr=lr,
               lr_at=None, horizon=max_steps, max_steps=max_steps, length=length, replicas=replicas,
               clip=grad_clip(cfg), flops=flops, peak_flops=peak_flops_per_s(cfg) * fabric.world_size,
@@ -253,6 +256,7 @@ def train_step(run: Run, step: int) -> Any:
             backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
         run.loss_sum += loss.detach()
     grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), run.clip)
+    run.router_balance.update(stepped, all_reduce_)
     run.skipped_in_a_row = torch.where(stepped, 0, run.skipped_in_a_row + 1)
     run.grad_norm = grad_norm
     return grad_norm

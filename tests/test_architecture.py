@@ -21,7 +21,7 @@ from tests.conftest import REPO
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dsrun", "errors", "constants", "task_table"]),
     ("tools", ["hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
-               "allreduce", "chat", "loss", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
+               "allreduce", "chat", "loss", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
     ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "model",
                     "lora_folder", "checkpoint", "evaluate", "monitor/"]),
     ("schema", ["config"]),
@@ -211,3 +211,42 @@ def test_each_option_group_is_one_registry_that_validate_and_the_reference_read(
         assert choice_problems(cfg, key) == [f"{key}=no_such_option: unknown; choose one of {', '.join(table)}"]
         quoted = ", ".join(f'"{name}"' for name in table)
         assert quoted not in config_source, f"config.py spells {key}'s names again"
+
+
+def test_v3_router_biases_move_against_the_load_and_only_after_a_step():
+    """Auxiliary-loss-free balancing: an expert the routers overload loses `rate` of bias, an underloaded one gains
+    it (centred per layer); eval forwards count nothing; a skipped step changes nothing."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from dsrun.config import ModelConfig
+    from dsrun.model import architecture, build_model
+    from dsrun.router_balance import BIAS, RouterBalance
+
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml"))
+    model = build_model(model_cfg, architecture(model_cfg), seed=0)
+    balance = RouterBalance(model, rate=0.01)
+    assert balance.routers, "the tiny model's MoE layers have V3 routers"
+    router = balance.routers[0]
+    getattr(router, BIAS).copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # expert 0 wins every token's first pick
+    ids = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert router.dsrun_load.sum() == 0, "an eval forward counts nothing"
+    model.train()
+    model(ids)
+    load = router.dsrun_load.clone()
+    assert load.sum() == 2 * 16 * model.config.num_experts_per_tok and load[0] == 32
+    balance.update(torch.tensor(False), lambda t: t)
+    assert getattr(router, BIAS).tolist() == [5.0, 0.0, 0.0, 0.0] and router.dsrun_load.sum() == 0
+    model(ids)
+    load = router.dsrun_load.clone()
+    balance.update(torch.tensor(True), lambda t: t)
+    change = getattr(router, BIAS) - torch.tensor([5.0, 0.0, 0.0, 0.0])
+    assert change[0] < 0 and abs(float(change.sum())) < 1e-6
+    expected = 0.01 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(change, expected - expected.mean())
+    for parameter in model.parameters():  # a frozen base (an adapter's): its routers are left alone
+        parameter.requires_grad_(False)
+    assert RouterBalance(model, rate=0.01).routers == []
