@@ -72,3 +72,13 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def model_cfg(name: str):
+    """A model option as the run composes it (schema defaults under the option's file)."""
+    from omegaconf import OmegaConf
+
+    from dsrun.config import ModelConfig
+
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                           OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), {"experts_implementation": "eager"})

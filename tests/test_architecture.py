@@ -217,14 +217,13 @@ def test_v3_router_biases_move_against_the_load_and_only_after_a_step():
     """Auxiliary-loss-free balancing: an expert the routers overload loses `rate` of bias, an underloaded one gains
     it (centred per layer); eval forwards count nothing; a skipped step changes nothing."""
     import torch
-    from omegaconf import OmegaConf
 
-    from dsrun.config import ModelConfig
     from dsrun.model import architecture, build_model
     from dsrun.router_balance import BIAS, RouterBalance
+    from tests.conftest import model_cfg
 
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(REPO / "conf/model/tiny.yaml"))
-    model = build_model(model_cfg, architecture(model_cfg), seed=0)
+    tiny = model_cfg("tiny")
+    model = build_model(tiny, architecture(tiny), seed=0)
     balance = RouterBalance(model, rate=0.01)
     assert balance.routers, "the tiny model's MoE layers have V3 routers"
     router = balance.routers[0]

@@ -10,19 +10,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dsrun import loss as loss_module
-from dsrun.config import AdapterConfig, ModelConfig, ParallelConfig, QuantConfig
+from dsrun.config import AdapterConfig, ParallelConfig, QuantConfig
 from dsrun.errors import UserError
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy, label_rows
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_model, weight_dtype
 from dsrun.parallelize import decoder_blocks
-from tests.conftest import FAST, REPO, dsrun, read_metrics
-
-
-def model_cfg(name: str):
-    """A model option as the run composes it (schema defaults under the option's file)."""
-    return OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                           OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), {"experts_implementation": "eager"})
+from tests.conftest import FAST, dsrun, model_cfg, read_metrics
 
 
 @pytest.mark.parametrize("masked", ["every_fifth", "none", "all"])

@@ -159,11 +159,9 @@ def test_a_signal_inside_a_start_up_step_that_turns_failures_into_user_errors_st
     """Start-up steps that report any failure as a fault in the user's input (the model's fields, a chat the template
     refuses) let the signal's Interrupted through: a CI run got exit 2 and "model.fields of model=tiny: stopped by
     SIGINT" from a Ctrl-C that landed while the config was built."""
-    from omegaconf import OmegaConf
-
     from dsrun import chat, model
-    from dsrun.config import ModelConfig
     from dsrun.errors import Interrupted
+    from tests.conftest import model_cfg
 
     def interrupted(*args, **kwargs):
         raise Interrupted(signal.SIGINT)
@@ -173,8 +171,7 @@ def test_a_signal_inside_a_start_up_step_that_turns_failures_into_user_errors_st
             import transformers
 
             monkeypatch.setattr(transformers.AutoConfig, "for_model", interrupted)
-            model.architecture(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                               OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml")))
+            model.architecture(model_cfg("tiny"))
         else:
             tokenizer = type("Tokenizer", (), {"apply_chat_template": staticmethod(interrupted)})()
             chat._apply(tokenizer, [{"role": "user", "content": "hi"}], [], "chats.jsonl:1")
