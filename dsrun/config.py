@@ -617,7 +617,8 @@ READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMI
                 **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
                 "task.out": ("task.name", ("export",)),
                 "optim.min_lr_ratio": ("optim.schedule", DECAYING),
-                "optim.decay_fraction": ("optim.schedule", STABLE_PHASE)}
+                "optim.decay_fraction": ("optim.schedule", STABLE_PHASE),
+                "optim.router_bias_rate": ("model.arch", ("deepseek_v3",))}  # dsrun/router_balance.py
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

@@ -77,6 +77,8 @@ ROWS = [
     ("negative-grad-clip", "config", ["optim.grad_clip=-1"], ["optim.grad_clip=-1.0"]),
     ("sgd-momentum-out-of-range", "config", ["optim=sgd", "optim.momentum=1.5"], ["optim.momentum=1.5", "[0, 1)"]),
     ("momentum-under-adamw", "config", ["optim.momentum=0.5"], ["optim.momentum", "optim=sgd"]),
+    ("router-bias-rate-without-v3-routers", "config", ["model=tiny_qwen2", "optim.router_bias_rate=0.01"],
+     ["optim.router_bias_rate", "model.arch=qwen2 does not use it"]),
     ("betas-under-sgd", "config", ["optim=sgd", "optim.betas=[0.9,0.9]"], ["optim.betas", "optim=adamw"]),
     ("seed-too-large", "config", ["train.seed=99999999999999999999"], ["train.seed=", "4294967295"]),
     ("negative-data-seed", "config", ["data.seed=-5"], ["data.seed=-5"]),
