@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,11 +35,23 @@ class Request:
     temperature: float
     top_p: float
     stop: list[int]
-    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)  # ("tokens", [ids]) | ("done", r)
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # None: the engine's own random stream
+    # ("tokens", [ids]) | ("error", message) | ("done", reason): put on `events`, or handed to `listener` when one is
+    # set (the engine's thread calls it: an async server hands the event over to its event loop there)
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    listener: Callable[[tuple[str, Any]], None] | None = None
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     generated: int = 0
     request_id: str = ""
+
+
+def emit(request: Request, event: tuple[str, Any]) -> None:
+    if request.listener is not None:
+        request.listener(event)
+    else:
+        request.events.put(event)
 
 
 class Engine:
@@ -75,7 +87,7 @@ class Engine:
             self.metrics.running.inc()
         request.generated += len(new)
         self.metrics.tokens.inc(len(new))
-        request.events.put(("tokens", new))
+        emit(request, ("tokens", new))
 
     def _finish(self, request: Request, reason: str) -> None:
         with self.lock:
@@ -89,7 +101,7 @@ class Engine:
             if request.generated > 1 and elapsed > 0:
                 self.metrics.decode_rate.observe((request.generated - 1) / elapsed)
         self.metrics.requests.labels(outcome=reason).inc()
-        request.events.put(("done", reason))
+        emit(request, ("done", reason))
 
     def _record_batch(self, size: int) -> None:
         self.batch_sizes.append(size)
@@ -273,5 +285,5 @@ class StaticBatching(Engine):
                                     pad_token_id=0, eos_token_id=None, **sampling)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
             for r in batch:
-                r.events.put(("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+                emit(r, ("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
                 self._finish(r, "error")
