@@ -125,7 +125,7 @@ ROWS = [
      ["not a run folder", "dsrun export"]),
     ("prompt-longer-than-context", "model", ["task=generate", "model=tiny_qwen2",
                                              "model.fields.max_position_embeddings=32", "generate.prompt=hi"],
-     ["exceeds the model's context of 32", "generate.max_new_tokens"]),
+     ["exceeds the 32 positions generate holds", "generate.max_new_tokens"]),
     ("invalid-config-json", "model", ["model.init=pretrained", "model.path={tmp}/badjson"],
      ["badjson/config.json", "not JSON"]),
     ("garbage-safetensors", "model", ["model.init=pretrained", "model.path={tmp}/garbageweights"],

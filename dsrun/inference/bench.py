@@ -1,8 +1,7 @@
-"""task=bench_infer: time to first token, decode tokens/s and peak memory per batch size and quant option, for
-plain transformers `generate` (what ../shared/anchors/infer_hf.py measures) and dsrun's two fast paths on CUDA
-(`dsrun_static`: `generate` with a static cache and the compiled decode step; `dsrun_loop`: dsrun's own greedy
-loop over the same, no host sync per token, dsrun/inference/decode.py), then aggregate tokens/s of
-`bench_infer.concurrent` requests through the serving engine.
+"""task=bench_infer: time to first token, decode tokens/s and peak memory per batch size and quant option, for dsrun's
+engine (dsrun/inference/engine.py — what `dsrun generate` and `dsrun serve` run) beside transformers' `generate`:
+plain (what ../shared/anchors/infer_hf.py measures) and, on CUDA, with its static cache and compiled decode step
+(`hf_static`). Then aggregate tokens/s of `bench_infer.concurrent` requests sent to the engine at once.
 Prompts are random token ids (random-init models have no language). A table on stdout, rows as JSON in the run
 folder (and bench_infer.json_path)."""
 
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch._dynamo
 
-from dsrun.inference.decode import GreedyDecoder
-from dsrun.inference.engine import Request, build_engine
-from dsrun.inference.fast import cache_bucket, static_settings, wanted, warm_up
+from dsrun.inference.engine import KV_BUCKET_MIN, Engine, Request, compile_wanted, pow2_at_least
 from dsrun.inference.load import load
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.runs import run_dir
@@ -50,73 +48,119 @@ def bench_task(cfg: Any) -> list[dict[str, Any]]:
 def bench_model(loaded: Any, bench: Any, quant: str) -> list[dict[str, Any]]:
     model, device = loaded.model, loaded.device
     vocab = model.config.get_text_config().vocab_size
-    length = cache_bucket(bench.prompt_tokens + bench.new_tokens)
     kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    # each path: x, new tokens -> generated ids
+    # the anchors, each: x, new tokens -> generated ids
     paths: dict[str, Callable[[torch.Tensor, int], Any]] = {
         "hf_generate": lambda x, new: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
                                                      min_new_tokens=new, **kwargs)}
-    if wanted("auto", device):
+    if device.type == "cuda" and bench.static_anchor:
+        length = max(1024, pow2_at_least(bench.prompt_tokens + bench.new_tokens))
         static = static_settings(length)
-        warm_up(model, list(bench.batches), length, static)
-        paths["dsrun_static"] = lambda x, new: model.generate(x, attention_mask=torch.ones_like(x),
-                                                              max_new_tokens=new, min_new_tokens=new, **kwargs,
-                                                              **static)
-        decoder = GreedyDecoder(model, length)
-        try:  # a path that fails to compile (a quantizer's layers, say) is reported; the others are still measured
-            with torch.inference_mode():
-                decoder.warm_up(list(bench.batches))
-            paths["dsrun_loop"] = decoder
-        except Exception as exc:  # noqa: BLE001 - the benchmark's other paths must not be lost with it
-            print(f"dsrun: warning: dsrun_loop left out for quant={quant}: {type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}", file=sys.stderr)
+        warm_up_static(model, list(bench.batches), static)
+        paths["hf_static"] = lambda x, new: model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                                                           min_new_tokens=new, **kwargs, **static)
     rows = []
     for name, run in paths.items():
         for batch in bench.batches:
-            generator = torch.Generator().manual_seed(batch)
-            x = torch.randint(0, vocab, (batch, bench.prompt_tokens), generator=generator).to(device)
+            x = prompts(vocab, batch, bench.prompt_tokens).to(device)
             with torch.inference_mode():
                 run(x, 4)  # warm-up (allocator, kernels; the compiled paths are compiled already)
                 reset_peak(device)
                 ttft = timed(lambda: run(x, 1), device)
                 total = timed(lambda: run(x, bench.new_tokens), device)
-            rows.append({"case": name, "quant": quant, "batch": batch, "prompt": bench.prompt_tokens,
-                         "new_tokens": bench.new_tokens, "ttft_ms": round(ttft * 1e3, 1),
-                         "decode_tok_s": round(batch * (bench.new_tokens - 1) / max(total - ttft, 1e-9), 1),
-                         "peak_gib": round(peak_gib(device), 2)})
-            print(f"dsrun: {json.dumps(rows[-1])}", file=sys.stderr)
-    rows.append(concurrent_row(loaded, bench, quant, vocab))
+            rows.append(row(name, quant, batch, bench, ttft, batch * (bench.new_tokens - 1) / max(total - ttft, 1e-9),
+                            device))
+    engine = bench_engine(loaded, bench)
+    for batch in bench.batches:
+        submit(engine, prompts(vocab, batch, bench.prompt_tokens), bench.new_tokens)  # warm-up: allocator, graphs
+        reset_peak(device)
+        requests, started, wall = submit(engine, prompts(vocab, batch, bench.prompt_tokens), bench.new_tokens)
+        first = max(r.first_token_at for r in requests)
+        finished = started + wall
+        rows.append(row("dsrun_engine", quant, batch, bench, first - started,
+                        batch * (bench.new_tokens - 1) / max(finished - first, 1e-9), device))
+    rows.append(concurrent_row(engine, loaded, bench, quant, vocab))
+    engine.stop(10)
     return rows
 
 
-def concurrent_row(loaded: Any, bench: Any, quant: str, vocab: int) -> dict[str, Any]:
-    """`concurrent` requests submitted at once to the serving engine: aggregate tokens/s, mean TTFT, the largest
-    batch the engine decoded."""
-    from omegaconf import OmegaConf
+def row(case: str, quant: str, batch: int, bench: Any, ttft_s: float, decode_tok_s: float,
+        device: torch.device) -> dict[str, Any]:
+    result = {"case": case, "quant": quant, "batch": batch, "prompt": bench.prompt_tokens,
+              "new_tokens": bench.new_tokens, "ttft_ms": round(ttft_s * 1e3, 1), "decode_tok_s": round(decode_tok_s, 1),
+              "peak_gib": round(peak_gib(device), 2)}
+    print(f"dsrun: {json.dumps(result)}", file=sys.stderr)
+    return result
 
-    serve_cfg = OmegaConf.create({"max_queue": bench.concurrent, "max_batch": bench.concurrent, "seed": 0,
-                                  "max_tokens": bench.new_tokens, "kv_cache_tokens":
-                                  bench.concurrent * (bench.prompt_tokens + bench.new_tokens) + 1024})
-    reset_peak(loaded.device)
-    engine = build_engine(loaded.model, serve_cfg, ServerMetrics())
-    generator = torch.Generator().manual_seed(0)
-    requests = [Request(ids=torch.randint(0, vocab, (bench.prompt_tokens,), generator=generator).tolist(),
-                        max_new_tokens=bench.new_tokens, temperature=0.0, top_p=1.0, stop=[])
-                for _ in range(bench.concurrent)]
+
+def prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
+
+
+def bench_engine(loaded: Any, bench: Any) -> Engine:
+    """The engine `dsrun serve` runs, sized for the largest batch, its decode step warmed up for every slot count
+    and cache length the rows will use (greedy, as the anchors)."""
+    slots = max(*bench.batches, bench.concurrent)
+    engine = Engine(loaded.model, slots=slots, max_len=bench.prompt_tokens + bench.new_tokens,
+                    metrics=ServerMetrics(), max_queue=slots, seed=0, compile=compile_wanted("auto", loaded.device))
+    if engine.step is not engine._decode:
+        counts = sorted({min(pow2_at_least(n), slots) for n in range(1, slots + 1)})
+        lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), engine.max_len)
+                          for n in range(bench.prompt_tokens + 1, engine.max_len + 1)})
+        started = time.perf_counter()
+        engine.warm_up(counts, sampled=[False], kv_lens=lengths)
+        print(f"dsrun: compiled the engine's decode step for {counts} slots x {lengths} positions in "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return engine
+
+
+def submit(engine: Engine, ids: torch.Tensor, new_tokens: int) -> tuple[list[Request], float, float]:
+    """Every row of ids as a greedy request at once; returns the requests, when they were sent and the wall time
+    until the last one finished."""
+    requests = [Request(ids=r, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, stop=[]) for r in ids.tolist()]
+    synchronize(engine.device)
     started = time.perf_counter()
     for request in requests:
+        request.arrived = started
         engine.submit(request)
     for request in requests:
-        while request.events.get()[0] != "done":
-            pass
-    wall = time.perf_counter() - started
-    engine.stop(10)
-    tokens = sum(r.generated for r in requests)
-    return {"case": f"dsrun_engine_{type(engine).__name__}", "quant": quant, "batch": bench.concurrent,
-            "prompt": bench.prompt_tokens, "new_tokens": bench.new_tokens,
-            "ttft_ms": round(1e3 * sum(r.first_token_at - r.arrived for r in requests) / len(requests), 1),
-            "decode_tok_s": round(tokens / wall, 1), "peak_gib": round(peak_gib(loaded.device), 2),
-            "max_batch_seen": max(engine.batch_sizes, default=0)}
+        while (event := request.events.get())[0] != "done":
+            if event[0] == "error":
+                raise RuntimeError(f"the engine failed: {event[1]}")
+    return requests, started, time.perf_counter() - started
+
+
+def concurrent_row(engine: Engine, loaded: Any, bench: Any, quant: str, vocab: int) -> dict[str, Any]:
+    """`concurrent` requests submitted at once: aggregate tokens/s over the wall time, mean TTFT, the largest
+    number of slots decoded together."""
+    reset_peak(loaded.device)
+    seen = len(engine.batch_sizes)
+    requests, _, wall = submit(engine, prompts(vocab, bench.concurrent, bench.prompt_tokens), bench.new_tokens)
+    result = row("dsrun_engine_concurrent", quant, bench.concurrent, bench,
+                 sum(r.first_token_at - r.arrived for r in requests) / len(requests),
+                 sum(r.generated for r in requests) / wall, loaded.device)
+    return {**result, "max_batch_seen": max(engine.batch_sizes[seen:], default=0)}
+
+
+def static_settings(max_cache_len: int) -> dict[str, Any]:
+    """The hf_static anchor: generate() keyword arguments that select transformers' static cache and its compiled
+    decode step (one static graph per batch size)."""
+    from transformers import CompileConfig
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return {"cache_implementation": "static", "max_cache_len": max_cache_len,
+            "compile_config": CompileConfig(fullgraph=False, dynamic=False)}
+
+
+def warm_up_static(model: Any, batch_sizes: list[int], extra: dict[str, Any]) -> None:
+    """Compile (and capture) every decode shape the hf_static rows will run, so none is compiled while timed."""
+    vocab = model.config.get_text_config().vocab_size
+    for batch in batch_sizes:
+        ids = torch.randint(0, vocab, (batch, 16), device=model.device)
+        with torch.inference_mode():
+            for _ in range(2):  # CUDA graphs are recorded on the second run of a shape
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                               do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:

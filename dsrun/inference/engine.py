@@ -1,27 +1,36 @@
-"""Serving engines: requests in, token ids out, batched.
+"""The one inference engine under `dsrun generate`, `dsrun serve` and `task=bench_infer`: requests in, token ids
+out, continuously batched over a fixed set of slots (dsrun/inference/slots.py).
 
-`ContinuousBatching` runs transformers' continuous-batching manager (paged KV cache, a scheduler that adds and
-removes sequences at every forward pass: transformers/generation/continuous_batching/). Its paged cache holds the
-usual key/value heads (Qwen2, Llama: the R1-Distill models) but not DeepSeek's MLA latent cache, so MLA models
-(deepseek_v2/v3 architectures) get `StaticBatching`: waiting requests are grouped into one `generate` call with a
-KV cache; a request arriving mid-batch waits for the next. Both record the size of every batch they decode.
-"""
+One thread owns the model. Each turn it admits waiting requests into free slots, runs one prefill chunk of the
+newcomers (at most `prefill_tokens` prompt tokens, so a long prompt never stalls the running streams for more than
+a chunk), then one decode step of every occupied slot. The decode step — the model's forward for one token per
+slot and the sampling of every slot's next token (dsrun/inference/sampling.py) — is compiled on CUDA and replayed as
+a CUDA graph (torch.compile's reduce-overhead mode; one graph per slot-count bucket and cache-length bucket). Its
+tokens stay on the device as the next step's input; a copy goes to the host without waiting, and the host reads it
+after the next step is queued, so the host's work (stop checks, streaming out) overlaps the GPU's. A slot that
+finishes has one extra token computed that nobody reads.
+
+On CPU the same engine runs eagerly: every test here goes through the code users run on a GPU."""
 
 from __future__ import annotations
 
-import logging
+import heapq
 import queue
+import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch._dynamo
 
 from dsrun.inference.metrics import ServerMetrics
+from dsrun.inference.sampling import greedy, sample
+from dsrun.inference.slots import SlotCache, row_mask, use_slot_attention
 
-GREEDY_TEMPERATURE = 1e-5  # the continuous batcher samples; this temperature makes sampling pick the top token
-PAGED_ARCHS_REFUSED = ("deepseek_v2", "deepseek_v3")  # MLA: the paged cache cannot hold its latent key/values
+KV_BUCKET_MIN = 256  # decode reads the cache up to a power of two >= the longest sequence, at least this
 
 
 class QueueFull(Exception):
@@ -36,7 +45,7 @@ class Request:
     top_p: float
     stop: list[int]
     top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None  # None: the engine's own random stream
+    seed: int | None = None  # None: one drawn from the engine's own generator (serve.seed)
     # ("tokens", [ids]) | ("error", message) | ("done", reason): put on `events`, or handed to `listener` when one is
     # set (the engine's thread calls it: an async server hands the event over to its event loop there)
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
@@ -54,18 +63,81 @@ def emit(request: Request, event: tuple[str, Any]) -> None:
         request.events.put(event)
 
 
-class Engine:
-    """What the server needs: submit, cancel, stop; metrics and the batch-size record are kept here."""
+@dataclass
+class Slot:
+    request: Request
+    fed: int = 0  # prompt tokens in the cache so far
+    position: int = 0  # position of the next token the slot decodes (host mirror of the device's)
 
-    def __init__(self, metrics: ServerMetrics, max_queue: int):
-        self.metrics, self.max_queue = metrics, max_queue
+    @property
+    def decoding(self) -> bool:
+        return self.fed == len(self.request.ids)
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(n - 1, 0).bit_length())
+
+
+def compile_wanted(setting: Any, device: torch.device) -> bool:
+    """serve.compile / generate.compile: auto compiles (and graphs) the decode step on CUDA only — on CPU the
+    compile takes longer than the tests it would speed up."""
+    value = str(setting).lower()
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
+class Engine:
+    """Requests, slots and the thread that decodes them. `submit`, `cancel` and `stop` are safe from any thread."""
+
+    def __init__(self, model: Any, *, slots: int, max_len: int, metrics: ServerMetrics, max_queue: int, seed: int,
+                 compile: bool, prefill_tokens: int = 2048, backend: str = "inductor"):
+        self.model, self.metrics, self.max_queue, self.max_len = model, metrics, max_queue, max_len
+        self.device = next(model.parameters()).device
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        use_slot_attention(model)
+        self.cache = SlotCache(slots, max_len)
+        self.prefill_tokens = prefill_tokens
+        self.seeds = torch.Generator().manual_seed(seed)
+        # the device's per-slot state: the decode step's inputs
+        on = {"device": self.device}
+        self.tokens = torch.zeros(slots, dtype=torch.long, **on)
+        self.positions = torch.zeros(slots, dtype=torch.long, **on)
+        self.temperature = torch.zeros(slots, **on)
+        self.top_p = torch.ones(slots, **on)
+        self.top_k = torch.zeros(slots, dtype=torch.long, **on)
+        self.seed = torch.zeros(slots, dtype=torch.long, **on)
+        # two host buffers: the step queued after this one copies into the other while this one is read
+        self.host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
+                            for _ in range(2)]
+        self.steps = 0
+        self.slots: list[Slot | None] = [None] * slots
+        self.free = list(range(slots))  # a heap: the lowest free slot first, so the occupied ones stay few
+        self.waiting: deque[Request] = deque()
+        self.commands: "queue.Queue[tuple[str, Request | None]]" = queue.Queue()
         self.lock = threading.Lock()
         self.active: dict[str, Request] = {}
         self.counter = 0
-        self.batch_sizes: list[int] = []  # every forward pass's batch (kept short: the last 10,000)
+        self.batch_sizes: list[int] = []  # every decode step's occupied slots (the last 10,000)
+        self.draining = threading.Event()
+        self.step = self._decode
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # dynamic: one compile for every slot count > 1 and every cache length (batch 1 gets its own); CUDA
+            # graphs are still recorded per shape, which costs one step, not a compile
+            mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" and backend == "inductor" else {}
+            self.step = torch.compile(self._decode, dynamic=True, fullgraph=False, backend=backend, **mode)
+        self.thread = threading.Thread(target=self._loop, name="dsrun-engine", daemon=True)
+        self.thread.start()
+
+    # -- the API ------------------------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> None:
+        if len(request.ids) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"{len(request.ids)} prompt tokens + {request.max_new_tokens} new tokens exceed the "
+                             f"engine's {self.max_len} positions per sequence")
         with self.lock:
+            if self.draining.is_set():
+                raise QueueFull("the server is stopping")
             if len(self.active) >= self.max_queue:
                 raise QueueFull(f"{len(self.active)} requests are waiting or running (serve.max_queue="
                                 f"{self.max_queue}); retry later")
@@ -74,11 +146,223 @@ class Engine:
             self.active[request.request_id] = request
         self.metrics.queue_depth.inc()
         self.metrics.prompt_tokens.inc(len(request.ids))
-        self._enqueue(request)
+        self.commands.put(("submit", request))
+
+    def cancel(self, request: Request) -> None:
+        """End a request (a client that left): its slot is freed before the next step."""
+        self.commands.put(("cancel", request))
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new requests, let running and waiting ones finish for up to `timeout` seconds, then end the rest
+        as cancelled and stop the thread."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout
+        while self.active and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.05)
+        self.commands.put(("stop", None))
+        self.thread.join(max(deadline - time.monotonic(), 5.0))
+
+    def warm_up(self, slot_counts: list[int], sampled: list[bool], kv_lens: list[int] | None = None) -> None:
+        """Compile (and on CUDA record) the decode step for these slot counts before anything is timed or served;
+        called before the first request, from the caller's thread."""
+        kv_lens = kv_lens or [KV_BUCKET_MIN]
+        with torch.inference_mode():
+            for rows in slot_counts:
+                for kv_len in kv_lens:
+                    for draw in sampled:
+                        for _ in range(3):  # compile, record, replay
+                            self.step(*self._step_inputs(rows), min(kv_len, self.max_len), draw)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- the thread ---------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        pending: tuple[list[tuple[int, Request]], Any] | None = None
+        stopping = False
+        with torch.inference_mode():
+            while not stopping or pending is not None:
+                idle = pending is None and not self.waiting and not any(self.slots)
+                stopping = self._take_commands(block=idle and not stopping) or stopping
+                if stopping:
+                    self._end_all("cancelled")
+                self._admit()
+                try:
+                    if any(s is not None and not s.decoding for s in self.slots):
+                        self._prefill()
+                    queued = self._queue_decode() if any(s is not None and s.decoding for s in self.slots) \
+                        else None
+                    if pending is not None:
+                        self._deliver(*pending)
+                    pending = queued
+                except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the server
+                    pending = None
+                    self._fail_all(exc)
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply what other threads asked; True when asked to stop."""
+        stop = False
+        while True:
+            try:
+                kind, request = self.commands.get(timeout=0.5) if block else self.commands.get_nowait()
+            except queue.Empty:
+                return stop
+            block = False
+            if kind == "stop":
+                stop = True
+            elif kind == "submit":
+                self.waiting.append(request)
+            elif kind == "cancel" and request is not None:
+                self._cancel(request)
+
+    def _cancel(self, request: Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.request is request:
+                self._release(index)
+        self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and self.free:
+            request = self.waiting.popleft()
+            if request.request_id not in self.active:  # cancelled while waiting
+                continue
+            index = heapq.heappop(self.free)
+            self.slots[index] = Slot(request)
+            seed = request.seed if request.seed is not None else int(
+                torch.randint(0, 2**31 - 1, (), generator=self.seeds))
+            self.temperature[index] = request.temperature
+            self.top_p[index] = request.top_p
+            self.top_k[index] = request.top_k
+            self.seed[index] = seed
+            # until its prompt is in, the slot is in the decode step's rows: it writes its junk at the last position,
+            # which its own tokens overwrite before they read it
+            self.positions[index] = self.max_len - 1
+
+    def _release(self, index: int) -> None:
+        self.slots[index] = None
+        heapq.heappush(self.free, index)
+
+    def _prefill(self) -> None:
+        """One chunk of the prompts not yet in the cache: rows of newcomers, right-padded to the longest chunk (a
+        padded query writes past its row's end, where the row's own later tokens overwrite it before it is read)."""
+        budget, rows = self.prefill_tokens, []
+        for index, slot in enumerate(self.slots):
+            if slot is not None and not slot.decoding and budget > 0:
+                take = min(len(slot.request.ids) - slot.fed, budget)
+                rows.append((index, slot, take))
+                budget -= take
+        width = max(take for _, _, take in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        for row, (_, slot, take) in enumerate(rows):
+            ids[row, :take] = torch.tensor(slot.request.ids[slot.fed:slot.fed + take])
+            positions[row] = torch.arange(slot.fed, slot.fed + width).clamp_max(self.max_len - 1)
+        kv_len = min(pow2_at_least(int(positions.max()) + 1, KV_BUCKET_MIN), self.max_len)
+        slots = torch.tensor([index for index, _, _ in rows], device=self.device)
+        positions = positions.to(self.device)
+        self.cache.target(slots, positions, kv_len)
+        hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=row_mask(positions, kv_len, self.dtype),
+                              position_ids=positions, cache=self.cache, use_cache=True).last_hidden_state
+        done = [(row, index, slot, take) for row, (index, slot, take) in enumerate(rows)
+                if slot.fed + take == len(slot.request.ids)]
+        for _, slot, take in rows:
+            slot.fed += take
+        if not done:
+            return
+        last = hidden[[row for row, *_ in done], [take - 1 for *_, take in done]]
+        where = torch.tensor([index for _, index, _, _ in done], device=self.device)
+        first_positions = torch.tensor([len(slot.request.ids) for _, _, slot, _ in done], device=self.device)
+        logits = self.head(last)
+        first = sample(logits, self.temperature[where], self.top_p[where], self.top_k[where], self.seed[where],
+                       first_positions)
+        self.tokens[where] = first
+        self.positions[where] = first_positions
+        for (_, index, slot, _), token in zip(done, first.tolist()):
+            slot.position = len(slot.request.ids)
+            self._accept(index, slot, token)
+
+    def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
+        return (self.tokens[:rows], self.positions[:rows], self.temperature[:rows], self.top_p[:rows],
+                self.top_k[:rows], self.seed[:rows])
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                top_k: torch.Tensor, seed: torch.Tensor, kv_len: int, sampled: bool) -> torch.Tensor:
+        """One token for each of the leading `len(tokens)` slots (what is compiled and graphed)."""
+        self.cache.target(tokens.shape[0], positions[:, None], kv_len)
+        hidden = self.decoder(input_ids=tokens[:, None], attention_mask=row_mask(positions[:, None], kv_len,
+                                                                                   self.dtype),
+                              position_ids=positions[:, None], cache=self.cache, use_cache=True).last_hidden_state
+        logits = self.head(hidden[:, -1])
+        if sampled:
+            return sample(logits, temperature, top_p, top_k, seed, positions + 1)
+        return greedy(logits)
+
+    def _queue_decode(self) -> tuple[list[tuple[int, Request]], Any]:
+        """Queue one decode step of every decoding slot; returns what `_deliver` needs once its tokens are here."""
+        decoding = [(i, s) for i, s in enumerate(self.slots) if s is not None and s.decoding]
+        rows = pow2_at_least(decoding[-1][0] + 1)
+        rows = min(rows, len(self.slots))
+        kv_len = min(pow2_at_least(max(s.position for _, s in decoding) + 1, KV_BUCKET_MIN), self.max_len)
+        sampled = any(s.request.temperature > 0 for _, s in decoding)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        new = self.step(*self._step_inputs(rows), kv_len, sampled)
+        self.tokens[:rows].copy_(new)  # the graph's output is overwritten by its next replay
+        self.positions[:rows].add_(1).clamp_(max=self.max_len - 1)
+        host = self.host_tokens[self.steps % 2]
+        self.steps += 1
+        host[:rows].copy_(new, non_blocking=True)
+        ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        if ready is not None:
+            ready.record()
+        for _, slot in decoding:
+            slot.position += 1
+        self._record_batch(len(decoding))
+        return [(i, s.request) for i, s in decoding], (host, ready)
+
+    def _deliver(self, decoded: list[tuple[int, Request]], copied: tuple[torch.Tensor, Any]) -> None:
+        host, ready = copied
+        if ready is not None:
+            ready.synchronize()
+        tokens = host.tolist()
+        for index, request in decoded:
+            slot = self.slots[index]
+            if slot is not None and slot.request is request:
+                self._accept(index, slot, tokens[index])
+
+    def _accept(self, index: int, slot: Slot, token: int) -> None:
+        """A slot's new token: streamed out; the request ends on a stop token, at its length, or when its slot's
+        cache is full."""
+        request = slot.request
+        self._tokens(request, [token])
+        reason = "stop" if token in request.stop else "length" if (
+            request.generated >= request.max_new_tokens or slot.position >= self.max_len - 1) else None
+        if reason is not None:
+            self._release(index)
+            self._finish(request, reason)
+
+    def _end_all(self, reason: str) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is not None:
+                self._release(index)
+                self._finish(slot.request, reason)
+        while self.waiting:
+            self._finish(self.waiting.popleft(), reason)
+
+    def _fail_all(self, exc: Exception) -> None:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"dsrun: engine step failed: {type(exc).__name__}: {message[:300]}", file=sys.stderr)
+        for index, slot in enumerate(self.slots):
+            if slot is not None:
+                emit(slot.request, ("error", message))
+                self._release(index)
+                self._finish(slot.request, "error")
+
+    # -- per-request bookkeeping (metrics) ----------------------------------------------------------------------
 
     def _tokens(self, request: Request, new: list[int]) -> None:
-        if not new:
-            return
         now = time.perf_counter()
         if request.first_token_at is None:
             request.first_token_at = now
@@ -108,182 +392,13 @@ class Engine:
         del self.batch_sizes[:-10_000]
         self.metrics.batch(size)
 
-    def _enqueue(self, request: Request) -> None:
-        raise NotImplementedError
 
-    def cancel(self, request: Request) -> None:
-        raise NotImplementedError
-
-    def stop(self, timeout: float) -> None:
-        """Finish what is running (up to timeout seconds), then stop; what is left is ended as cancelled."""
-        raise NotImplementedError
-
-
-def build_engine(model: Any, serve_cfg: Any, metrics: ServerMetrics) -> Engine:
-    if model.config.model_type in PAGED_ARCHS_REFUSED:
-        return StaticBatching(model, serve_cfg, metrics)
-    return ContinuousBatching(model, serve_cfg, metrics)
-
-
-class ContinuousBatching(Engine):
-    def __init__(self, model: Any, serve_cfg: Any, metrics: ServerMetrics):
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-        from transformers.generation.continuous_batching.continuous_api import OutputRouter
-
-        super().__init__(metrics, serve_cfg.max_queue)
-        logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)  # per-request chatter
-        # temperature and top-p processors exist only when the defaults are not neutral; each request sets its own
-        generation = GenerationConfig(do_sample=True, temperature=0.5, top_p=0.5, max_new_tokens=serve_cfg.max_tokens,
-                                      eos_token_id=-1, pad_token_id=0)
-        on_cuda = model.device.type == "cuda"
-        page = 256 if on_cuda else 32
-        batching = ContinuousBatchingConfig(
-            page_size=page, num_blocks=max(serve_cfg.kv_cache_tokens // page, 2),
-            max_batch_tokens=None if on_cuda else 512, max_requests_per_batch=serve_cfg.max_batch,
-            per_request_processors=True, seed=serve_cfg.seed, allow_block_sharing=False)
-        self.manager = model.init_continuous_batching(generation_config=generation,
-                                                      continuous_batching_config=batching)
-        engine = self
-
-        class Router(OutputRouter):
-            """Outputs of one forward pass arrive together: their number is the batch that was decoded."""
-
-            def deliver(self, output: Any) -> None:
-                engine._outputs([output])
-
-            def deliver_batch(self, outputs: list[Any]) -> None:
-                engine._record_batch(len(outputs))
-                engine._outputs(outputs)
-
-        self.manager.output_router = Router()  # read by the batch processor the manager's thread creates
-        if on_cuda:
-            self.manager.warmup()  # captures the CUDA graphs before the first request
-        self.manager.start()
-
-    def _enqueue(self, request: Request) -> None:
-        temperature = request.temperature if request.temperature > 0 else GREEDY_TEMPERATURE
-        self.manager.add_request(request.ids, request_id=request.request_id, max_new_tokens=request.max_new_tokens,
-                                 streaming=True, eos_token_id=request.stop, temperature=float(temperature),
-                                 top_p=float(request.top_p if request.temperature > 0 else 1.0))
-
-    def _outputs(self, outputs: list[Any]) -> None:
-        for output in outputs:
-            request = self.active.get(output.request_id)
-            if request is None:
-                continue
-            self._tokens(request, output.generated_tokens[request.generated:])
-            if output.error is not None:
-                self._finish(request, "error")
-            elif output.is_finished():
-                last = output.generated_tokens[-1] if output.generated_tokens else None
-                self._finish(request, "stop" if last in request.stop else "length")
-
-    def cancel(self, request: Request) -> None:
-        self.manager.cancel_request(request.request_id)
-        self._finish(request, "cancelled")
-
-    def stop(self, timeout: float) -> None:
-        self.manager.stop(block=True, timeout=timeout)
-        for request in list(self.active.values()):
-            self._finish(request, "cancelled")
-
-
-class StaticBatching(Engine):
-    """Requests waiting when a batch starts run together in one `generate` (left-padded, per-row lengths and stop
-    tokens); those with different sampling settings wait for a batch of their own."""
-
-    def __init__(self, model: Any, serve_cfg: Any, metrics: ServerMetrics):
-        super().__init__(metrics, serve_cfg.max_queue)
-        self.model, self.max_batch, self.seed = model, serve_cfg.max_batch, serve_cfg.seed
-        self.waiting: "queue.Queue[Request | None]" = queue.Queue()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="dsrun-static-batching", daemon=True)
-        self.thread.start()
-
-    def _enqueue(self, request: Request) -> None:
-        self.waiting.put(request)
-
-    def cancel(self, request: Request) -> None:
-        self._finish(request, "cancelled")  # a running row keeps computing until its batch ends; nobody reads it
-
-    def stop(self, timeout: float) -> None:
-        self.stopping.set()
-        self.waiting.put(None)
-        self.thread.join(timeout)
-        for request in list(self.active.values()):
-            self._finish(request, "cancelled")
-
-    def _loop(self) -> None:
-        held: list[Request] = []
-        while not self.stopping.is_set() or held or not self.waiting.empty():
-            batch = held or [r for r in [self.waiting.get()] if r is not None]
-            held = []
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self.waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is not None:
-                    batch.append(nxt)
-            if not batch:
-                continue
-            key = (batch[0].temperature, batch[0].top_p)
-            held = [r for r in batch if (r.temperature, r.top_p) != key]
-            batch = [r for r in batch if (r.temperature, r.top_p) == key and r.request_id in self.active]
-            if batch:
-                self._run(batch)
-
-    def _run(self, batch: list[Request]) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        device = next(self.model.parameters()).device
-        width = max(len(r.ids) for r in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, r in enumerate(batch):  # left padding: every row's next token lands in the last column
-            ids[row, width - len(r.ids):] = torch.tensor(r.ids)
-            mask[row, width - len(r.ids):] = 1
-        done = [False] * len(batch)
-        engine = self
-
-        class Rows(BaseStreamer):
-            first = True
-
-            def put(self, value: torch.Tensor) -> None:
-                if self.first:  # the prompt
-                    self.first = False
-                    return
-                tokens = value.flatten().tolist()
-                engine._record_batch(sum(not d for d in done))
-                for row, (r, token) in enumerate(zip(batch, tokens)):
-                    if done[row]:
-                        continue
-                    engine._tokens(r, [token])
-                    if token in r.stop or r.generated >= r.max_new_tokens:
-                        done[row] = True
-                        engine._finish(r, "stop" if token in r.stop else "length")
-
-            def end(self) -> None:
-                for row, r in enumerate(batch):
-                    if not done[row]:
-                        engine._finish(r, "length")
-
-        class RowsDone(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-                return torch.tensor(done, device=input_ids.device)
-
-        first = batch[0]
-        sampling = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p} \
-            if first.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        torch.manual_seed(self.seed)
-        try:
-            with torch.inference_mode():
-                self.model.generate(ids.to(device), attention_mask=mask.to(device),
-                                    max_new_tokens=max(r.max_new_tokens for r in batch),
-                                    stopping_criteria=StoppingCriteriaList([RowsDone()]), streamer=Rows(),
-                                    pad_token_id=0, eos_token_id=None, **sampling)
-        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
-            for r in batch:
-                emit(r, ("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
-                self._finish(r, "error")
+def build_engine(model: Any, serve_cfg: Any, metrics: ServerMetrics, context: int) -> Engine:
+    """The engine `dsrun serve` runs: serve.max_batch slots of serve.max_prompt_tokens + serve.max_tokens
+    positions each (at most the model's context)."""
+    max_len = min(context, serve_cfg.max_prompt_tokens + serve_cfg.max_tokens)
+    device = next(model.parameters()).device
+    engine = Engine(model, slots=serve_cfg.max_batch, max_len=max_len, metrics=metrics,
+                    max_queue=serve_cfg.max_queue, seed=serve_cfg.seed,
+                    compile=compile_wanted(serve_cfg.compile, device), prefill_tokens=serve_cfg.prefill_tokens)
+    return engine

@@ -1,6 +1,7 @@
 """task=generate (`dsrun generate SOURCE "prompt"`): the chat template, streamed to the console; a file of prompts;
 an interactive loop when no prompt is given and stdin is a terminal (or prompts read from piped stdin, one a line).
-The answer goes to stdout; the <think> part is dimmed on stderr, hidden, or kept on stdout (generate.show_thinking)."""
+The answer goes to stdout; the <think> part is dimmed on stderr, hidden, or kept on stdout (generate.show_thinking).
+Tokens come from the engine `dsrun serve` runs (dsrun/inference/engine.py), with one slot."""
 
 from __future__ import annotations
 
@@ -8,68 +9,67 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from transformers.generation.streamers import BaseStreamer
-
 from dsrun.errors import UserError
 from dsrun.inference.chat import Detokenizer, ThinkSplitter, opens_thinking, render, stop_ids
-from dsrun.inference.fast import cache_bucket, static_settings, wanted, warm_up
+from dsrun.inference.engine import Engine, Request, compile_wanted
 from dsrun.inference.load import Loaded, load
+from dsrun.inference.metrics import ServerMetrics
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
+MAX_POSITIONS = 8192
 
 
 def generate_task(cfg: Any) -> None:
     gen = cfg.generate
     prompts = _prompts(gen)  # a missing prompts file stops before the model is loaded
     loaded = load(cfg)
-    extra = _fast(loaded, gen)
+    engine = _engine(loaded, gen)
     history: list[dict[str, str]] = []
     interactive = prompts is None
     for prompt in (_interactive() if interactive else prompts):
         messages = [*history, {"role": "user", "content": prompt}] if interactive else [
             {"role": "user", "content": prompt}]
-        answer = respond(loaded, messages, gen, extra)
+        answer = respond(loaded, engine, messages, gen)
         if interactive:
             history = [*messages, {"role": "assistant", "content": answer}]
+    engine.stop(0)
 
 
-def respond(loaded: Loaded, messages: list[dict[str, str]], gen: Any, extra: dict[str, Any]) -> str:
+def respond(loaded: Loaded, engine: Engine, messages: list[dict[str, str]], gen: Any) -> str:
     """Generate one reply, streamed to the console; returns its text (thinking included)."""
     ids = render(loaded.tokenizer, messages)
-    check_length(len(ids), gen.max_new_tokens, loaded.context)
-    out = Console(loaded.tokenizer, gen.show_thinking, opens_thinking(loaded.tokenizer, ids),
-                  skip=set(stop_ids(loaded.tokenizer, loaded.model)))
-    input_ids = torch.tensor([ids], device=loaded.device)
-    torch.manual_seed(gen.seed)
-    sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.temperature > 0 \
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with torch.inference_mode():
-        loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=gen.max_new_tokens,
-                              eos_token_id=stop_ids(loaded.tokenizer, loaded.model),
-                              pad_token_id=pad_id(loaded.tokenizer), streamer=out, **sampling, **extra)
+    check_length(len(ids), gen.max_new_tokens, engine.max_len)
+    stop = stop_ids(loaded.tokenizer, loaded.model)
+    out = Console(loaded.tokenizer, gen.show_thinking, opens_thinking(loaded.tokenizer, ids), skip=set(stop))
+    request = Request(ids=ids, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                      stop=stop, seed=gen.seed)
+    engine.submit(request)
+    while (event := request.events.get())[0] != "done":
+        if event[0] == "error":
+            raise RuntimeError(f"generation failed: {event[1]}")
+        out.put(event[1])
+    out.end()
     return out.text
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     if prompt_tokens + max_new_tokens > context:
         raise UserError(f"the prompt is {prompt_tokens:,} tokens; with generate.max_new_tokens={max_new_tokens} "
-                        f"that exceeds the model's context of {context:,} tokens; shorten the prompt or lower "
+                        f"that exceeds the {context:,} positions generate holds (the model's context, at most "
+                        f"{MAX_POSITIONS:,}); shorten the prompt or lower "
                         "generate.max_new_tokens")
 
 
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _fast(loaded: Loaded, gen: Any) -> dict[str, Any]:
-    """Static cache + compiled decode when wanted (generate.static_cache), warmed up for batch 1."""
-    if not wanted(gen.static_cache, loaded.device):
-        return {}
-    length = cache_bucket(min(loaded.context, 4096))  # a longer prompt grows the cache once (one recompile)
-    extra = static_settings(length, backend="inductor" if loaded.device.type == "cuda" else "eager")
-    warm_up(loaded.model, [1], length, extra)
-    return extra
+def _engine(loaded: Loaded, gen: Any) -> Engine:
+    """One slot as long as the model's context (at most 8k positions: the cache is allocated whole), its decode step
+    compiled and warmed up before the first prompt when generate.compile says so."""
+    compiled = compile_wanted(gen.compile, loaded.device)
+    engine = Engine(loaded.model, slots=1, max_len=min(loaded.context, MAX_POSITIONS), metrics=ServerMetrics(),
+                    max_queue=1, seed=gen.seed, compile=compiled)
+    if compiled:
+        engine.warm_up([1], sampled=[gen.temperature > 0])
+        print("dsrun: compiled the decode step", file=sys.stderr)
+    return engine
 
 
 def _prompts(gen: Any) -> list[str] | None:
@@ -99,21 +99,18 @@ def _interactive() -> Iterator[str]:
         yield line
 
 
-class Console(BaseStreamer):
-    """A transformers streamer that writes the reply as it is generated: the answer to stdout, the thinking dimmed
-    on stderr (show_thinking=dim), dropped (hide) or kept on stdout (show)."""
+class Console:
+    """Writes the reply as it is generated: the answer to stdout, the thinking dimmed on stderr
+    (show_thinking=dim), dropped (hide) or kept on stdout (show)."""
 
     def __init__(self, tokenizer: Any, show_thinking: str, thinking: bool, skip: set[int]):
         self.detok = Detokenizer(tokenizer, skip)
         self.split = ThinkSplitter(thinking)
-        self.show, self.prompt_seen = show_thinking, False
+        self.show = show_thinking
         self.dim = DIM if sys.stderr.isatty() else ""
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first hands over the prompt
-            self.prompt_seen = True
-            return
-        self._write(self.detok.add(value.flatten().tolist()))
+    def put(self, tokens: list[int]) -> None:
+        self._write(self.detok.add(tokens))
 
     def end(self) -> None:
         self._write("", final=True)

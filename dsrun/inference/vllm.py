@@ -16,7 +16,7 @@ from dsrun.inference.load import describe
 
 INSTALL = ("serve.engine=vllm: no `vllm` executable on PATH; install vLLM in an environment of its own "
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm), put ~/vllm/bin on PATH, or use "
-           "serve.engine=transformers")
+           "serve.engine=dsrun")
 
 
 def vllm_command(cfg: Any, folder: str, executable: str) -> list[str]:

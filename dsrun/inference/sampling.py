@@ -1,0 +1,41 @@
+"""The next token of every row on the device, each row with its own temperature, top-p, top-k and seed.
+
+The random numbers come from a counter-based hash of (the row's seed, the token's position, the vocabulary index):
+a request's tokens depend on its own seed only — not on which other requests share the batch or in which slot it
+runs — and nothing is drawn from a global generator, so the step stays one graph."""
+
+from __future__ import annotations
+
+import torch
+
+_MASK31 = 0x7FFFFFFF
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] float logits -> [rows] token ids. Rows with temperature 0 take the top token."""
+    vocab = logits.shape[-1]
+    scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
+    ordered, order = scaled.sort(-1, descending=True)
+    probs = ordered.softmax(-1)
+    rank = torch.arange(vocab, device=logits.device)
+    # top-p keeps the smallest prefix whose mass reaches p (the first token always); top-k the first k
+    keep = (probs.cumsum(-1) - probs < top_p[:, None]) & (rank[None] < torch.where(top_k > 0, top_k, vocab)[:, None])
+    gumbel = -torch.log(-torch.log(uniform(seeds, positions, vocab)))
+    choice = ordered.masked_fill(~keep, float("-inf")).add(gumbel).argmax(-1, keepdim=True)
+    return torch.where(temperature > 0, order.gather(-1, choice)[:, 0], order[:, 0])
+
+
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] numbers in (0, 1) from (seed, position, index): a few multiply-xorshift rounds on 31-bit
+    integers (products stay below 2**62, so int64 never overflows on any device)."""
+    x = ((seeds & _MASK31) * 1_000_003 + (positions & _MASK31) * 7_919) & _MASK31
+    x = (x[:, None] * 65_537 + torch.arange(vocab, device=seeds.device)[None] * 40_503) & _MASK31
+    for _ in range(3):
+        x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
+        x = ((x ^ (x >> 13)) * 0x297A2D39) & _MASK31
+    return ((x >> 7).float() + 0.5) / 2**24  # 24 bits: exact in float32, never 0 or 1

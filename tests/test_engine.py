@@ -1,0 +1,153 @@
+"""The inference engine (dsrun/inference/engine.py) in process, on CPU, with the tiny models: Qwen2's grouped-query
+cache and DeepSeek-V3's MLA latent cache go through the same slots. Greedy tokens equal transformers' `generate`
+for each prompt alone while other requests join and leave; sampled tokens depend on the request's own seed only;
+a cancelled request frees its slot; the compiled decode step does not recompile after warm-up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tests.conftest import model_cfg
+
+
+def tiny(name: str) -> torch.nn.Module:
+    from dsrun.model import architecture, build_model
+
+    cfg = model_cfg(name)
+    arch = architecture(cfg)
+    arch.use_cache = True
+    return build_model(cfg, arch, seed=0).eval()
+
+
+def engine_for(model, **overrides):
+    from dsrun.inference.engine import Engine
+    from dsrun.inference.metrics import ServerMetrics
+
+    settings = {"slots": 4, "max_len": 128, "metrics": ServerMetrics(), "max_queue": 16, "seed": 0,
+                "compile": False, "prefill_tokens": 32} | overrides
+    return Engine(model, **settings)
+
+
+def request(ids, new_tokens, **sampling):
+    from dsrun.inference.engine import Request
+
+    return Request(ids=ids, max_new_tokens=new_tokens, temperature=sampling.pop("temperature", 0.0),
+                   top_p=sampling.pop("top_p", 1.0), stop=sampling.pop("stop", []), **sampling)
+
+
+def collect(req, timeout: float = 120) -> tuple[list[int], str]:
+    tokens = []
+    while True:
+        kind, value = req.events.get(timeout=timeout)
+        if kind == "tokens":
+            tokens += value
+        elif kind == "done":
+            return tokens, value
+        else:
+            raise AssertionError(f"engine error: {value}")
+
+
+def greedy_alone(model, ids: list[int], new_tokens: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny"])  # grouped-query heads; DeepSeek-V3 MLA + MoE
+def test_greedy_tokens_equal_transformers_alone_while_requests_join_and_leave(name):
+    model = tiny(name)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    # six requests, four slots, prompts longer than a prefill chunk (32): slots are reused, chunks interleave
+    lengths, new = (5, 37, 12, 80, 3, 20), (9, 14, 5, 11, 7, 16)
+    prompts = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+    engine = engine_for(model)
+    requests = []
+    for i, (ids, n) in enumerate(zip(prompts, new)):
+        requests.append(request(ids, n))
+        engine.submit(requests[-1])
+        if i == 2:
+            time.sleep(0.05)  # the rest join while the first three decode
+    outputs = [collect(r) for r in requests]
+    engine.stop(5)
+    for ids, n, (tokens, reason) in zip(prompts, new, outputs):
+        assert reason == "length" and tokens == greedy_alone(model, ids, n)
+    assert max(engine.batch_sizes) == 4 and min(engine.batch_sizes) == 1, engine.batch_sizes
+
+
+def test_a_sampled_request_depends_on_its_seed_not_on_its_neighbours():
+    model = tiny("tiny_qwen2")
+    engine = engine_for(model)
+    settings = {"temperature": 0.9, "top_p": 0.9, "top_k": 50}
+    alone = request([3, 4, 5], 10, seed=7, **settings)
+    engine.submit(alone)
+    alone_tokens, _ = collect(alone)
+    crowd = [request([9, 9, 9, 9, 9], 12, seed=1, **settings), request([11] * 40, 6, seed=2, **settings),
+             request([3, 4, 5], 10, seed=7, **settings), request([3, 4, 5], 10, seed=8, **settings)]
+    for r in crowd:
+        engine.submit(r)
+    crowd_tokens = [collect(r)[0] for r in crowd]
+    engine.stop(5)
+    assert crowd_tokens[2] == alone_tokens, "the same seed gives the same tokens in another slot, beside others"
+    assert crowd_tokens[3] != alone_tokens, "another seed samples other tokens"
+    assert len(set(alone_tokens)) > 1
+
+
+def test_sampling_rules_on_the_device():
+    from dsrun.inference.sampling import sample
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    top = logits.argmax(-1)
+    seeds, positions = torch.arange(4), torch.full((4,), 9)
+    ones = torch.ones(4)
+    # temperature 0, top-k 1 and a top-p below the first token's mass all leave only the top token
+    assert torch.equal(sample(logits, torch.zeros(4), ones, torch.zeros(4, dtype=torch.long), seeds, positions), top)
+    assert torch.equal(sample(logits, ones, ones, torch.ones(4, dtype=torch.long), seeds, positions), top)
+    assert torch.equal(sample(logits, ones, torch.full((4,), 1e-6), torch.zeros(4, dtype=torch.long), seeds,
+                              positions), top)
+    # top-k 5: every draw is among the five best
+    best = logits.topk(5, -1).indices
+    for position in range(50):
+        drawn = sample(logits, ones * 2, ones, torch.full((4,), 5), seeds, torch.full((4,), position))
+        assert (best == drawn[:, None]).any(-1).all()
+
+
+def test_cancel_frees_the_slot_and_the_gauges():
+    model = tiny("tiny_qwen2")
+    engine = engine_for(model, slots=1)
+    long = request([1, 2, 3], 100)
+    engine.submit(long)
+    assert long.events.get(timeout=60)[0] == "tokens"
+    waiting = request([4, 5], 3)
+    engine.submit(waiting)  # the only slot is taken: it waits
+    engine.cancel(long)
+    tokens, reason = collect(long)
+    assert reason == "cancelled" and len(tokens) < 99
+    assert collect(waiting)[1] == "length", "the freed slot took the waiting request"
+    engine.stop(5)
+    metrics = engine.metrics
+    assert metrics.running._value.get() == 0 and metrics.queue_depth._value.get() == 0
+    assert engine.free == [0] and not engine.active
+
+
+def test_the_compiled_decode_step_does_not_recompile_after_warm_up():
+    """torch.compile with dynamic shapes: one graph for one slot, one for any other count and cache length (the
+    `eager` backend stands in for inductor on CPU: the same frames are traced)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny("tiny_qwen2")
+    engine = engine_for(model, compile=True, backend="eager", max_len=1024)
+    engine.warm_up([1, 2, 4], sampled=[False], kv_lens=[256, 512])
+    graphs = counters["stats"]["unique_graphs"]
+    requests = [request(list(range(2, 2 + n)), 6) for n in (300, 7, 40)]
+    for r in requests:
+        engine.submit(r)
+    outputs = [collect(r)[0] for r in requests]
+    engine.stop(5)
+    assert counters["stats"]["unique_graphs"] == graphs, "a decode shape recompiled after warm-up"
+    assert outputs[1] == greedy_alone(model, requests[1].ids, 6)
