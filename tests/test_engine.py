@@ -142,7 +142,7 @@ def test_the_compiled_decode_step_does_not_recompile_after_warm_up():
 
     model = tiny("tiny_qwen2")
     engine = engine_for(model, compile=True, backend="eager", max_len=1024)
-    engine.warm_up([1, 2, 4], sampled=[False], kv_lens=[256, 512])
+    engine.warm_up([1, 2, 4], [256, 512], sampled=[False])
     graphs = counters["stats"]["unique_graphs"]
     requests = [request(list(range(2, 2 + n)), 6) for n in (300, 7, 40)]
     for r in requests:

@@ -1,4 +1,4 @@
-# The device machine's environment for bench/device/call_*.sh: dsrun's wheels in /tmp/site, transformers 5.24 (+ hub,
+# The device machine's environment for bench/device/call_*.sh: dsrun's wheels in /tmp/site, transformers 5.25 (+ hub,
 # tokenizers, safetensors) in /tmp/tf ahead of the image's 5.17, the anchors' wheels in /tmp/anchors. Sourced, not run.
 SP=$(python3 -c 'import transformers,os;print(os.path.dirname(os.path.dirname(transformers.__file__)))')
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch._dynamo
 
-from dsrun.inference.engine import KV_BUCKET_MIN, Engine, Request, compile_wanted, pow2_at_least
+from dsrun.inference.engine import Engine, Request, compile_wanted, pow2_at_least
 from dsrun.inference.load import load
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.runs import run_dir
@@ -103,14 +103,7 @@ def bench_engine(loaded: Any, bench: Any) -> Engine:
     slots = max(*bench.batches, bench.concurrent)
     engine = Engine(loaded.model, slots=slots, max_len=bench.prompt_tokens + bench.new_tokens,
                     metrics=ServerMetrics(), max_queue=slots, seed=0, compile=compile_wanted("auto", loaded.device))
-    if engine.step is not engine._decode:
-        counts = sorted({min(pow2_at_least(n), slots) for n in range(1, slots + 1)})
-        lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), engine.max_len)
-                          for n in range(bench.prompt_tokens + 1, engine.max_len + 1)})
-        started = time.perf_counter()
-        engine.warm_up(counts, sampled=[False], kv_lens=lengths)
-        print(f"dsrun: compiled the engine's decode step for {counts} slots x {lengths} positions in "
-              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    engine.warm_up(*engine.buckets(shortest=bench.prompt_tokens + 1), sampled=[False])
     return engine
 
 

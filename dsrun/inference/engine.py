@@ -113,12 +113,13 @@ class Engine:
         self.slots: list[Slot | None] = [None] * slots
         self.free = list(range(slots))  # a heap: the lowest free slot first, so the occupied ones stay few
         self.waiting: deque[Request] = deque()
-        self.commands: "queue.Queue[tuple[str, Request | None]]" = queue.Queue()
+        self.commands: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         self.lock = threading.Lock()
         self.active: dict[str, Request] = {}
         self.counter = 0
         self.batch_sizes: list[int] = []  # every decode step's occupied slots (the last 10,000)
         self.draining = threading.Event()
+        self._allocate_cache()
         self.step = self._decode
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -162,18 +163,56 @@ class Engine:
         self.commands.put(("stop", None))
         self.thread.join(max(deadline - time.monotonic(), 5.0))
 
-    def warm_up(self, slot_counts: list[int], sampled: list[bool], kv_lens: list[int] | None = None) -> None:
-        """Compile (and on CUDA record) the decode step for these slot counts before anything is timed or served;
-        called before the first request, from the caller's thread."""
-        kv_lens = kv_lens or [KV_BUCKET_MIN]
-        with torch.inference_mode():
+    def buckets(self, shortest: int = 1) -> tuple[list[int], list[int]]:
+        """The slot counts and cache lengths the decode step can run with, for sequences of `shortest` positions
+        and more: what a warm-up compiles."""
+        slots = len(self.slots)
+        counts = sorted({min(pow2_at_least(n), slots) for n in range(1, slots + 1)})
+        lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), self.max_len) for n in range(shortest,
+                                                                                            self.max_len + 1)})
+        return counts, lengths
+
+    def warm_up(self, slot_counts: list[int], kv_lens: list[int], sampled: list[bool]) -> None:
+        """Compile (and on CUDA record) the decode step for these slot counts and cache lengths before anything is
+        timed or served. It runs on the engine's thread (CUDA graph trees are per thread) and returns when done."""
+        if self.step is self._decode:
+            return
+        started = time.perf_counter()
+        print(f"dsrun: compiling the decode step for {slot_counts} slots x {kv_lens} positions", file=sys.stderr,
+              flush=True)
+        done = threading.Event()
+        self.commands.put(("warm_up", (slot_counts, kv_lens, sampled, done)))
+        done.wait()
+        print(f"dsrun: compiled the decode step in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+              flush=True)
+
+    def _warm_up(self, slot_counts: list[int], kv_lens: list[int], sampled: list[bool], done: threading.Event) -> None:
+        try:
             for rows in slot_counts:
                 for kv_len in kv_lens:
                     for draw in sampled:
                         for _ in range(3):  # compile, record, replay
+                            if self.device.type == "cuda":
+                                torch.compiler.cudagraph_mark_step_begin()
                             self.step(*self._step_inputs(rows), min(kv_len, self.max_len), draw)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self.positions.fill_(self.max_len - 1)  # where unoccupied slots write their junk (see _admit)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            done.set()
+
+    def _allocate_cache(self) -> None:
+        """Every layer's slots, allocated by one eager forward of one token (each layer allocates what it writes),
+        before anything is compiled; marked as static addresses so CUDA graphs write into them in place."""
+        last = torch.tensor([[self.max_len - 1]], device=self.device)
+        self.cache.target(torch.tensor([0], device=self.device), last, self.max_len)
+        with torch.inference_mode():
+            self.decoder(input_ids=torch.zeros_like(last), attention_mask=row_mask(last, self.max_len, self.dtype),
+                         position_ids=last, cache=self.cache, use_cache=True)
+        for pair in self.cache.layers.values():
+            for tensor in pair:
+                torch._dynamo.mark_static_address(tensor)
+        self.positions.fill_(self.max_len - 1)
 
     # -- the thread ---------------------------------------------------------------------------------------------
 
@@ -212,6 +251,8 @@ class Engine:
                 stop = True
             elif kind == "submit":
                 self.waiting.append(request)
+            elif kind == "warm_up":
+                self._warm_up(*request)
             elif kind == "cancel" and request is not None:
                 self._cancel(request)
 
@@ -395,10 +436,12 @@ class Engine:
 
 def build_engine(model: Any, serve_cfg: Any, metrics: ServerMetrics, context: int) -> Engine:
     """The engine `dsrun serve` runs: serve.max_batch slots of serve.max_prompt_tokens + serve.max_tokens
-    positions each (at most the model's context)."""
+    positions each (at most the model's context); when compiled, warmed up for every slot count and cache length
+    bucket, greedy and sampled, before the first request."""
     max_len = min(context, serve_cfg.max_prompt_tokens + serve_cfg.max_tokens)
     device = next(model.parameters()).device
     engine = Engine(model, slots=serve_cfg.max_batch, max_len=max_len, metrics=metrics,
                     max_queue=serve_cfg.max_queue, seed=serve_cfg.seed,
                     compile=compile_wanted(serve_cfg.compile, device), prefill_tokens=serve_cfg.prefill_tokens)
+    engine.warm_up(*engine.buckets(), sampled=[False, True])
     return engine

@@ -6,6 +6,7 @@ Tokens come from the engine `dsrun serve` runs (dsrun/inference/engine.py), with
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,7 +50,17 @@ def respond(loaded: Loaded, engine: Engine, messages: list[dict[str, str]], gen:
             raise RuntimeError(f"generation failed: {event[1]}")
         out.put(event[1])
     out.end()
+    print(f"dsrun: {speed(request)}", file=sys.stderr)
     return out.text
+
+
+def speed(request: Request) -> str:
+    """What the reply cost: tokens, time to the first, the decode rate after it."""
+    done = time.perf_counter()
+    first = (request.first_token_at or done) - request.arrived
+    rate = (request.generated - 1) / (done - request.first_token_at) if request.generated > 1 and \
+        request.first_token_at and done > request.first_token_at else 0.0
+    return f"{request.generated} tokens, first after {first * 1e3:,.0f} ms, then {rate:,.1f} tokens/s"
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
@@ -66,9 +77,8 @@ def _engine(loaded: Loaded, gen: Any) -> Engine:
     compiled = compile_wanted(gen.compile, loaded.device)
     engine = Engine(loaded.model, slots=1, max_len=min(loaded.context, MAX_POSITIONS), metrics=ServerMetrics(),
                     max_queue=1, seed=gen.seed, compile=compiled)
-    if compiled:
-        engine.warm_up([1], sampled=[gen.temperature > 0])
-        print("dsrun: compiled the decode step", file=sys.stderr)
+    counts, lengths = engine.buckets()
+    engine.warm_up(counts, lengths[:3], sampled=[gen.temperature > 0])  # a longer chat records its graph then
     return engine
 
 
