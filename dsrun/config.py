@@ -202,22 +202,26 @@ class GenerateConfig:
     seed: int = 0
     show_thinking: str = "dim"  # dim | show | hide: the <think> part on the console (stdout keeps only the answer
     # when hidden)
-    static_cache: str = "auto"  # auto (on CUDA) | true | false: static KV cache + compiled decode, bucketed prompts
+    compile: str = "auto"  # auto (on CUDA) | true | false: the engine's decode step compiled and CUDA-graphed
 
 
 @dataclass
 class ServeConfig:
     """task=serve (dsrun/inference/server.py): an OpenAI-compatible HTTP endpoint."""
-    engine: str = "transformers"  # transformers (continuous batching, in process) | vllm (`vllm serve`, its own env)
+    engine: str = "dsrun"  # dsrun (in process, dsrun/inference/engine.py) | vllm (`vllm serve`, its own env)
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port and prints it
     model_name: Optional[str] = None  # the id /v1/models lists; null: the source folder's name or the model option
     api_key_env: Optional[str] = None  # name of the environment variable holding the API key; null: no key
+    metrics_public: bool = False  # /metrics without the API key (a Prometheus scraper that holds none)
+    reasoning: str = "split"  # split: R1's <think> part in reasoning_content (as vLLM's deepseek_r1 parser) |
+    # inline: all of it in content
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024  # the most a request may ask for (and the default when it asks for none)
     max_queue: int = 64  # requests waiting or running; more get 503
-    max_batch: int = 32  # sequences decoded together
-    kv_cache_tokens: int = 32768  # paged KV cache size, in tokens
+    max_batch: int = 32  # sequences decoded together: the engine's slots, each max_prompt_tokens + max_tokens long
+    prefill_tokens: int = 2048  # prompt tokens per prefill chunk between two decode steps
+    compile: str = "auto"  # auto (on CUDA) | true | false: the engine's decode step compiled and CUDA-graphed
     temperature: float = 0.6  # default for requests that set none (R1's recommended sampling)
     top_p: float = 0.95
     seed: int = 0
@@ -229,7 +233,9 @@ class BenchInferConfig:
     batches: List[int] = field(default_factory=lambda: [1, 8, 32])
     prompt_tokens: int = 512
     new_tokens: int = 256
-    concurrent: int = 32  # requests sent at once through the continuous-batching engine
+    concurrent: int = 32  # requests sent to the engine at once
+    static_anchor: bool = True  # on CUDA, also time transformers' generate with its static cache, compiled
+    compile: str = "auto"  # auto (on CUDA) | true | false: the engine's decode step compiled and CUDA-graphed
     quants: List[str] = field(default_factory=lambda: ["none"])  # each is loaded and measured in turn
     json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
 
@@ -271,8 +277,10 @@ def register_configs() -> None:
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
 VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
-          "plan.mode": ("train", "inference"), "serve.engine": ("transformers", "vllm"),
-          "generate.show_thinking": ("dim", "show", "hide"), "generate.static_cache": ("auto", "true", "false"),
+          "plan.mode": ("train", "inference"), "serve.engine": ("dsrun", "vllm"),
+          "serve.reasoning": ("split", "inline"),
+          "generate.show_thinking": ("dim", "show", "hide"), "generate.compile": ("auto", "true", "false"),
+          "serve.compile": ("auto", "true", "false"), "bench_infer.compile": ("auto", "true", "false"),
           "data.train_on": TRAIN_ON}
 REGISTRIES = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
               "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
@@ -449,7 +457,7 @@ def inference_problems(cfg: Any) -> list[str]:
     gen, srv, bench = cfg.generate, cfg.serve, cfg.bench_infer
     for key, value in (("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
                        srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue", srv.max_queue),
-                       ("serve.max_batch", srv.max_batch), ("serve.kv_cache_tokens", srv.kv_cache_tokens),
+                       ("serve.max_batch", srv.max_batch), ("serve.prefill_tokens", srv.prefill_tokens),
                        ("bench_infer.prompt_tokens", bench.prompt_tokens), ("bench_infer.new_tokens", bench.new_tokens),
                        ("bench_infer.concurrent", bench.concurrent)):
         if value < 1:
@@ -464,7 +472,8 @@ def inference_problems(cfg: Any) -> list[str]:
             p.append(f"{key}={value}: must be in (0, 1]")
     if not 0 <= srv.port <= 65535:
         p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
-    for key in ("serve.engine", "generate.show_thinking", "generate.static_cache"):
+    for key in ("serve.engine", "serve.reasoning", "generate.show_thinking", "generate.compile",
+                "serve.compile", "bench_infer.compile"):
         p += choice_problems(cfg, key)
     if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
         p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
@@ -479,7 +488,7 @@ def choice_problems(cfg: Any, key: str) -> list[str]:
     value = cfg
     for part in key.split("."):
         value = value[part]
-    if key == "generate.static_cache":  # a YAML true is a bool
+    if key.endswith(".compile"):  # a YAML true is a bool
         value = str(value).lower()
     allowed = list(REGISTRIES[key] if key in REGISTRIES else VALUES[key])
     if value in allowed:

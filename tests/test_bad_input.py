@@ -55,6 +55,8 @@ ROWS = [
      ["doctor.max_bytes=4", "doctor.min_bytes (64)"]),
     ("pretrained-without-path", "config", ["model.init=pretrained"], ["model.path"]),
     ("unknown-task", "config", ["task.name=fly"], ["task.name=fly"]),
+    ("unknown-serve-reasoning", "config", ["task=serve", "serve.reasoning=hide"],
+     ["serve.reasoning=hide", "choose one of split, inline"]),
     ("tp-not-dividing-heads", "config", ["model=tiny_qwen2", "hardware.devices=3", "parallel=tp",
                                          "parallel.tensor_parallel_size=3"], ["tensor_parallel_size=3", "4 attention"]),
     ("emulate-without-gpu", "config", ["hardware.emulate=true"], ["hardware.emulate=true", "GPU hardware option"]),

@@ -135,15 +135,19 @@ def test_cancel_frees_the_slot_and_the_gauges():
     assert engine.free == [0] and not engine.active
 
 
-def test_the_compiled_decode_step_does_not_recompile_after_warm_up():
-    """torch.compile with dynamic shapes: one graph for one slot, one for any other count and cache length (the
-    `eager` backend stands in for inductor on CPU: the same frames are traced)."""
+def test_the_compiled_decode_step_is_one_graph_for_every_bucket():
+    """torch.compile with dynamic shapes: one graph for every row count and cache length, the full length included
+    (a second compile of a 7B costs its user a minute), and none after warm-up (the `eager` backend stands in for
+    inductor on CPU: dynamo traces and guards the same frames)."""
     from torch._dynamo.utils import counters
 
-    model = tiny("tiny_qwen2")
+    model = tiny("tiny_qwen2")  # two key/value heads: the row count 2 must not be guarded equal to them
+    before = counters["stats"]["unique_graphs"]
     engine = engine_for(model, compile=True, backend="eager", max_len=1024)
-    engine.warm_up([1, 2, 4], [256, 512], sampled=[False])
+    assert engine.buckets() == ([2, 4], [256, 512, 1024])
+    engine.warm_up(*engine.buckets())
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs - before == 1, f"{graphs - before} graphs for the decode step's buckets"
     requests = [request(list(range(2, 2 + n)), 6) for n in (300, 7, 40)]
     for r in requests:
         engine.submit(r)
@@ -151,3 +155,19 @@ def test_the_compiled_decode_step_does_not_recompile_after_warm_up():
     engine.stop(5)
     assert counters["stats"]["unique_graphs"] == graphs, "a decode shape recompiled after warm-up"
     assert outputs[1] == greedy_alone(model, requests[1].ids, 6)
+
+
+def test_a_decode_step_that_fails_to_compile_is_one_line_naming_the_setting():
+    """A compile failure in the engine's thread (an inductor bug on a GPU, say) reaches the caller of warm_up as
+    one line naming the setting that runs uncompiled, and stops the engine; before, the thread died and the
+    server said it was serving."""
+    from dsrun.inference.engine import CompileFailed
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("codegen failed\nfor this graph")
+
+    engine = engine_for(tiny("tiny_qwen2"), compile=True, backend=broken)
+    with pytest.raises(CompileFailed, match=r"compiling the decode step failed \(RuntimeError: codegen failed for this graph\); "
+                                            r"set serve.compile=false"):
+        engine.warm_up([2], [128], setting="serve.compile")
+    assert not engine.thread.is_alive()

@@ -1,3 +1,3 @@
-"""Deploying what dsrun trained: load weights for inference (load), render chats (chat), generate on the console
-(generate, fast), serve over HTTP with continuous batching (engine, server, metrics), measure it (bench), or hand a
-folder to vLLM (vllm)."""
+"""Deploying what dsrun trained: load weights for inference (load), render chats (chat), one engine that batches
+requests continuously over a slot KV cache (engine, slots, sampling) under the console (generate) and the
+OpenAI-compatible HTTP server (api, server, metrics), measure both (bench), or hand a folder to vLLM (vllm)."""

@@ -26,15 +26,23 @@ from typing import Any, Callable
 import torch
 import torch._dynamo
 
+from dsrun.errors import UserError
 from dsrun.inference.metrics import ServerMetrics
-from dsrun.inference.sampling import greedy, sample
+from dsrun.inference.sampling import sample
 from dsrun.inference.slots import SlotCache, row_mask, use_slot_attention
 
 KV_BUCKET_MIN = 256  # decode reads the cache up to a power of two >= the longest sequence, at least this
+# decode runs at least two rows: a size-1 dimension would be specialized by the compiler, a second compile (a
+# minute for a 7B); the idle row costs next to nothing where the weights' reads set the step's time
+MIN_ROWS = 2
 
 
 class QueueFull(Exception):
     pass
+
+
+class CompileFailed(UserError):
+    """The decode step did not compile: one line, and the setting that runs without compiling."""
 
 
 @dataclass
@@ -74,6 +82,16 @@ class Slot:
         return self.fed == len(self.request.ids)
 
 
+def _cause(failure: BaseException | None) -> str:
+    """The compiler's own error in one line, without torch's advice on logging that follows it."""
+    if failure is None:
+        return "the engine's thread ended"
+    cause = getattr(failure, "inner_exception", None) or failure.__cause__ or failure
+    lines = [line for line in str(cause).splitlines() if line.strip() and "TORCHDYNAMO_VERBOSE" not in line
+             and "TORCH_LOGS" not in line]
+    return f"{type(cause).__name__}: {' '.join(lines)[:300]}"
+
+
 def pow2_at_least(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(n - 1, 0).bit_length())
 
@@ -95,19 +113,20 @@ class Engine:
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         use_slot_attention(model)
-        self.cache = SlotCache(slots, max_len)
+        rows = max(slots, MIN_ROWS)
+        self.cache = SlotCache(rows, max_len)
         self.prefill_tokens = prefill_tokens
         self.seeds = torch.Generator().manual_seed(seed)
-        # the device's per-slot state: the decode step's inputs
+        # the device's per-row state: the decode step's inputs
         on = {"device": self.device}
-        self.tokens = torch.zeros(slots, dtype=torch.long, **on)
-        self.positions = torch.zeros(slots, dtype=torch.long, **on)
-        self.temperature = torch.zeros(slots, **on)
-        self.top_p = torch.ones(slots, **on)
-        self.top_k = torch.zeros(slots, dtype=torch.long, **on)
-        self.seed = torch.zeros(slots, dtype=torch.long, **on)
+        self.tokens = torch.zeros(rows, dtype=torch.long, **on)
+        self.positions = torch.zeros(rows, dtype=torch.long, **on)
+        self.temperature = torch.zeros(rows, **on)
+        self.top_p = torch.ones(rows, **on)
+        self.top_k = torch.zeros(rows, dtype=torch.long, **on)
+        self.seed = torch.zeros(rows, dtype=torch.long, **on)
         # two host buffers: the step queued after this one copies into the other while this one is read
-        self.host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
                             for _ in range(2)]
         self.steps = 0
         self.slots: list[Slot | None] = [None] * slots
@@ -123,8 +142,8 @@ class Engine:
         self.step = self._decode
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # dynamic: one compile for every slot count > 1 and every cache length (batch 1 gets its own); CUDA
-            # graphs are still recorded per shape, which costs one step, not a compile
+            # dynamic: one compile for every row count and cache length; CUDA graphs are still recorded per shape,
+            # which costs one step, not a compile
             mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" and backend == "inductor" else {}
             self.step = torch.compile(self._decode, dynamic=True, fullgraph=False, backend=backend, **mode)
         self.thread = threading.Thread(target=self._loop, name="dsrun-engine", daemon=True)
@@ -164,42 +183,50 @@ class Engine:
         self.thread.join(max(deadline - time.monotonic(), 5.0))
 
     def buckets(self, shortest: int = 1) -> tuple[list[int], list[int]]:
-        """The slot counts and cache lengths the decode step can run with, for sequences of `shortest` positions
-        and more: what a warm-up compiles."""
-        slots = len(self.slots)
-        counts = sorted({min(pow2_at_least(n), slots) for n in range(1, slots + 1)})
+        """The row counts and cache lengths the decode step can run with, for sequences of `shortest` positions
+        and more: what a warm-up records."""
+        counts = sorted({self._rows(n) for n in range(1, len(self.slots) + 1)})
         lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), self.max_len) for n in range(shortest,
                                                                                             self.max_len + 1)})
         return counts, lengths
 
-    def warm_up(self, slot_counts: list[int], kv_lens: list[int], sampled: list[bool]) -> None:
+    def warm_up(self, slot_counts: list[int], kv_lens: list[int], setting: str = "the compile setting") -> None:
         """Compile (and on CUDA record) the decode step for these slot counts and cache lengths before anything is
-        timed or served. It runs on the engine's thread (CUDA graph trees are per thread) and returns when done."""
+        timed or served. It runs on the engine's thread (CUDA graph trees are per thread) and returns when done;
+        a compile that fails stops the engine and is raised here, naming `setting` as the way around it."""
         if self.step is self._decode:
             return
         started = time.perf_counter()
         print(f"dsrun: compiling the decode step for {slot_counts} slots x {kv_lens} positions", file=sys.stderr,
               flush=True)
-        done = threading.Event()
-        self.commands.put(("warm_up", (slot_counts, kv_lens, sampled, done)))
-        done.wait()
+        done: list[BaseException | None] = []
+        self.commands.put(("warm_up", (slot_counts, kv_lens, done)))
+        while not done and self.thread.is_alive():
+            time.sleep(0.05)
+        if not done or done[0] is not None:
+            failure = done[0] if done else None
+            self.stop(0)
+            raise CompileFailed(f"compiling the decode step failed ({_cause(failure)}); set {setting}=false to run "
+                                "it uncompiled")
         print(f"dsrun: compiled the decode step in {time.perf_counter() - started:.0f} s", file=sys.stderr,
               flush=True)
 
-    def _warm_up(self, slot_counts: list[int], kv_lens: list[int], sampled: list[bool], done: threading.Event) -> None:
+    def _warm_up(self, slot_counts: list[int], kv_lens: list[int], done: list[BaseException | None]) -> None:
+        failure = None
         try:
             for rows in slot_counts:
                 for kv_len in kv_lens:
-                    for draw in sampled:
-                        for _ in range(3):  # compile, record, replay
-                            if self.device.type == "cuda":
-                                torch.compiler.cudagraph_mark_step_begin()
-                            self.step(*self._step_inputs(rows), min(kv_len, self.max_len), draw)
+                    for _ in range(3):  # compile, record, replay
+                        if self.device.type == "cuda":
+                            torch.compiler.cudagraph_mark_step_begin()
+                        self.step(*self._step_inputs(rows), min(kv_len, self.max_len))
             self.positions.fill_(self.max_len - 1)  # where unoccupied slots write their junk (see _admit)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting warm_up, which raises it
+            failure = exc
         finally:
-            done.set()
+            done.append(failure)
 
     def _allocate_cache(self) -> None:
         """Every layer's slots, allocated by one eager forward of one token (each layer allocates what it writes),
@@ -212,6 +239,9 @@ class Engine:
         for pair in self.cache.layers.values():
             for tensor in pair:
                 torch._dynamo.mark_static_address(tensor)
+                # fixed sizes: a dynamic head count equal to the row count would be guarded equal (duck sizing),
+                # a recompile when the rows change
+                torch._dynamo.mark_static(tensor)
         self.positions.fill_(self.max_len - 1)
 
     # -- the thread ---------------------------------------------------------------------------------------------
@@ -324,32 +354,41 @@ class Engine:
             slot.position = len(slot.request.ids)
             self._accept(index, slot, token)
 
-    def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
-        return (self.tokens[:rows], self.positions[:rows], self.temperature[:rows], self.top_p[:rows],
-                self.top_k[:rows], self.seed[:rows])
+    def _rows(self, leading: int) -> int:
+        """The decode step's row count when the highest occupied slot is `leading` - 1: a power of two (a bucket),
+        at least MIN_ROWS, at most the cache's rows."""
+        return min(max(pow2_at_least(leading), MIN_ROWS), self.cache.slots)
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                top_k: torch.Tensor, seed: torch.Tensor, kv_len: int, sampled: bool) -> torch.Tensor:
-        """One token for each of the leading `len(tokens)` slots (what is compiled and graphed)."""
+    def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
+        return self.tokens[:rows], self.positions[:rows]
+
+    def _next_tokens(self, logits: torch.Tensor, rows: int, sampled: bool) -> torch.Tensor:
+        if not sampled:
+            return logits.argmax(-1)
+        return sample(logits, self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows],
+                      self.positions[:rows] + 1)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+        """The next-token logits of each of the leading `len(tokens)` slots: what is compiled and graphed, one graph
+        for every bucket. Sampling stays outside it (inductor's scan over a 152k vocabulary with a dynamic row
+        count failed to generate code on an H100 with torch 2.11); greedy steps, what a benchmark times, then
+        add one argmax kernel."""
         self.cache.target(tokens.shape[0], positions[:, None], kv_len)
         hidden = self.decoder(input_ids=tokens[:, None], attention_mask=row_mask(positions[:, None], kv_len,
                                                                                    self.dtype),
                               position_ids=positions[:, None], cache=self.cache, use_cache=True).last_hidden_state
-        logits = self.head(hidden[:, -1])
-        if sampled:
-            return sample(logits, temperature, top_p, top_k, seed, positions + 1)
-        return greedy(logits)
+        return self.head(hidden[:, -1])
 
     def _queue_decode(self) -> tuple[list[tuple[int, Request]], Any]:
         """Queue one decode step of every decoding slot; returns what `_deliver` needs once its tokens are here."""
         decoding = [(i, s) for i, s in enumerate(self.slots) if s is not None and s.decoding]
-        rows = pow2_at_least(decoding[-1][0] + 1)
-        rows = min(rows, len(self.slots))
+        rows = self._rows(decoding[-1][0] + 1)
         kv_len = min(pow2_at_least(max(s.position for _, s in decoding) + 1, KV_BUCKET_MIN), self.max_len)
-        sampled = any(s.request.temperature > 0 for _, s in decoding)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        new = self.step(*self._step_inputs(rows), kv_len, sampled)
+        sampled = any(s.request.temperature > 0 for _, s in decoding)
+        new = self._next_tokens(self.step(*self._step_inputs(rows), kv_len), rows, sampled)
         self.tokens[:rows].copy_(new)  # the graph's output is overwritten by its next replay
         self.positions[:rows].add_(1).clamp_(max=self.max_len - 1)
         host = self.host_tokens[self.steps % 2]
@@ -437,11 +476,11 @@ class Engine:
 def build_engine(model: Any, serve_cfg: Any, metrics: ServerMetrics, context: int) -> Engine:
     """The engine `dsrun serve` runs: serve.max_batch slots of serve.max_prompt_tokens + serve.max_tokens
     positions each (at most the model's context); when compiled, warmed up for every slot count and cache length
-    bucket, greedy and sampled, before the first request."""
+    bucket before the first request."""
     max_len = min(context, serve_cfg.max_prompt_tokens + serve_cfg.max_tokens)
     device = next(model.parameters()).device
     engine = Engine(model, slots=serve_cfg.max_batch, max_len=max_len, metrics=metrics,
                     max_queue=serve_cfg.max_queue, seed=serve_cfg.seed,
                     compile=compile_wanted(serve_cfg.compile, device), prefill_tokens=serve_cfg.prefill_tokens)
-    engine.warm_up(*engine.buckets(), sampled=[False, True])
+    engine.warm_up(*engine.buckets(), setting="serve.compile")
     return engine

@@ -78,7 +78,7 @@ def _engine(loaded: Loaded, gen: Any) -> Engine:
     engine = Engine(loaded.model, slots=1, max_len=min(loaded.context, MAX_POSITIONS), metrics=ServerMetrics(),
                     max_queue=1, seed=gen.seed, compile=compiled)
     counts, lengths = engine.buckets()
-    engine.warm_up(counts, lengths[:3], sampled=[gen.temperature > 0])  # a longer chat records its graph then
+    engine.warm_up(counts, lengths[:3], setting="generate.compile")  # a longer chat records its graph then
     return engine
 
 

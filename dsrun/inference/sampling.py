@@ -11,13 +11,10 @@ import torch
 _MASK31 = 0x7FFFFFFF
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(-1)
-
-
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] float logits -> [rows] token ids. Rows with temperature 0 take the top token."""
+    """[rows, vocab] float logits -> [rows] token ids. Rows with temperature 0 take the top token (argmax: the
+    first of equal ones, as transformers' greedy search)."""
     vocab = logits.shape[-1]
     scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
     ordered, order = scaled.sort(-1, descending=True)
@@ -27,7 +24,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     keep = (probs.cumsum(-1) - probs < top_p[:, None]) & (rank[None] < torch.where(top_k > 0, top_k, vocab)[:, None])
     gumbel = -torch.log(-torch.log(uniform(seeds, positions, vocab)))
     choice = ordered.masked_fill(~keep, float("-inf")).add(gumbel).argmax(-1, keepdim=True)
-    return torch.where(temperature > 0, order.gather(-1, choice)[:, 0], order[:, 0])
+    return torch.where(temperature > 0, order.gather(-1, choice)[:, 0], logits.argmax(-1))
 
 
 def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -1,40 +1,52 @@
-"""task=serve (`dsrun serve SOURCE`): an OpenAI-compatible HTTP API over a batching engine (dsrun/inference/engine.py).
+"""task=serve (`dsrun serve SOURCE`): the OpenAI-compatible API (dsrun/inference/api.py) over HTTP, on uvicorn and
+starlette, in front of the batching engine (dsrun/inference/engine.py).
 
 /v1/chat/completions and /v1/completions (streamed as server-sent events, or whole), /v1/models, /health and
-Prometheus /metrics. The stdlib's ThreadingHTTPServer carries it: one thread per connection is plenty next to a
-model that decodes every request in one batch, and it adds no dependency. The port is bound before the model loads
-(a taken port stops at once); SIGTERM stops accepting, lets running requests finish (30 s), and exits 0.
+Prometheus /metrics. One asyncio loop carries every connection; the engine decodes in its own thread and hands each
+event to that loop (Request.listener -> call_soon_threadsafe), so a waiting reply holds no thread. The port is bound
+before the model loads (a taken port stops at once); SIGTERM or Ctrl-C stops accepting, lets running requests
+finish (30 s), stops the engine and exits 0.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import sys
-import threading
-import time
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dsrun.errors import UserError
-from dsrun.inference.chat import ChatError, Detokenizer, render, stop_ids
+from dsrun.inference.api import Api, ApiError, Output, Plan
 from dsrun.inference.engine import Engine, QueueFull, Request, build_engine
-from dsrun.inference.load import Loaded, describe, load
+from dsrun.inference.load import describe, load
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.inference.vllm import serve_with_vllm
 
+# connections the kernel holds before they are accepted: a burst of clients waits there instead of being reset (the
+# stdlib server's 5 reset a burst of 256); Linux caps it at net.core.somaxconn (4096 on current kernels)
+LISTEN_BACKLOG = 2048
 MAX_BODY_BYTES = 4 * 2**20
+# a body over the limit is still read (and dropped) up to this size, so the client gets its 413 rather than a reset
+# (closing a socket with unread data resets it); a larger one is cut off
+MAX_DISCARDED_BYTES = 64 * 2**20
 DRAIN_TIMEOUT_S = 30.0
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.kind = status, kind
+RETRY_AFTER_S = 1  # a refused client's wait: requests of a batch finish, and free their places, within seconds
+# longer than clients keep an idle connection (httpx, under the openai client: 5 s), so a client never sends on a
+# connection the server is closing at that moment
+KEEP_ALIVE_S = 65
 
 
 def serve_task(cfg: Any) -> None:
@@ -43,33 +55,21 @@ def serve_task(cfg: Any) -> None:
         return serve_with_vllm(cfg)
     describe(cfg.task.source)  # a wrong source stops before the port or the model
     api_key = _api_key(srv)
-    httpd = bind(srv.host, srv.port)
+    listener = bind(srv.host, srv.port)
     loaded = load(cfg)
     metrics = ServerMetrics()
-    engine = build_engine(loaded.model, srv, metrics)
-    httpd.app = App(loaded, engine, metrics, srv, api_key)  # type: ignore[attr-defined]
-    host, port = httpd.server_address[:2]
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            print(f"dsrun: {signal.Signals(signum).name}: finishing running requests, then stopping", file=sys.stderr)
-            threading.Thread(target=httpd.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    print(f"dsrun: serving {loaded.name} at http://{host}:{port}/v1 ({type(engine).__name__}, up to "
-          f"{srv.max_batch} sequences per batch{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
+    engine = build_engine(loaded.model, srv, metrics, loaded.context)
+    host, port = listener.getsockname()[:2]
+    ready = (f"dsrun: serving {loaded.name} at http://{host}:{port}/v1 ({type(engine).__name__}, up to "
+             f"{srv.max_batch} sequences per batch{', API key required' if api_key else ''})")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"dsrun: warning: serving on {host} without an API key; set serve.api_key_env", file=sys.stderr)
-    try:
-        httpd.serve_forever(poll_interval=0.2)
-    finally:
-        engine.stop(DRAIN_TIMEOUT_S)
-        httpd.close_idle()
-        httpd.server_close()  # joins the connection threads: every response is written
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        ready += f"\ndsrun: warning: serving on {host} without an API key; set serve.api_key_env"
+    app = Http(Api(loaded, srv, api_key), engine, metrics, metrics_public=srv.metrics_public).app()
+    server = Server(uvicorn.Config(app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
+                                   backlog=LISTEN_BACKLOG, timeout_keep_alive=KEEP_ALIVE_S,
+                                   timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S)), ready)
+    _uvicorn_logs_to_file()
+    asyncio.run(_serve_then_stop(server, listener, engine))
     print("dsrun: server stopped", file=sys.stderr)
 
 
@@ -85,235 +85,264 @@ def _api_key(srv: Any) -> str | None:
     return key
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() waits for running responses
-    block_on_close = True
-    allow_reuse_address = False  # a port held by another server is refused, not shared
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.connections_lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.connections_lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_idle(self) -> None:
-        """End the reading side of every connection: a client's idle keep-alive connection (the openai client keeps
-        them) would otherwise hold its thread, and server_close() would wait for it forever. A response being
-        written is not affected."""
-        with self.connections_lock:
-            for connection in self.connections:
-                try:
-                    connection.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-
-
-def bind(host: str, port: int) -> Server:
+def bind(host: str, port: int) -> socket.socket:
     try:
-        return Server((host, port), Handler)
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=LISTEN_BACKLOG)
     except OSError as exc:
         raise UserError(f"serve.port={port}: cannot listen on {host}:{port} ({exc.strerror}); choose another port, "
                         "or serve.port=0 for a free one") from None
 
 
-class App:
-    """The endpoints' logic, apart from HTTP plumbing."""
-
-    def __init__(self, loaded: Loaded, engine: Engine, metrics: ServerMetrics, srv: Any, api_key: str | None):
-        self.loaded, self.engine, self.metrics, self.srv, self.api_key = loaded, engine, metrics, srv, api_key
-        self.stop = stop_ids(loaded.tokenizer, loaded.model)
-        self.created = int(time.time())
-
-    def authorized(self, header: str | None) -> bool:
-        if self.api_key is None:
-            return True
-        given = (header or "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
-
-    def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.loaded.name, "object": "model", "created": self.created,
-                                            "owned_by": "dsrun", "max_model_len": self.loaded.context}]}
-
-    def request(self, body: dict[str, Any], chat: bool) -> tuple[Request, dict[str, Any]]:
-        """Check a completion request and turn it into an engine request (ApiError 400 when it cannot be served)."""
-        if chat:
-            try:
-                ids = render(self.loaded.tokenizer, body.get("messages"))
-            except ChatError as exc:
-                raise ApiError(400, str(exc)) from None
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str) or not prompt:
-                raise ApiError(400, "`prompt` must be a non-empty string")
-            ids = self.loaded.tokenizer.encode(prompt)
-        srv = self.srv
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or srv.max_tokens
-        temperature = body.get("temperature", srv.temperature)
-        top_p = body.get("top_p", srv.top_p)
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= srv.max_tokens:
-            raise ApiError(400, f"max_tokens={max_tokens}: must be an integer from 1 to {srv.max_tokens} "
-                                "(serve.max_tokens)")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise ApiError(400, f"temperature={temperature}: must be a number from 0 to 2")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ApiError(400, f"top_p={top_p}: must be a number in (0, 1]")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "n: only 1 completion per request is served")
-        if len(ids) > srv.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(ids):,} tokens; this server takes at most "
-                                f"{srv.max_prompt_tokens:,} (serve.max_prompt_tokens)")
-        if len(ids) + max_tokens > self.loaded.context:
-            raise ApiError(400, f"the prompt ({len(ids):,} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                                f"model's context of {self.loaded.context:,} tokens")
-        request = Request(ids=ids, max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                          stop=self.stop)
-        options = body.get("stream_options") or {}
-        return request, {"stream": bool(body.get("stream")), "usage": bool(options.get("include_usage"))}
+def _uvicorn_logs_to_file() -> None:
+    """uvicorn's records, and the event loop's, go to the run's log file only: their errors (a client gone
+    mid-reply, a bug's traceback) would pass the console's filter (dsrun/quiet.py), which lets every error through."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in ("uvicorn", "asyncio"):
+        logger = logging.getLogger(name)
+        logger.handlers = files or [logging.NullHandler()]  # NullHandler: not Python's last-resort stderr handler
+        logger.propagate = False
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "dsrun"
-    timeout = 300  # seconds a connection may sit idle between requests
+async def _serve_then_stop(server: Server, listener: socket.socket, engine: Engine) -> None:
+    try:
+        await server.serve(sockets=[listener])
+    finally:
+        engine.stop(DRAIN_TIMEOUT_S)  # in the loop's thread: the listeners' loop is still open for the last events
 
-    @property
-    def app(self) -> App:
-        return self.server.app  # type: ignore[attr-defined]
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        pass  # one line per request on stderr would drown the progress lines; /metrics counts them
+class Server(uvicorn.Server):
+    """uvicorn's server, saying dsrun's line once it accepts, and stopping on SIGTERM/SIGINT with exit 0: uvicorn's
+    own handler raises the signal again once it has drained, which would end the process by the signal."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        if self.path == "/health":
-            return self._json(200, {"status": "ok"})
-        if self.path == "/metrics":
-            return self._send(200, self.app.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
-        if self.path == "/v1/models":
-            if not self.app.authorized(self.headers.get("Authorization")):
-                return self._error(ApiError(401, "invalid or missing API key", "authentication_error"))
-            return self._json(200, self.app.models())
-        self._error(ApiError(404, f"no such endpoint: GET {self.path}", "not_found_error"))
+    def __init__(self, config: uvicorn.Config, ready: str):
+        super().__init__(config)
+        self.ready = ready
 
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-        routes = {"/v1/chat/completions": True, "/v1/completions": False}
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        print(self.ready, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            if self.path not in routes:
-                raise ApiError(404, f"no such endpoint: POST {self.path}", "not_found_error")
-            if not self.app.authorized(self.headers.get("Authorization")):
-                raise ApiError(401, "invalid or missing API key", "authentication_error")
-            request, options = self.app.request(self._body(), chat=routes[self.path])
-            try:
-                self.app.engine.submit(request)
-            except QueueFull as exc:
-                raise ApiError(503, str(exc), "overloaded_error") from None
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.should_exit:
+            self.force_exit = signum == signal.SIGINT  # a second Ctrl-C: stop waiting for running requests
+            return
+        print(f"dsrun: {signal.Signals(signum).name}: finishing running requests, then stopping", file=sys.stderr)
+        self.should_exit = True
+
+
+class Job:
+    """A submitted request as the event loop sees it: the engine's thread puts its events on an asyncio queue."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine, self.request, self.done = engine, request, False
+        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def listener(event: tuple[str, Any]) -> None:  # called in the engine's thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed (the server stopped): nobody waits
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+        request.listener = listener
+        try:
+            engine.submit(request)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), "server_error", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    async def next(self) -> tuple[str, Any]:
+        event = await self.events.get()
+        self.done = self.done or event[0] == "done"
+        return event
+
+    def abandon(self) -> None:
+        """The client left, or the drain's deadline passed: free the request's place in the batch."""
+        if not self.done:
+            self.done = True
+            self.engine.cancel(self.request)
+
+
+class EventStream(StreamingResponse):
+    """A stream whose request is cancelled however the stream ends early: starlette cancels the response when the
+    client disconnects (even before the first chunk), uvicorn when the drain's deadline passes."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], job: Job):
+        super().__init__(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.abandon()
+
+
+class Http:
+    """The endpoints over HTTP: the API key, the body, errors in OpenAI's shape; what a reply says is Api's."""
+
+    def __init__(self, api: Api, engine: Engine, metrics: ServerMetrics, metrics_public: bool):
+        self.api, self.engine, self.metrics, self.metrics_public = api, engine, metrics, metrics_public
+
+    def app(self) -> Starlette:
+        routes = [Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                  Route("/v1/completions", self.completions, methods=["POST"]),
+                  Route("/v1/models", self.models), Route("/health", self.health), Route("/metrics", self.prometheus)]
+        return Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route,
+                                                            Exception: self.crashed})
+
+    async def chat(self, http: HttpRequest) -> Response:
+        return await self.complete(http, chat=True)
+
+    async def completions(self, http: HttpRequest) -> Response:
+        return await self.complete(http, chat=False)
+
+    async def complete(self, http: HttpRequest, chat: bool) -> Response:
+        try:
+            self.authorize(http)
+            plan = self.api.plan(await _body(http), chat)
+            job = Job(self.engine, plan.request)
         except ApiError as exc:
-            return self._error(exc)
-        if options["stream"]:
-            self._stream(request, chat=routes[self.path], usage=options["usage"])
-        else:
-            self._whole(request, chat=routes[self.path])
+            return error(exc)
+        except ClientDisconnect:  # gone while sending its body: nobody reads an answer
+            return Response(status_code=400)
+        if plan.stream:
+            return EventStream(self.stream(plan, job), job)
+        return await self.whole(http, plan, job)
 
-    def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ApiError(413, f"the request body is {length:,} bytes; at most {MAX_BODY_BYTES:,} are accepted")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    # -- responses ----------------------------------------------------------------------------------------------
-
-    def _whole(self, request: Request, chat: bool) -> None:
-        detok = Detokenizer(self.app.loaded.tokenizer, set(request.stop))
-        reason = "error"
+    async def stream(self, plan: Plan, job: Job) -> AsyncIterator[bytes]:
+        reply, output = self.api.reply(plan), self.api.output(plan)
+        if (first := reply.first_chunk()) is not None:
+            yield _event(first)
+        failed = False
         while True:
-            kind, value = request.events.get()
+            kind, value = await job.next()
             if kind == "tokens":
-                detok.add(value)
+                if pieces := output.add(value):
+                    yield _event(reply.chunk(pieces))
             elif kind == "error":
-                return self._error(ApiError(500, f"generation failed: {value}", "server_error"))
+                failed = True
+                yield _event(ApiError(500, f"generation failed: {value}", "server_error").body())
             else:
-                reason = value
+                if not failed:
+                    yield _event(reply.chunk(output.finish(), finish_reason=value))
+                    if plan.include_usage:
+                        yield _event(reply.usage_chunk())
                 break
-        text = detok.text()
-        choice = {"index": 0, "finish_reason": _finish_reason(reason)}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        self._json(200, {**self._head(chat, chunk=False), "choices": [choice], "usage": _usage(request)})
+        yield b"data: [DONE]\n\n"
 
-    def _stream(self, request: Request, chat: bool, usage: bool) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
-        head = self._head(chat, chunk=True)
-        detok = Detokenizer(self.app.loaded.tokenizer, set(request.stop))
+    async def whole(self, http: HttpRequest, plan: Plan, job: Job) -> Response:
+        """The reply once generation ends; a client that leaves before that cancels its request."""
+        output = self.api.output(plan)
+        generation = asyncio.ensure_future(_generate(job, output))
+        gone = asyncio.ensure_future(_disconnected(http))
         try:
-            if chat:
-                self._event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]})
-            while True:
-                kind, value = request.events.get()
-                if kind == "tokens":
-                    text = detok.add(value)
-                    if text:
-                        delta = {"delta": {"content": text}} if chat else {"text": text}
-                        self._event({**head, "choices": [{"index": 0, **delta, "finish_reason": None}]})
-                elif kind == "done":
-                    end = {"delta": {}} if chat else {"text": ""}
-                    self._event({**head, "choices": [{"index": 0, **end, "finish_reason": _finish_reason(value)}]})
-                    if usage:
-                        self._event({**head, "choices": [], "usage": _usage(request)})
-                    break
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            self.app.engine.cancel(request)  # the client left: free its batch slot
+            await asyncio.wait({generation, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not generation.done():
+                generation.cancel()
+                job.abandon()
+        if generation.cancelled():
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        reason, failure = generation.result()
+        if failure is not None:
+            return error(ApiError(500, f"generation failed: {failure}", "server_error"))
+        return JSONResponse(self.api.reply(plan).whole(output, reason))
 
-    def _event(self, payload: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-        self.wfile.flush()
+    async def models(self, http: HttpRequest) -> Response:
+        try:
+            self.authorize(http)
+        except ApiError as exc:
+            return error(exc)
+        return JSONResponse(self.api.models())
 
-    def _head(self, chat: bool, chunk: bool) -> dict[str, Any]:
-        kind = "chat.completion" if chat else "text_completion"
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                "object": f"{kind}.chunk" if chat and chunk else kind,
-                "created": int(time.time()), "model": self.app.loaded.name}
+    async def health(self, http: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok"})  # no key: readiness probes hold none
 
-    def _error(self, exc: ApiError) -> None:
-        self._json(exc.status, {"error": {"message": str(exc), "type": exc.kind, "code": exc.status}})
+    async def prometheus(self, http: HttpRequest) -> Response:
+        try:
+            if not self.metrics_public:
+                self.authorize(http)
+        except ApiError as exc:
+            return error(exc)
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
+    def authorize(self, http: HttpRequest) -> None:
+        if not self.api.authorized(http.headers.get("authorization")):
+            raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           code="invalid_api_key")
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    async def no_route(self, http: HttpRequest, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        verb = "no such endpoint" if status == 404 else "method not allowed"
+        return error(ApiError(status, f"{verb}: {http.method} {http.url.path}",
+                              headers=getattr(exc, "headers", None)))
+
+    async def crashed(self, http: HttpRequest, exc: Exception) -> Response:
+        """A bug: the client gets a 500 in OpenAI's shape; the traceback goes to the run's log file (uvicorn logs
+        what starlette raises again after this answer)."""
+        return error(ApiError(500, f"internal error ({type(exc).__name__}); the server's log file has the "
+                                   "traceback", "server_error"))
 
 
-def _finish_reason(reason: str) -> str:
-    return {"stop": "stop", "length": "length"}.get(reason, reason)
+async def _body(http: HttpRequest) -> dict[str, Any]:
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_DISCARDED_BYTES:
+        raise _too_large(int(declared))
+    raw, size = bytearray(), 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > MAX_DISCARDED_BYTES:
+            raise _too_large(size)
+        if size <= MAX_BODY_BYTES:
+            raw += chunk
+    if size > MAX_BODY_BYTES:
+        raise _too_large(size)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
-def _usage(request: Request) -> dict[str, int]:
-    return {"prompt_tokens": len(request.ids), "completion_tokens": request.generated,
-            "total_tokens": len(request.ids) + request.generated}
+def _too_large(size: int) -> ApiError:
+    return ApiError(413, f"the request body is {size:,} bytes; at most {MAX_BODY_BYTES:,} are accepted",
+                    headers={"Connection": "close"})
+
+
+async def _generate(job: Job, output: Output) -> tuple[str, str | None]:
+    """Every token into output; (finish reason, the engine's error message or None)."""
+    failure = None
+    while True:
+        kind, value = await job.next()
+        if kind == "tokens":
+            output.add(value)
+        elif kind == "error":
+            failure = value
+        else:
+            output.finish()
+            return value, failure
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client has closed its connection (the body is read: the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)

@@ -39,8 +39,10 @@ class SlotCache:
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, **_: Any) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
         if layer_idx not in self.layers:
+            # one position more than is ever read: a read of kv_len <= max_len is then always a strict slice, and
+            # the compiled decode step needs no second graph for the full length
             self.layers[layer_idx] = tuple(  # type: ignore[assignment]
-                torch.zeros(self.slots, t.shape[1], self.max_len, t.shape[3], dtype=t.dtype, device=t.device)
+                torch.zeros(self.slots, t.shape[1], self.max_len + 1, t.shape[3], dtype=t.dtype, device=t.device)
                 for t in (keys, values))
         cached_keys, cached_values = self.layers[layer_idx]
         rows = torch.arange(self.rows, device=keys.device) if isinstance(self.rows, int) else self.rows
