@@ -236,7 +236,8 @@ class BenchInferConfig:
     concurrent: int = 32  # requests sent to the engine at once
     static_anchor: bool = True  # on CUDA, also time transformers' generate with its static cache, compiled
     compile: str = "auto"  # auto (on CUDA) | true | false: the engine's decode step compiled and CUDA-graphed
-    quants: List[str] = field(default_factory=lambda: ["none"])  # each is loaded and measured in turn
+    # null: the run's own `quant`; a list: each loaded and measured in turn
+    quants: Optional[List[str]] = None
     json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
 
 
@@ -475,9 +476,12 @@ def inference_problems(cfg: Any) -> list[str]:
     for key in ("serve.engine", "serve.reasoning", "generate.show_thinking", "generate.compile",
                 "serve.compile", "bench_infer.compile"):
         p += choice_problems(cfg, key)
-    if unknown := [q for q in bench.quants if q not in QUANT_METHODS]:
+    if unknown := [q for q in bench.quants or [] if q not in QUANT_METHODS]:
         p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
                  f"{', '.join(QUANT_METHODS)}")
+    if bench.quants is not None and cfg.quant.method != "none" and cfg.task.name == "bench_infer":
+        p.append(f"quant={cfg.quant.method} and bench_infer.quants={list(bench.quants)}: name the quant options once "
+                 "(bench_infer.quants=null measures the run's quant)")
     if gen.prompt is not None and gen.prompts_file is not None:
         p.append("generate.prompt and generate.prompts_file: give one of them")
     return p

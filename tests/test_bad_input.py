@@ -55,6 +55,8 @@ ROWS = [
      ["doctor.max_bytes=4", "doctor.min_bytes (64)"]),
     ("pretrained-without-path", "config", ["model.init=pretrained"], ["model.path"]),
     ("unknown-task", "config", ["task.name=fly"], ["task.name=fly"]),
+    ("bench-quant-named-twice", "config", ["task=bench_infer", "quant=int8", "bench_infer.quants=[none]"],
+     ["quant=int8 and bench_infer.quants=['none']", "name the quant options once"]),
     ("unknown-serve-reasoning", "config", ["task=serve", "serve.reasoning=hide"],
      ["serve.reasoning=hide", "choose one of split, inline"]),
     ("tp-not-dividing-heads", "config", ["model=tiny_qwen2", "hardware.devices=3", "parallel=tp",

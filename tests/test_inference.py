@@ -88,9 +88,11 @@ def test_think_splitter_and_detokenizer():
 
 
 def test_bench_infer_runs_on_cpu_and_prints_its_table(tmp_path):
+    """The run's own `quant` is what it measures (bench_infer.quants=null): quant=int8 was silently measured as
+    none before."""
     import json
 
-    proc = dsrun("task=bench_infer", "model=tiny_qwen2", "hardware=cpu", "bench_infer.batches=[1,2]",
+    proc = dsrun("task=bench_infer", "model=tiny_qwen2", "hardware=cpu", "quant=int8", "bench_infer.batches=[1,2]",
                  "bench_infer.prompt_tokens=16", "bench_infer.new_tokens=4", "bench_infer.concurrent=4",
                  run_dir=tmp_path / "bench")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -100,3 +102,5 @@ def test_bench_infer_runs_on_cpu_and_prints_its_table(tmp_path):
                                                        ("dsrun_engine_concurrent", 4), ("hf_generate", 1),
                                                        ("hf_generate", 2)]
     assert rows[2]["max_batch_seen"] == 4, "the engine decoded the concurrent requests together"
+    assert {r["quant"] for r in rows} == {"int8"}
+    assert "quant=int8" in proc.stderr

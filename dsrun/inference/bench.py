@@ -28,9 +28,10 @@ from dsrun.runs import run_dir
 def bench_task(cfg: Any) -> list[dict[str, Any]]:
     bench = cfg.bench_infer
     rows: list[dict[str, Any]] = []
-    for quant in bench.quants:
+    for quant in bench.quants or [cfg.quant.method]:
         job = copy.deepcopy(cfg)
-        job.quant.method = job.quant.name = quant
+        if quant != cfg.quant.method:
+            job.quant.method = job.quant.name = quant
         loaded = load(job)
         rows += bench_model(loaded, bench, quant)
         del loaded
