@@ -98,7 +98,7 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], kept: list[int], wher
     shown = [dict(m, content=PLACEHOLDER.format(i)) if i in kept else m for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(shown, tokenize=False)
-    except Interrupted:  # Ctrl-C while the data is rendered (dsrun.cli.interrupt_start_up), not the chat's fault
+    except Interrupted:  # Ctrl-C while the data is rendered (dsrun.signals), not the chat's fault
         raise
     except Exception as exc:  # jinja2.TemplateError and the template's own raise_exception
         raise DataError(f"{where}: the chat template refuses this chat ({str(exc).splitlines()[0]})") from None

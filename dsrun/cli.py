@@ -21,6 +21,10 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 # faulting them in 4 KiB pages took a fifth of the default job's time on 2 cores (BENCHMARKS.md, CPU default job).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+from dsrun import signals  # noqa: E402  (first: a signal during the imports below is one line)
+
+signals.install()
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,7 +40,7 @@ from dsrun.quiet import install as quiet_logging
 from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.resolve import resolve
 from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
-from dsrun.run_folder import claim
+from dsrun.run_folder import check_folder, claim, refuse_foreign
 from dsrun.runs import rank_zero, run_dir
 from dsrun.scratch import discard_scratch_folder
 from dsrun.task_table import TASKS
@@ -140,46 +144,98 @@ def precheck(argv: list[str]) -> list[str]:
             key, why = getattr(exc, "full_key", None) or "the config", getattr(exc, "msg", None) or one_line(exc)
             why = re.sub(r" ?(full_key|object_type|reference_type)[:=] ?\S+", "", " ".join(str(why).split()))
             fail(f"{key}: cannot resolve its value ({why}); fix or remove the ${{...}} reference")
-    check_run_dir(args.overrides)
     return claim_run_dir(args, composed, configs)
 
 
 def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictConfig]) -> list[str]:
-    """Rank 0 of a single run into an explicit folder locks it and checks it may write there."""
-    folders = [o.split("=", 1)[1].strip("'\"") for o in args.overrides if o.startswith("hydra.run.dir=")]
-    if args.multirun or not folders or "${" in folders[-1] or not rank_zero():
+    """Rank 0 locks the folder of a single run, and checks that every job may write where Hydra will put it: the
+    folders are Hydra's own (interpolations, `++` and the default timestamp resolved), and pinned in the command
+    line so Hydra writes exactly where the checks looked. Returns the Hydra overrides that adds."""
+    if not rank_zero():
         return []
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
-        return claim(Path(folders[-1]).resolve(), composed[0], configs[0], overrides)
+        folders, pins = job_folders(args)
+        overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        if args.multirun:
+            for folder, cfg in zip(folders, composed):
+                check_folder(folder, cfg)
+            check_run_dir(folders[0].parent, "hydra.sweep.dir")
+            return pins
+        refuse_foreign(folders[0])
+        check_run_dir(folders[0], "hydra.run.dir")
+        return pins + claim(folders[0], composed[0], configs[0], overrides)
     except UserError as exc:
         fail(str(exc))
         return []
 
 
-def check_run_dir(overrides: list[str]) -> None:
-    """The run folder must be creatable before anything starts (Hydra would fail later with a traceback)."""
-    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
-    for folder in explicit or ["outputs"]:
-        folder = folder.strip("'\"")
-        if "${" in folder:
-            continue
+def job_folders(args: Any) -> tuple[list[Path], list[str]]:
+    """The folder each job of this command line writes into, as Hydra resolves it, and the overrides that pin
+    those folders (`${now:...}` would resolve again, a moment later, when Hydra starts)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_overrides = [o for o in args.overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    plain = [o for o in args.overrides if o not in hydra_overrides]
+    jobs = [plain]
+    if args.multirun:
+        parsed = OverridesParser.create().parse_overrides(plain)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+    config_dir = Path(args.config_dir or args.config_path or str(CONF_DIR)).resolve()
+    folders: list[Path] = []
+    base: Path | None = None
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        for num, job in enumerate(jobs):
+            numbered = [f"hydra.job.num={num}", f"hydra.job.id={num}"] if args.multirun else []
+            try:
+                cfg = compose(config_name=args.config_name or "config", overrides=[*job, *hydra_overrides, *numbered],
+                              return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)
+                key = "hydra.sweep.subdir" if args.multirun else "hydra.run.dir"
+                where = str(OmegaConf.select(cfg, key))
+                if base is None and args.multirun:
+                    base = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).absolute()
+            except UserError:
+                raise
+            except Exception as exc:  # a Hydra setting that does not compose or resolve
+                raise UserError(one_line(exc)) from None
+            if not where.strip():
+                raise UserError(f"{key}= is empty: Hydra would write into the current folder; name a folder, e.g. "
+                                f"{key}={'${hydra.job.num}' if args.multirun else 'outputs/runs/my-run'}")
+            folders.append((base / where) if base is not None else Path(where).absolute())
+    if args.multirun:
+        if len(set(folders)) < len(folders):
+            same = next(f for f in folders if folders.count(f) > 1)
+            raise UserError(f"hydra.sweep.subdir: several trials of this sweep would write into {same} (one would "
+                            "resume another); include ${hydra.job.num} in it, e.g. hydra.sweep.subdir=${hydra.job.num}")
+        return folders, [f"hydra.sweep.dir={base}"]
+    return folders, [f"hydra.run.dir={folders[0]}"]
+
+
+def check_run_dir(folder: Path, key: str) -> None:
+    """The run folder must be creatable and writable before anything starts (Hydra would fail later with a
+    traceback, and a full disk in the middle of its snapshot)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{key}={folder}: cannot create the folder ({exc.strerror}); choose a writable place, e.g. "
+             f"{key}={writable_example()}")
+    probe = folder / f".dsrun-write-probe-{os.getpid()}"
+    try:  # a full disk or read-only mount fails here, not in Hydra's own snapshot save (a traceback)
+        with probe.open("wb") as handle:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        fail(f"{key}={folder}: cannot write to the folder ({exc.strerror}); free disk space or choose another "
+             f"place, e.g. {key}={writable_example()}")
+    finally:
         try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            fail(f"hydra.run.dir={folder}: cannot create the run folder ({exc.strerror}); "
-                 f"choose a writable place, e.g. hydra.run.dir={writable_example()}")
-        probe = Path(folder) / f".dsrun-write-probe-{os.getpid()}"
-        try:  # a full disk or read-only mount fails here, not in Hydra's own snapshot save (a traceback)
-            with probe.open("wb") as handle:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            fail(f"hydra.run.dir={folder}: cannot write to the run folder ({exc.strerror}); free disk space or "
-                 f"choose another place, e.g. hydra.run.dir={writable_example()}")
-        finally:
             probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def writable_example() -> str:
@@ -194,10 +250,12 @@ def writable_example() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    from dsrun.checkpoint import last_checkpoint_note  # torch, loaded whole before a signal may raise into it
     from dsrun.tasks import run_task  # the tasks' libraries load here, after the pre-check has passed
 
-    quiet_logging()  # after the imports: Lightning adds its console handler as it loads
+    signals.started()
     try:
+        quiet_logging()  # after the imports: Lightning adds its console handler as it loads
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
         run_task(cfg, probe_micro_batch=probe)
@@ -205,29 +263,19 @@ def hydra_main(cfg: DictConfig) -> None:
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
     except Interrupted as exc:
-        stopped(exc)
+        stopped(exc, last_checkpoint_note)
+    except Exception:
+        if (signum := signals.received()) is None:
+            raise
+        stopped(Interrupted(signum), last_checkpoint_note)  # raised inside a library that wrapped it
 
 
-def stopped(exc: Interrupted) -> None:
+def stopped(exc: Interrupted, last_checkpoint_note: Callable[[Path], str]) -> None:
     """A signal outside the training loop (which handles its own): one line saying what is on disk, the shell's exit
     status for the signal."""
-    from dsrun.checkpoint import last_checkpoint_note  # (torch) only when a signal arrives
-
     print(f"dsrun: stopped by {exc.name} outside the training steps (start-up or the final save); "
           f"{last_checkpoint_note(run_dir())}", file=sys.stderr)
     raise SystemExit(128 + exc.signum)
-
-
-def interrupt_start_up() -> None:
-    """Outside the training loop's own handlers (train.StopSignal), SIGINT and SIGTERM end the process with one
-    line and, inside a run, a ledger row (dsrun.ledger.recorded) instead of a traceback or a silent death."""
-    import signal
-
-    def handle(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handle)
 
 
 def resume_argv(args: list[str]) -> list[str]:
@@ -262,7 +310,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main() -> None:
-    interrupt_start_up()
+    signals.install()  # again: a process forked after this module was imported starts with the defaults
     quiet_environment()
     register_configs()
     sys.argv = [sys.argv[0], *take_verbose_flag(sys.argv[1:])]
@@ -273,6 +321,7 @@ def main() -> None:
     elif argv and (problem := unknown_verb(argv[0], verbs)):
         fail(problem)
     if argv and argv[0] in COMMANDS:
+        signals.started()
         try:
             return COMMANDS[argv[0]](argv[1:])
         except UserError as exc:
@@ -289,8 +338,15 @@ def main() -> None:
         # under torchrun every rank runs Hydra: only rank 0 writes .hydra/ and the job log (all share the folder)
         sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=dsrun_rank{rank}"]
         argv = sys.argv[1:]
-    sys.argv += precheck(argv)
+    sys.argv = pinned(sys.argv, precheck(argv))
     hydra_main()
+
+
+def pinned(argv: list[str], added: list[str]) -> list[str]:
+    """argv with `added` (key=value overrides) in place of the user's own overrides of the same keys (Hydra refuses
+    a key given twice)."""
+    keys = {o.split("=", 1)[0] for o in added}
+    return [a for a in argv if a.lstrip("+").split("=", 1)[0] not in keys] + added
 
 
 def entry() -> None:

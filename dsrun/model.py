@@ -39,7 +39,7 @@ def architecture(model_cfg: ModelConfig) -> Any:
             else dict(model_cfg.fields)
         try:
             config = AutoConfig.for_model(model_cfg.arch, **fields)
-        except Interrupted:  # Ctrl-C during start-up (dsrun.cli.interrupt_start_up) is not a fault in the fields
+        except Interrupted:  # Ctrl-C during start-up (dsrun.signals) is not a fault in the fields
             raise
         except Exception as exc:  # noqa: BLE001 - every failure here comes from the user's fields
             detail = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()

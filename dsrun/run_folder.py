@@ -50,6 +50,11 @@ RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.lr", "
              "parallel.timeout_s", "parallel.activation_checkpointing", "parallel.reshard_after_forward",
              "model.experts_implementation", "monitor.*", "plan.*")
 
+# What a sweep run again over its own folders may change in a trial (anything else would be another trial)
+SWEEP_RESUMABLE = ("train.resume", "train.max_steps", "hardware.", "monitor.", "plan.")
+# What a folder holds once dsrun has started in it, before Hydra's snapshot (the lock, the job log)
+STARTED = (LOCK, "dsrun.log")
+
 _held: list[int] = []  # the lock's file descriptor, open until the process ends
 
 
@@ -94,9 +99,60 @@ def saved_work(folder: Path) -> str | None:
     return None
 
 
+def refuse_foreign(folder: Path) -> None:
+    """A folder dsrun did not make (no Hydra snapshot, yet files in it) is the user's: never written into."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UserError(f"hydra.run.dir={folder} is a file, not a folder; choose a new hydra.run.dir=...")
+    if (folder / SNAPSHOT).is_file():
+        return
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in STARTED)
+    if foreign:
+        raise UserError(f"hydra.run.dir={folder} holds files dsrun did not write ({', '.join(foreign[:4])}"
+                        f"{', ...' if len(foreign) > 4 else ''}) and no run snapshot (.hydra/config.yaml); a run "
+                        "writes only into a new folder, an empty one or its own: choose a new hydra.run.dir=...")
+
+
+def check_folder(folder: Path, composed: dict[str, Any]) -> None:
+    """What a sweep's trial folder must be before the sweep starts: new, empty, or this trial's own run."""
+    refuse_foreign(folder)
+    snapshot = folder / SNAPSHOT
+    if snapshot.is_file() and holds_run(folder) and not composed.get("train", {}).get("overwrite"):
+        old = read_yaml_mapping(snapshot, "restore the file, or choose a new hydra.sweep.dir")
+        # a trial continues only its own run: with a changed learning rate it would report another trial's result
+        if fixed := [change for change in config_diff(old, composed) if not change[0].startswith(SWEEP_RESUMABLE)]:
+            raise UserError(f"hydra.sweep.dir: the trial folder {folder} holds a run with another config "
+                            f"({show(fixed)}); choose a new hydra.sweep.dir=... (a trial folder continues only "
+                            "the same trial)")
+
+
+def nothing_to_continue(folder: Path, train: dict[str, Any]) -> str | None:
+    """Why a folder holding a run cannot be continued: it trained (metrics, weights, a summary) but no checkpoint
+    is left to continue from. None when it can (or when nothing was trained yet)."""
+    if train.get("resume") not in (None, "auto") or saved_checkpoint(folder):
+        return None
+    metrics = folder / "metrics.jsonl"
+    trained = [name for name in ("model", "summary.json") if (folder / name).exists()]
+    if metrics.is_file() and metrics.stat().st_size:
+        trained.insert(0, "metrics.jsonl")
+    if not trained:
+        return None
+    return (f"{folder} holds a trained run ({', '.join(trained)}) but no checkpoint to continue from "
+            "(checkpoints/ holds none); continuing would retrain it from step 1 over its history: choose a new "
+            "hydra.run.dir=..., resume from a checkpoint path with train.resume=PATH, or add train.overwrite=true "
+            "to replace the run")
+
+
+def saved_checkpoint(folder: Path) -> bool:
+    root = folder / "checkpoints"
+    return root.is_dir() and any(p.is_dir() for p in root.glob("step-*"))
+
+
 def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list[str]) -> list[str]:
     """Lock `folder` for this process and check that this job may write into it. Returns the Hydra overrides the
     job needs (a continuation must not rewrite the snapshot)."""
+    refuse_foreign(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stale = lock(folder)
     if stale:
@@ -121,6 +177,8 @@ def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list
         raise UserError(f"train.resume=never: {folder} holds {work} that starting over would replace; continue it "
                         f"with `dsrun resume {folder}`, choose a new hydra.run.dir=..., or add train.overwrite=true "
                         "to replace them")
+    if problem := nothing_to_continue(folder, train):
+        raise UserError(problem)
     check_global_batch(folder, resolved)
     changes = config_diff(old, composed)
     record_resume(folder, changes, overrides)

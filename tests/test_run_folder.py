@@ -94,10 +94,16 @@ def test_sigterm_with_checkpoints_off_says_nothing_was_saved_and_a_second_run_is
     assert not (run / "checkpoints").exists()
     assert (run / ".dsrun.lock").read_text() == "", "a clean exit releases the lock"
 
-    # as said, a resume starts over; half a metrics line (a kill mid-write) is dropped, not a traceback
+    # nothing to continue from: a resume is refused (it used to retrain from step 1 over the history, issue #28),
+    # the folder untouched; train.overwrite=true starts the run over
     with (run / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"step": 99, "lo')
+        metrics.write('{"step": 99, "lo')  # half a line (a kill mid-write)
+    before = (run / "metrics.jsonl").read_bytes()
     again = dsrun("resume", str(run), "train.max_steps=2")
+    assert_user_error(again, f"{run} holds a trained run (metrics.jsonl", "no checkpoint to continue from",
+                      "train.overwrite=true")
+    assert (run / "metrics.jsonl").read_bytes() == before
+    again = dsrun("resume", str(run), "train.max_steps=2", "train.overwrite=true")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" not in again.stderr
     assert [row["step"] for row in read_metrics(run)] == [1, 2]

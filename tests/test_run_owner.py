@@ -1,0 +1,172 @@
+"""One owner per run folder, no "continuing" over lost history, no writes into folders dsrun did not make: the
+reproductions of issue #28, each on the real CLI, and a property test of many commands aimed at one finished run."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAST, assert_user_error, dsrun, read_metrics
+from tests.conftest import start as start_dsrun
+
+JOB = [*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", "train.checkpoint_every=0"]
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    """Every file (name -> sha256 of its bytes) and every folder: any write, removal or addition shows. An empty
+    lock file is a released lock (a refused command takes the lock before it checks, and gives it back)."""
+    seen = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_dir():
+            seen[rel + "/"] = ""
+        elif path.name == ".dsrun.lock":
+            seen[rel] = "lock:" + ("held" if path.stat().st_size else "free")
+        else:
+            seen[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("owner") / "R"
+    proc = dsrun(*JOB, run_dir=run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+def copy_of(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def hold_lock(folder: Path) -> int:
+    fd = os.open(folder / ".dsrun.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, json.dumps({"pid": 4242, "host": "elsewhere", "time": "now"}).encode(), 0)
+    return fd
+
+
+def test_a_second_process_cannot_train_into_a_live_run_whatever_the_override_spelling(finished, tmp_path):
+    """`++hydra.run.dir=X` (and `+`-free spellings alike) used to bypass the owner check: B "resumed" A's run while A
+    trained, metrics interleaved, `.hydra` rewritten."""
+    run = copy_of(finished, tmp_path / "X")
+    holder = hold_lock(run)
+    try:
+        before = tree_hash(run)
+        for spelling in ("hydra.run.dir", "++hydra.run.dir"):
+            proc = dsrun(*JOB, "train.max_steps=30", "train.lr=0.01", f"{spelling}={run}")
+            assert_user_error(proc, f"{run} is in use by pid 4242 on elsewhere", "choose another hydra.run.dir")
+            assert tree_hash(run) == before
+    finally:
+        os.ftruncate(holder, 0)
+        os.close(holder)
+
+
+def test_a_refused_run_through_an_interpolated_folder_leaves_the_finished_run_alone(finished, tmp_path):
+    """`hydra.run.dir=${oc.env:RUNX}` used to skip the folder check: the finished run's .hydra and record.json were
+    rewritten for another model and it could never be resumed again."""
+    run = copy_of(finished, tmp_path / "R")
+    before = tree_hash(run)
+    proc = dsrun(*JOB, "model=tiny_qwen2", "hydra.run.dir=${oc.env:RUNX}", env={"RUNX": str(run)})
+    assert_user_error(proc, f"hydra.run.dir={run} holds a run with another config", "model.name: tiny -> tiny_qwen2")
+    assert tree_hash(run) == before
+    again = dsrun("resume", str(run), "train.max_steps=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-00000002'}" in again.stderr
+
+
+def test_a_folder_of_the_users_own_files_is_never_written(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "model" / "config.json").write_text('{"mine": true}\n')
+    before = tree_hash(mine)
+    proc = dsrun(*JOB, run_dir=mine)
+    assert_user_error(proc, "holds files dsrun did not write (config.yaml, model/)", "choose a new hydra.run.dir")
+    assert tree_hash(mine) == before
+
+
+def test_continuing_needs_a_checkpoint(finished, tmp_path):
+    """With checkpoints/ gone, `resume` said "continuing the run" and retrained from step 1 over metrics.jsonl
+    and model/."""
+    run = copy_of(finished, tmp_path / "R")
+    shutil.rmtree(run / "checkpoints")
+    before = tree_hash(run)
+    proc = dsrun("resume", str(run), "train.max_steps=4")
+    assert_user_error(proc, "holds a trained run (metrics.jsonl, model, summary.json)",
+                      "no checkpoint to continue from", "train.overwrite=true")
+    assert "continuing the run" not in proc.stderr
+    assert tree_hash(run) == before
+
+
+def test_sweep_trials_that_share_a_folder_are_refused_before_any_trial(tmp_path):
+    """`hydra.sweep.subdir=same`: trial 1 "completed" by resuming trial 0 and the sweep named the wrong winner."""
+    proc = dsrun("-m", *JOB, "train.lr=0.001,0.01", f"hydra.sweep.dir={tmp_path / 'sw'}", "hydra.sweep.subdir=same")
+    assert_user_error(proc, "several trials of this sweep would write into", "${hydra.job.num}")
+    assert not (tmp_path / "sw" / "same").exists()
+
+
+def test_a_sweep_run_again_over_its_folder_with_other_values_is_refused(tmp_path):
+    sweep = tmp_path / "sw"
+    first = dsrun("-m", *JOB, "train.lr=0.001,0.01", f"hydra.sweep.dir={sweep}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = tree_hash(sweep / "0")
+    proc = dsrun("-m", *JOB, "train.lr=0.002,0.01", f"hydra.sweep.dir={sweep}")
+    assert_user_error(proc, f"the trial folder {sweep / '0'} holds a run with another config",
+                      "train.lr: 0.001 -> 0.002")
+    assert tree_hash(sweep / "0") == before
+
+
+def test_an_empty_run_folder_is_refused_not_the_current_folder(tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = dsrun(*JOB, "hydra.run.dir=", cwd=tmp_path)
+    assert_user_error(proc, "hydra.run.dir= is empty", "name a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("checkpoints", ["off", "on"])
+def test_final_weights_that_cannot_be_written_are_one_line_naming_what_is_left(tmp_path, checkpoints):
+    """A file where the final weights' folder goes, put there once the run has started (a folder holding it from
+    the start is a foreign folder, refused before anything)."""
+    run = tmp_path / "run"
+    every = "-1" if checkpoints == "off" else "0"
+    proc = start_dsrun(*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2",
+                       "data.num_samples=20000", f"train.checkpoint_every={every}", f"hydra.run.dir={run}")
+    deadline = time.time() + 120
+    while not (run / "config.yaml").is_file():  # written by fit, before the data is built
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    (run / "model").write_bytes(b"")
+    assert proc.wait(timeout=300) == 2
+    stderr = proc.stderr.read()
+    assert "Traceback" not in stderr and "cannot write the final weights" in stderr, stderr
+    if checkpoints == "off":
+        assert "no complete checkpoint exists" in stderr and "lost" in stderr, stderr
+    else:
+        assert "step-00000002) is intact" in stderr and "dsrun resume" in stderr, stderr
+
+
+def test_sigterm_early_in_start_up_is_one_line(tmp_path):
+    """SIGTERM 0.8-2.2 s after start used to print Hydra's "Error executing job", a traceback about a partially
+    initialised torch, once a SIGSEGV. Now: one line and 143, wherever start-up is."""
+    for delay in (0.3, 0.9, 1.5, 2.1, 2.7):
+        run = tmp_path / f"run{delay}"
+        proc = start_dsrun(*JOB, "data.num_samples=20000", f"hydra.run.dir={run}")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        stderr = proc.stderr.read()
+        if code == 0:
+            continue  # it finished first
+        assert code == 143, (delay, stderr)
+        assert "Traceback" not in stderr and "Error executing job" not in stderr, (delay, stderr)
+        assert "dsrun: stopped by SIGTERM" in stderr, (delay, stderr)
