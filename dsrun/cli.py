@@ -220,7 +220,7 @@ def check_run_dir(folder: Path, key: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        fail(f"{key}={folder}: cannot create the folder ({exc.strerror}); choose a writable place, e.g. "
+        fail(f"{key}={folder}: cannot create the {what(key)} ({exc.strerror}); choose a writable place, e.g. "
              f"{key}={writable_example()}")
     probe = folder / f".dsrun-write-probe-{os.getpid()}"
     try:  # a full disk or read-only mount fails here, not in Hydra's own snapshot save (a traceback)
@@ -229,13 +229,17 @@ def check_run_dir(folder: Path, key: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
-        fail(f"{key}={folder}: cannot write to the folder ({exc.strerror}); free disk space or choose another "
+        fail(f"{key}={folder}: cannot write to the {what(key)} ({exc.strerror}); free disk space or choose another "
              f"place, e.g. {key}={writable_example()}")
     finally:
         try:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def what(key: str) -> str:
+    return "sweep folder" if "sweep" in key else "run folder"
 
 
 def writable_example() -> str:

@@ -9,9 +9,13 @@ and, for a quantized base, the same block-by-block creation), so random-init run
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
@@ -27,15 +31,26 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     model, snap = merged_model(run_dir)
     tokenizer = load_tokenizer(snap.model)
     model.config.use_cache = True
+    # written beside OUT_DIR under a temporary name and renamed when complete: a full disk or a kill leaves no
+    # half-written model where a server would load it
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
+        partial.mkdir(parents=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
         stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop[0] if stop else None,
-                         do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(out_dir)
-    except OSError as exc:
-        raise UserError(f"{out_dir}: cannot write the export ({exc.strerror or exc})") from None
+                         do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(partial)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        partial.rename(out_dir)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        shutil.rmtree(partial, ignore_errors=True)
+        why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
+        raise UserError(f"{out_dir}: cannot write the export ({why}); nothing was left there") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     print(f"dsrun: exported {run_dir} -> {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M "
           f"parameters, {next(model.parameters()).dtype})", file=sys.stderr)
     return out_dir

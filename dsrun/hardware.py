@@ -108,3 +108,15 @@ def emulate_memory(hardware_cfg: HardwareConfig, device: Any) -> float | None:
                       if line.startswith("VmData:"))
         resource.setrlimit(resource.RLIMIT_DATA, (in_use + int(cap_gib * 2**30), resource.RLIM_INFINITY))
     return cap_gib
+
+
+def lift_memory_cap() -> bool:
+    """Remove the CPU heap limit emulate_memory set (recording and explaining a failure need memory the cap may no
+    longer have: a lazy import under it fails as a SystemError). Returns whether one was set."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if soft == resource.RLIM_INFINITY:
+        return False
+    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+    return True

@@ -25,7 +25,12 @@ from dsrun.errors import Interrupted, TrainingDiverged, UserError
 from dsrun.quiet import console
 from dsrun.runs import git_commit, rank_zero, write_json
 
-BUSY_TIMEOUT_S = 60.0
+# How long a run waits for another process's hold on the ledger before it warns and goes on (a write), and how long
+# `dsrun runs` waits before it says who to blame (a read). SQLite waits inside C, where signals are not handled:
+# it is given short waits, retried in Python, so SIGTERM and Ctrl-C still end a waiting process at once.
+WRITE_WAIT_S = 30.0
+READ_WAIT_S = 10.0
+TRY_S = 0.2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,19 +61,32 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     path = path or ledger_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: autocommit, so each INSERT below is exactly one transaction
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=TRY_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    for attempt in range(50):  # switching to WAL needs a moment alone with the file; it is done once per file
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(SCHEMA)
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or attempt == 49:
-                raise
-            time.sleep(0.05 * (attempt + 1))
     return conn
+
+
+def busy(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def with_ledger(work: Callable[[sqlite3.Connection], Any], wait_s: float) -> Any:
+    """`work(conn)` on the ledger (switched to WAL and its table made, once per file), retried while another
+    process holds it, for at most wait_s; then the last 'database is locked' error is raised."""
+    deadline = time.monotonic() + wait_s
+    conn = connect()
+    try:
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(SCHEMA)
+                return work(conn)
+            except sqlite3.OperationalError as exc:
+                if not busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,11 +190,7 @@ def amend_status(record: dict[str, Any], status: str) -> None:
 def _write(sql: str, params: list[Any]) -> int | None:
     """One statement, one transaction (autocommit). Returns the row id, or None (with a warning) on failure."""
     try:
-        conn = connect()
-        try:
-            return conn.execute(sql, params).lastrowid
-        finally:
-            conn.close()
+        return with_ledger(lambda conn: conn.execute(sql, params).lastrowid, WRITE_WAIT_S)
     except (sqlite3.Error, OSError) as exc:
         print(f"dsrun: warning: the ledger {ledger_path()} was not updated: {exc}", file=sys.stderr)
         return None
@@ -234,11 +248,13 @@ def query(status: str | None = None, limit: int = 20, good: bool | None = None,
         args.append(int(good))
     sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
     try:
-        conn = connect()
-        try:
-            return [dict(row) for row in conn.execute(sql, [*args, limit])]
-        finally:
-            conn.close()
+        return with_ledger(lambda conn: [dict(row) for row in conn.execute(sql, [*args, limit])], READ_WAIT_S)
+    except sqlite3.OperationalError as exc:
+        if busy(exc):
+            raise UserError(f"the ledger {path} is held by another process (a run writing it, or a database tool "
+                            f"with an open transaction) for over {READ_WAIT_S:.0f} s; try again when it is done, or "
+                            "point DSRUN_LEDGER at another file") from None
+        raise UserError(f"the ledger {path}: cannot read it ({exc}); {fix}") from None
     except (sqlite3.Error, OSError) as exc:
         raise UserError(f"the ledger {path}: cannot read it ({exc}); {fix}") from None
 

@@ -270,14 +270,26 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
+    import shutil
+
     from safetensors import SafetensorError
 
+    # written under a temporary name, then renamed into place: a full disk or a kill leaves the previous weights
+    # (or none), never a half-written folder that loads as a model
+    partial, old = folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.old"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        for leftover in (partial, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial.mkdir(parents=True)
         absolute_base(model)  # the adapter names its base folder wherever it is loaded from
-        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
+        model.save_pretrained(partial, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:160]
         note = last_checkpoint_note(folder.parent)
         then = (f"free disk space, then `dsrun resume {folder.parent}` writes them from it" if not note.startswith("no")

@@ -130,6 +130,7 @@ def check_metrics(rows: list[dict[str, Any]], status: str = "completed") -> list
     if len(rows) < SMOKE_MIN_LOGGED:
         return problems + [f"task=smoke failed: {len(rows)} logged steps, the check needs {SMOKE_MIN_LOGGED}; "
                            "raise task.steps or lower train.log_every"]
+    rows = [row for row in rows if row["loss"] is not None]  # intervals with no trained token have no loss
     losses = [row["loss"] for row in rows]
     bad = next((row["step"] for row in rows if not math.isfinite(row["loss"])), None)
     if bad is not None:

@@ -50,6 +50,9 @@ RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.lr", "
              "parallel.timeout_s", "parallel.activation_checkpointing", "parallel.reshard_after_forward",
              "model.experts_implementation", "monitor.*", "plan.*")
 
+# The files a run writes and appends to (never folders)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", RESUMES, "record.json", "env.json", "dsrun.log",
+             LOCK, "deepspeed.json")
 # What a sweep run again over its own folders may change in a trial (anything else would be another trial)
 SWEEP_RESUMABLE = ("train.resume", "train.max_steps", "hardware.", "monitor.", "plan.")
 # What a folder holds once dsrun has started in it, before Hydra's snapshot (the lock, the job log)
@@ -114,9 +117,19 @@ def refuse_foreign(folder: Path) -> None:
                         "writes only into a new folder, an empty one or its own: choose a new hydra.run.dir=...")
 
 
+def refuse_odd_files(folder: Path) -> None:
+    """dsrun's own files in a run folder are plain files: a folder or device in their place would fail the run
+    at its first write (a traceback), after it had started."""
+    odd = [name for name in RUN_FILES if (folder / name).exists() and not (folder / name).is_file()]
+    if odd:
+        raise UserError(f"{folder}: {', '.join(odd)} {'is' if len(odd) == 1 else 'are'} not a file, where the run "
+                        "keeps its own; move it aside, or choose a new hydra.run.dir=...")
+
+
 def check_folder(folder: Path, composed: dict[str, Any]) -> None:
     """What a sweep's trial folder must be before the sweep starts: new, empty, or this trial's own run."""
     refuse_foreign(folder)
+    refuse_odd_files(folder)
     snapshot = folder / SNAPSHOT
     if snapshot.is_file() and holds_run(folder) and not composed.get("train", {}).get("overwrite"):
         old = read_yaml_mapping(snapshot, "restore the file, or choose a new hydra.sweep.dir")
@@ -153,6 +166,7 @@ def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list
     """Lock `folder` for this process and check that this job may write into it. Returns the Hydra overrides the
     job needs (a continuation must not rewrite the snapshot)."""
     refuse_foreign(folder)
+    refuse_odd_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stale = lock(folder)
     if stale:

@@ -26,12 +26,25 @@ def apply_environment(hardware_cfg: Any) -> None:
 def check_environment(cfg: Any) -> None:
     """What the config cannot know: does this machine have the devices it asks for? (Not for plan / dry runs.)"""
     hw = cfg.hardware
+    if hw.num_nodes > 1 and not launched():
+        # without a launcher the rendezvous waits for nodes that were never started (parallel.timeout_s, silently)
+        raise UserError(f"hardware.num_nodes={hw.num_nodes}: a run over several machines is started on each of them "
+                        "by a launcher, and this process was not (no torchrun or SLURM environment): run `torchrun "
+                        f"--nnodes {hw.num_nodes} --node_rank $NODE_RANK --nproc_per_node {hw.devices} --master_addr "
+                        "HOST --master_port 29500 -m dsrun ...` on every node (README, \"Several processes, several nodes\"), or set "
+                        "hardware.num_nodes=1")
     if hw.accelerator == "cuda":
         present = cuda_devices_present()
         if hw.devices > present:
             raise UserError(f"hardware={hw.name} asks for {hw.devices} GPUs per node but this machine has {present}; "
                             f"set hardware.devices={present or 1}{' or hardware=cpu' if not present else ''}, "
                             "or use task=plan to plan without the GPUs")
+
+
+def launched() -> bool:
+    """Whether a launcher that starts every node's processes started this one (torchrun, SLURM)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ or (
+        "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ)
 
 
 def all_reduce_(tensor: Any, op: str = "sum") -> Any:

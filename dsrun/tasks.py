@@ -19,6 +19,7 @@ from dsrun.plan.search import with_suggestions
 from dsrun.quiet import console, verbose
 from dsrun.rollback import prepare_smoke, smoke_problems
 from dsrun.runs import rank_zero, run_dir, write_json
+from dsrun.hardware import lift_memory_cap
 from dsrun.strategy import check_environment
 from dsrun.task_table import RUNNABLE_TASKS, TASKS
 
@@ -54,7 +55,7 @@ def train(cfg: DictConfig, check: Any = None) -> None:
             print(folded_config(cfg), file=sys.stderr)
     folder = run_dir()
     try:
-        recorded(cfg, folder, fit, check)  # one ledger record per run, failures included
+        recorded(cfg, folder, uncapped_on_failure(fit), check)  # one ledger record per run, failures included
     except (torch.OutOfMemoryError, MemoryError) as exc:
         diagnose_oom(cfg, folder, exc)
     except RuntimeError as exc:
@@ -63,6 +64,26 @@ def train(cfg: DictConfig, check: Any = None) -> None:
         if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
             raise
         collective_timeout(cfg, folder, exc)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def uncapped_on_failure(fit: Any) -> Any:
+    """`fit` with hardware.memory_cap_gib's CPU heap limit lifted as soon as it fails; an allocation that failed
+    inside C code under that limit (a SystemError) is the memory error it is."""
+    def run(cfg: DictConfig, folder: Any) -> Any:
+        try:
+            return fit(cfg, folder)
+        except SystemError as exc:
+            if lift_memory_cap():
+                raise MemoryError(f"an allocation failed under hardware.memory_cap_gib ({exc})") from exc
+            raise
+        except BaseException:
+            lift_memory_cap()
+            raise
+    return run
 
 
 def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
@@ -75,7 +96,7 @@ def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None
 
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
     print(f"dsrun: error: rank {rank}: a collective did not complete within parallel.timeout_s="
-          f"{cfg.parallel.timeout_s} s; another rank hung or died ({str(exc).strip().splitlines()[0][:160]}). "
+          f"{cfg.parallel.timeout_s} s; another rank hung or died ({first_line(exc)[:160]}). "
           f"{timeout_advice(folder)}", file=sys.stderr)
     for entry in Path("/proc").iterdir():  # ranks Fabric started from this process
         try:
@@ -132,9 +153,9 @@ def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(verdict.components.items(), key=lambda kv: -kv[1])[:4])
     fixes = "; ".join(f"{s.change} ({' '.join(s.overrides)})" for s in verdict.suggestions[:3] if s.fits)
     write_json(folder / "summary.json", {"status": "oom", "peak_memory_gib": peak, "memory_cap_gib": cap,
-                                         "planned_gib": verdict.total_gib, "error": str(exc).splitlines()[0]})
+                                         "planned_gib": verdict.total_gib, "error": first_line(exc)})
     reached = (f"the step reached {peak:.1f} GiB reserved against {cap:.1f} GiB" if kind == "GPU" else
-               f"an allocation beyond the {cap:.1f} GiB cap failed (peak RSS {peak:.1f} GiB, the interpreter included)")
+               f"an allocation beyond the {cap:.2g} GiB cap failed (peak RSS {peak:.1f} GiB, the interpreter included)")
     print(f"dsrun: out of {kind} memory: {reached} "
           f"(the plan expected {verdict.total_gib:.1f} GiB, largest parts in GiB: {parts}). "
           f"Try: {fixes or 'a smaller train.micro_batch with a larger train.accumulation'}. "

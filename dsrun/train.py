@@ -103,6 +103,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_sum: Any = None  # 0-d device tensors, summed on the device: read at log steps only
     trained_sum: Any = None
+    trained_steps: Any = None  # steps of the log interval that had a labelled token
     skipped_in_a_row: Any = None
     skipped_seen: Any = None  # OneStepLate: the streak of skipped steps, read one step late
     grad_norm: Any = None  # the last step's, before clipping (a device tensor)
@@ -193,7 +194,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
               lr_at=None, horizon=max_steps, max_steps=max_steps, length=length, replicas=replicas,
               clip=grad_clip(cfg), flops=flops, peak_flops=peak_flops_per_s(cfg) * fabric.world_size,
               tokens_per_step=tokens_per_step, memory_cap=memory_cap, load_peak=load_peak,
-              loss_sum=zero.clone(), trained_sum=zero.clone(),
+              loss_sum=zero.clone(), trained_sum=zero.clone(), trained_steps=zero.clone(),
               skipped_in_a_row=torch.zeros((), dtype=torch.int64, device=fabric.device),
               skipped_seen=OneStepLate(fabric.device))
     resume(run)
@@ -221,6 +222,8 @@ def resume(run: Run) -> None:
     run.batches.load_state_dict(saved["data"])
     run.loss_sum.fill_(saved["loss_sum"])
     run.trained_sum.fill_(saved.get("trained_sum", 0.0))
+    # a checkpoint from before the count: every step since the last log step counted
+    run.trained_steps.fill_(saved.get("trained_steps", saved["step"] - saved["last_log_step"]))
     run.tokens_trained = saved.get("tokens_trained", 0.0)
     run.best_eval = saved.get("best_eval", run.best_eval)
     run.horizon = horizon_on_resume(run.cfg.optim, saved.get("horizon"), run.max_steps, run.start_step)
@@ -243,8 +246,9 @@ def train_step(run: Run, step: int) -> Any:
     labelled = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches).float()
     if fabric.world_size > 1:
         labelled = all_reduce_(labelled) / run.replicas
-    labelled = labelled.clamp(min=1)
     run.trained_sum += labelled
+    run.trained_steps += labelled > 0  # a step with no labelled token has no loss: not counted in the mean
+    labelled = labelled.clamp(min=1)
     dp = data_parallel_size(run.cfg)
     for micro, batch in enumerate(micro_batches):
         # gradients are reduced once per optimizer step, not per micro-batch
@@ -267,7 +271,10 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
     checkpoint when it improved."""
     fabric, tr = run.fabric, run.cfg.train
     # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
-    mean_loss = all_reduce_(run.loss_sum).item() / run.replicas / (step - run.last_log_step)
+    loss_sum = all_reduce_(run.loss_sum).item() / run.replicas
+    steps_with_tokens = int(run.trained_steps.item())
+    # None, not 0.0: an interval whose steps had no token to learn from (every label masked) has no loss
+    mean_loss = loss_sum / steps_with_tokens if steps_with_tokens else None
     trained = run.trained_sum.item()
     run.tokens_trained += trained
     now = time.perf_counter()
@@ -290,6 +297,7 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
     run.monitors.log(metrics)
     run.loss_sum.zero_()
     run.trained_sum.zero_()
+    run.trained_steps.zero_()
     run.last_log_step, run.last_log_time = step, time.perf_counter()  # eval and saves are not training time
 
 
@@ -297,7 +305,7 @@ def save_checkpoint(run: Run, step: int) -> None:
     run.checkpointer.save(step, {**run.state, "step": step, "last_log_step": run.last_log_step,
                                  "loss_sum": run.loss_sum.item(), "data": run.batches.state_dict(),
                                  "trained_sum": run.trained_sum.item(), "tokens_trained": run.tokens_trained,
-                                 "best_eval": run.best_eval, "horizon": run.horizon})
+                                 "trained_steps": run.trained_steps.item(), "best_eval": run.best_eval, "horizon": run.horizon})
     run.last_checkpoint_time = time.time()
 
 
@@ -479,8 +487,8 @@ def summarize(history: list[dict[str, Any]], wall: float, run_dir: Path, batch: 
         "status": status,
         "run_dir": str(run_dir),
         "steps": last["step"],
-        "first_loss": history[0]["loss"],
-        "final_loss": last["loss"],
+        "first_loss": next((m["loss"] for m in history if m["loss"] is not None), None),
+        "final_loss": next((m["loss"] for m in reversed(history) if m["loss"] is not None), None),
         "tokens_per_s": sum(m["tokens_per_s"] for m in steady) / len(steady),
         "mfu": (sum(m["mfu"] for m in steady) / len(steady)) if last["mfu"] is not None else None,
         "peak_memory_gib": max(m["peak_memory_gib"] for m in history),

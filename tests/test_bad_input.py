@@ -383,3 +383,5 @@ def test_disk_full_during_the_final_weights_is_one_line_naming_what_is_left(tmp_
         assert len(errors) == 1 and "cannot write the final weights" in errors[0], proc.stderr[-2000:]
         assert "No space left" in errors[0] and "no complete checkpoint exists in this run" in errors[0]
         assert not (run_dir / "checkpoints").exists()
+        # written under a temporary name: nothing half-written is left where a loader would look (issue #28)
+        assert not (run_dir / "model").exists() and not (run_dir / ".model.partial").exists()

@@ -133,28 +133,6 @@ def test_an_empty_run_folder_is_refused_not_the_current_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-@pytest.mark.parametrize("checkpoints", ["off", "on"])
-def test_final_weights_that_cannot_be_written_are_one_line_naming_what_is_left(tmp_path, checkpoints):
-    """A file where the final weights' folder goes, put there once the run has started (a folder holding it from
-    the start is a foreign folder, refused before anything)."""
-    run = tmp_path / "run"
-    every = "-1" if checkpoints == "off" else "0"
-    proc = start_dsrun(*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2",
-                       "data.num_samples=20000", f"train.checkpoint_every={every}", f"hydra.run.dir={run}")
-    deadline = time.time() + 120
-    while not (run / "config.yaml").is_file():  # written by fit, before the data is built
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.02)
-    (run / "model").write_bytes(b"")
-    assert proc.wait(timeout=300) == 2
-    stderr = proc.stderr.read()
-    assert "Traceback" not in stderr and "cannot write the final weights" in stderr, stderr
-    if checkpoints == "off":
-        assert "no complete checkpoint exists" in stderr and "lost" in stderr, stderr
-    else:
-        assert "step-00000002) is intact" in stderr and "dsrun resume" in stderr, stderr
-
-
 def test_sigterm_early_in_start_up_is_one_line(tmp_path):
     """SIGTERM 0.8-2.2 s after start used to print Hydra's "Error executing job", a traceback about a partially
     initialised torch, once a SIGSEGV. Now: one line and 143, wherever start-up is."""

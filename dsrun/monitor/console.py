@@ -27,7 +27,8 @@ class ConsoleMonitor(Monitor):
                                            stats="")
 
     def log(self, metrics: dict[str, Any]) -> None:
-        stats = (f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
+        loss = "(no trained token)" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+        stats = (f"loss {loss}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
                  f"{metrics['tokens_per_s']:,.0f} tok/s  {metrics['peak_memory_gib']:.2f} GiB")
         if "eval_loss" in metrics:
             stats += f"  eval {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:,.2f})"
