@@ -40,7 +40,7 @@ from dsrun.quiet import install as quiet_logging
 from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.resolve import resolve
 from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
-from dsrun.run_folder import check_folder, claim, refuse_foreign
+from dsrun.run_folder import check_folder, claim, refuse_foreign, refuse_run_as_sweep_dir
 from dsrun.runs import rank_zero, run_dir
 from dsrun.scratch import discard_scratch_folder
 from dsrun.task_table import TASKS
@@ -157,9 +157,11 @@ def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictC
         folders, pins = job_folders(args)
         overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
         if args.multirun:
+            base = Path(pins[0].split("=", 1)[1])
+            refuse_run_as_sweep_dir(base)
             for folder, cfg in zip(folders, composed):
                 check_folder(folder, cfg)
-            check_run_dir(folders[0].parent, "hydra.sweep.dir")
+            check_run_dir(base, "hydra.sweep.dir")
             return pins
         refuse_foreign(folders[0])
         check_run_dir(folders[0], "hydra.run.dir")

@@ -117,6 +117,13 @@ def refuse_foreign(folder: Path) -> None:
                         "writes only into a new folder, an empty one or its own: choose a new hydra.run.dir=...")
 
 
+def refuse_run_as_sweep_dir(folder: Path) -> None:
+    """A sweep's trial folders and its multirun.yaml never go inside a run's folder."""
+    if (folder / SNAPSHOT).is_file() or holds_run(folder):
+        raise UserError(f"hydra.sweep.dir={folder} holds a run; a sweep writes its trials into a folder of its own: "
+                        "choose a new hydra.sweep.dir=...")
+
+
 def refuse_odd_files(folder: Path) -> None:
     """dsrun's own files in a run folder are plain files: a folder or device in their place would fail the run
     at its first write (a traceback), after it had started."""

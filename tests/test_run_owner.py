@@ -148,3 +148,95 @@ def test_sigterm_early_in_start_up_is_one_line(tmp_path):
         assert code == 143, (delay, stderr)
         assert "Traceback" not in stderr and "Error executing job" not in stderr, (delay, stderr)
         assert "dsrun: stopped by SIGTERM" in stderr, (delay, stderr)
+
+
+def test_several_nodes_without_a_launcher_fail_at_once_naming_it(tmp_path):
+    """`hardware.num_nodes=2` without torchrun waited silently for the other node (1,800 s) and ignored SIGTERM."""
+    started = time.time()
+    proc = dsrun(*JOB, "hardware.num_nodes=2", run_dir=tmp_path / "run")
+    assert_user_error(proc, "hardware.num_nodes=2", "torchrun --nnodes 2", "hardware.num_nodes=1")
+    assert time.time() - started < 60
+
+
+@pytest.fixture()
+def held_ledger(tmp_path):
+    """Another process holding the ledger in an open exclusive transaction (an old rollback-journal file, as a
+    database tool leaves it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.sqlite"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+        "c.execute('CREATE TABLE t (x)'); c.execute('BEGIN EXCLUSIVE'); c.execute('INSERT INTO t VALUES (1)')\n"
+        "print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield path
+    holder.kill()
+    holder.wait()
+
+
+def test_a_ledger_held_by_another_process_is_a_bounded_wait_then_one_line(held_ledger):
+    """`dsrun runs` waited 50 x 60 s on a held ledger, deaf to SIGTERM (SQLite waits inside C)."""
+    started = time.time()
+    proc = dsrun("runs", env={"DSRUN_LEDGER": str(held_ledger)}, timeout=60)
+    assert_user_error(proc, f"the ledger {held_ledger} is held by another process", "DSRUN_LEDGER")
+    assert time.time() - started < 30
+
+
+def test_sigterm_while_waiting_for_the_ledger_ends_the_command(held_ledger):
+    proc = start_dsrun("runs", env={"DSRUN_LEDGER": str(held_ledger)})
+    time.sleep(3)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=15)
+    assert time.time() - sent < 10
+    stderr = proc.stderr.read()
+    assert code == 143 and "Traceback" not in stderr and "stopped by SIGTERM" in stderr, stderr
+
+
+def test_steps_with_no_trained_token_log_no_loss(tmp_path):
+    """A record whose long user message fills every row: the steps had nothing to learn and logged loss 0.0, and
+    the summary said final_loss 0.0."""
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 3000},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    run = tmp_path / "run"
+    proc = dsrun(*FAST, "data.source=jsonl", f"data.path={data}", "train.max_steps=3", "train.seq_len=64",
+                 "train.micro_batch=2", run_dir=run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [row["loss"] for row in read_metrics(run)] == [None, None, None]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_loss"] is None and summary["first_loss"] is None
+
+
+def test_a_memory_cap_that_starves_start_up_is_one_line(tmp_path):
+    """`hardware.memory_cap_gib=0.01` on CPU: a lazy import failed under the cap (SystemError), then the
+    out-of-memory handler's own import did."""
+    proc = dsrun(*JOB, "hardware.memory_cap_gib=0.01", run_dir=tmp_path / "run")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "dsrun: out of host memory" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json", "resumes.jsonl"])
+def test_run_files_that_are_folders_are_refused_before_the_run(finished, tmp_path, name):
+    run = copy_of(finished, tmp_path / "R")
+    (run / name).unlink(missing_ok=True)
+    (run / name).mkdir()
+    before = tree_hash(run)
+    proc = dsrun("resume", str(run), "train.max_steps=3")
+    assert_user_error(proc, f"{name} is not a file", "move it aside")
+    assert tree_hash(run) == before
+
+
+def test_an_export_onto_a_full_disk_leaves_nothing_behind(finished, tmp_path):
+    from tests.test_bad_input import small_disk
+
+    with small_disk(tmp_path, "2m") as mount:
+        proc = dsrun("export", str(finished), str(mount / "out"))
+        # (not assert_user_error: transformers' loading and writing bars share stderr)
+        errors = [ln for ln in proc.stderr.splitlines() if "dsrun: error:" in ln]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(errors) == 1 and "No space left" in errors[0] and "nothing was left there" in errors[0], errors
+        assert list(mount.iterdir()) == []
