@@ -339,6 +339,8 @@ def main() -> None:
             fail(str(exc))
         # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
         sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *flags_first(sys.argv[1:])]
+    argv = sys.argv[1:]
     rank = os.environ.get("RANK", "0")
     if rank != "0" and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         # under torchrun every rank runs Hydra: only rank 0 writes .hydra/ and the job log (all share the folder)
@@ -346,6 +348,13 @@ def main() -> None:
         argv = sys.argv[1:]
     sys.argv = pinned(sys.argv, precheck(argv))
     hydra_main()
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """`-m`/`--multirun` after an override is what users type (`python -m dsrun train.lr=1e-4,3e-4 -m`); Hydra's
+    parser takes flags only before its overrides, and printed its usage instead."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags + [a for a in argv if a not in flags] if flags and argv[0] not in flags else argv
 
 
 def pinned(argv: list[str], added: list[str]) -> list[str]:

@@ -397,7 +397,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if par.offload_embedding and (cfg.model.get("fields") or {}).get("tie_word_embeddings"):
         p.append(f"parallel.offload_embedding=true: model={cfg.model.name} ties its input embedding to the output "
                  "head, which the GPU needs every step; set parallel.offload_embedding=false")
-    if not OPTIMIZERS[cfg.optim.name].sharded and par.strategy not in ("single", "ddp"):
+    optimizer = OPTIMIZERS.get(cfg.optim.name)  # an unknown name is reported above
+    if optimizer is not None and not optimizer.sharded and par.strategy not in ("single", "ddp"):
         p.append(f"optim={cfg.optim.name} with parallel={par.name}: its states are built for whole parameters, not "
                  "FSDP/TP shards or DeepSpeed's optimizer; use parallel=single or ddp, or optim=adamw")
     if par.offload_embedding and (cfg.adapter.method == "none" or par.strategy not in ("single", "ddp")):

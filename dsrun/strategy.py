@@ -31,8 +31,8 @@ def check_environment(cfg: Any) -> None:
         raise UserError(f"hardware.num_nodes={hw.num_nodes}: a run over several machines is started on each of them "
                         "by a launcher, and this process was not (no torchrun or SLURM environment): run `torchrun "
                         f"--nnodes {hw.num_nodes} --node_rank $NODE_RANK --nproc_per_node {hw.devices} --master_addr "
-                        "HOST --master_port 29500 -m dsrun ...` on every node (README, \"Several processes, several nodes\"), or set "
-                        "hardware.num_nodes=1")
+                        "HOST --master_port 29500 -m dsrun ...` on every node (README, \"Several processes, "
+                        "several nodes\"), or set hardware.num_nodes=1")
     if hw.accelerator == "cuda":
         present = cuda_devices_present()
         if hw.devices > present:

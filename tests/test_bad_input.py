@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import FAST, REPO, assert_user_error, dsrun
 
-VERBS = ("resume", "replay", "runs", "rollback", "diff")
+VERBS = ("resume", "replay", "runs", "rollback", "diff", "export", "doctor", "generate", "report")
 ROWS = [
     # id, category, arguments ({tmp}, {ckpt}, {run} and {clone} are filled in), fragments the message names;
     # a row that starts with a verb runs `dsrun <verb> ...` as given, any other gets BASE in front
@@ -163,6 +163,76 @@ ROWS = [
     ("diverged-without-checkpoint", "checkpoint",
      ["optim=sgd", "train.lr=1e30", "optim.warmup_steps=0", "train.max_steps=20", "train.max_nonfinite_steps=2",
       "train.seq_len=32"], ["not finite for 2 steps", "no checkpoint was saved", "starts over at step 0"]),
+    # issue #28: keys, values and commands a tired user types
+    ("sweep-value-without-multirun", "config", ["train.lr=0.1,0.2"], ["Ambiguous value", "--multirun"]),
+    ("unknown-optimizer", "config", ["optim.name=adamx"], ["optim.name=adamx", "choose one of adamw"]),
+    ("zero-log-every", "config", ["train.log_every=0"], ["train.log_every=0", ">= 1"]),
+    ("checkpoint-every-below-minus-one", "config", ["train.checkpoint_every=-2"], ["train.checkpoint_every=-2"]),
+    ("negative-keep-checkpoints", "config", ["train.keep_checkpoints=-1"], ["train.keep_checkpoints=-1"]),
+    ("zero-accumulation", "config", ["train.accumulation=0"], ["train.accumulation=0", ">= 1"]),
+    ("negative-max-steps", "config", ["train.max_steps=-5"], ["train.max_steps=-5", ">= 1"]),
+    ("negative-eval-every", "config", ["train.eval_every=-1"], ["train.eval_every=-1"]),
+    ("serve-top-p-above-one", "config", ["task=bench_infer", "serve.top_p=1.5"], ["serve.top_p=1.5", "(0, 1]"]),
+    ("bench-without-batches", "config", ["task=bench_infer", "bench_infer.batches=[]"], ["non-empty list"]),
+    ("bench-unknown-quant", "config", ["task=bench_infer", "bench_infer.quants=[fp3]"], ["unknown fp3"]),
+    ("serve-zero-max-tokens", "config", ["task=bench_infer", "serve.max_tokens=0"], ["serve.max_tokens=0"]),
+    ("prompt-and-prompts-file", "config", ["task=bench_infer", "generate.prompt=hi",
+                                           "generate.prompts_file={tmp}/tiny.jsonl"], ["give one of them"]),
+    ("negative-memory-cap", "config", ["hardware.memory_cap_gib=-1"], ["hardware.memory_cap_gib=-1", "> 0"]),
+    ("float-seq-len", "config", ["train.seq_len=1e3"], ["train.seq_len=1e3", "Integer"]),
+    ("word-for-a-learning-rate", "config", ["train.lr=fast"], ["train.lr=fast", "Float"]),
+    ("eval-split-of-one", "config", ["data.eval_split=1"], ["data.eval_split=1.0", "between 0 and 1"]),
+    ("negative-micro-batch", "config", ["train.micro_batch=-1"], ["train.micro_batch=-1", ">= 1"]),
+    ("unknown-monitor", "config", ["monitor=nope"], ["monitor=nope", "did you mean monitor=none"]),
+    ("unknown-precision", "config", ["precision=fp64"], ["precision=fp64", "choose one of"]),
+    ("unknown-parallel", "config", ["parallel=zero9"], ["did you mean parallel=zero3"]),
+    ("unknown-adapter", "config", ["adapter=dora"], ["adapter=dora", "choose one of lora, none"]),
+    ("generate-zero-new-tokens", "config", ["task=generate", "generate.max_new_tokens=0"],
+     ["generate.max_new_tokens=0"]),
+    ("plus-on-an-existing-key", "config", ["+train.max_steps=3"], ["already a key", "without the +"]),
+    ("unknown-launcher", "config", ["-m", "hydra/launcher=nope", "train.lr=0.1,0.2"],
+     ["hydra/launcher=nope", "choose one of"]),
+    ("several-nodes-without-a-launcher", "environment", ["hardware.num_nodes=2"],
+     ["hardware.num_nodes=2", "torchrun --nnodes 2"]),
+    ("export-one-argument", "config", ["export", "{run}"], ["usage: dsrun export"]),
+    ("resume-without-a-folder", "config", ["resume"], ["usage: dsrun resume"]),
+    ("diff-one-run", "config", ["diff", "{run}"], ["usage: dsrun diff"]),
+    ("runs-limit-zero", "config", ["runs", "--limit", "0"], ["--limit 0", ">= 1"]),
+    ("runs-unknown-flag", "config", ["runs", "--bogus"], ["unrecognized arguments: --bogus"]),
+    ("doctor-unknown-key", "config", ["doctor", "doctor.nope=1"], ["doctor.nope: no such key"]),
+    # issue #28: run folders the catalog never imagined
+    ("foreign-files-in-run-folder", "checkpoint", ["hydra.run.dir={tmp}/noconfig"],
+     ["holds files dsrun did not write (README)", "choose a new hydra.run.dir"]),
+    ("run-folder-through-plus-plus", "checkpoint", ["model=tiny_qwen2", "++hydra.run.dir={run}"],
+     ["holds a run with another config", "model.name: tiny -> tiny_qwen2"]),
+    ("run-folder-through-an-environment-variable", "checkpoint", ["model=tiny_qwen2", "hydra.run.dir=${{oc.env:RUNX}}"],
+     ["holds a run with another config", "model.name: tiny -> tiny_qwen2"]),
+    ("empty-run-folder", "checkpoint", ["hydra.run.dir="], ["hydra.run.dir= is empty", "name a folder"]),
+    ("run-folder-is-a-file", "checkpoint", ["hydra.run.dir={tmp}/a-file"], ["is a file, not a folder"]),
+    ("run-folder-inside-checkpoints", "checkpoint", ["hydra.run.dir={run}/checkpoints"],
+     ["holds files dsrun did not write"]),
+    ("run-folder-is-the-weights", "checkpoint", ["hydra.run.dir={run}/model"], ["holds files dsrun did not write"]),
+    ("run-folder-is-the-snapshot", "checkpoint", ["hydra.run.dir={run}/.hydra"], ["holds files dsrun did not write"]),
+    ("sweep-trials-share-a-folder", "checkpoint",
+     ["-m", "train.lr=0.1,0.2", "hydra.sweep.dir={tmp}/sw", "hydra.sweep.subdir=same"],
+     ["several trials of this sweep would write into", "${hydra.job.num}"]),
+    ("sweep-folder-is-a-run", "checkpoint", ["-m", "train.lr=0.1,0.2", "hydra.sweep.dir={run}"],
+     ["holds a run; a sweep writes its trials into a folder of its own"]),
+    ("empty-sweep-subdir", "checkpoint", ["-m", "train.lr=0.1,0.2", "hydra.sweep.dir={tmp}/sw", "hydra.sweep.subdir="],
+     ["hydra.sweep.subdir= is empty"]),
+    ("resume-without-checkpoints", "checkpoint", ["resume", "{clone}", "train.max_steps=4"],
+     ["holds a trained run", "no checkpoint to continue from", "train.overwrite=true"]),
+    ("metrics-file-is-a-folder", "checkpoint", ["resume", "{clone}"], ["metrics.jsonl is not a file", "move it aside"]),
+    ("summary-file-is-a-folder", "checkpoint", ["resume", "{clone}"], ["summary.json is not a file"]),
+    ("resumes-file-is-a-folder", "checkpoint", ["resume", "{clone}"], ["resumes.jsonl is not a file"]),
+    ("export-into-the-run", "checkpoint", ["export", "{run}", "{run}"], ["not empty", "new folder"]),
+    ("export-onto-the-weights", "checkpoint", ["export", "{run}", "{run}/model"], ["not empty", "new folder"]),
+    ("export-from-a-non-run", "checkpoint", ["export", "{tmp}/noconfig", "{tmp}/out"], ["not a run folder"]),
+    ("resume-a-missing-folder", "checkpoint", ["resume", "{tmp}/nothing"], ["not a dsrun run folder"]),
+    ("replay-a-missing-folder", "checkpoint", ["replay", "{tmp}/nothing"], ["not a dsrun run folder"]),
+    ("resume-the-checkpoints-folder", "checkpoint", ["resume", "{run}/checkpoints"], ["not a dsrun run folder"]),
+    ("generate-from-a-missing-folder", "model", ["generate", "{tmp}/nothing", "hi"], ["not a run folder"]),
+    ("report-a-run-not-a-sweep", "checkpoint", ["report", "{run}"], ["no sweep trials in it"]),
     ("corrupt-ledger", "environment", ["runs"], ["the ledger", "cannot read it", "DSRUN_LEDGER"]),
     ("ledger-is-a-folder", "environment", ["runs"], ["the ledger", "is not a file"]),
     ("rollback-with-a-corrupt-ledger", "environment", ["rollback"], ["the ledger", "cannot read it"]),
@@ -176,8 +246,14 @@ ROWS = [
 ]
 # what a case needs beyond its arguments: an environment, a working directory, a damaged clone of the saved run
 ENV = {"corrupt-ledger": {"DSRUN_LEDGER": "{tmp}/garbage.sqlite"}, "ledger-is-a-folder": {"DSRUN_LEDGER": "{tmp}"},
+       "run-folder-through-an-environment-variable": {"RUNX": "{run}"},
        "rollback-with-a-corrupt-ledger": {"DSRUN_LEDGER": "{tmp}/garbage.sqlite"}}
 CWD = {"read-only-working-directory": "/proc"}  # no folder can be made there, not even by root
+RESHAPE = {  # a clone of the saved run, reshaped: what is missing or of the wrong kind
+    "resume-without-checkpoints": lambda clone: shutil.rmtree(clone / "checkpoints"),
+    **{f"{name.split('.')[0]}-file-is-a-folder": (lambda clone, name=name: folderize(clone / name))
+       for name in ("metrics.jsonl", "summary.json", "resumes.jsonl")},
+}
 DAMAGE = {  # file in a clone of the saved run -> new content (a callable of the original bytes' path)
     "truncated-checkpoint": ("checkpoints/step-00000002/state", lambda p: p.read_bytes()[: 1 << 20]),
     "garbage-latest-pointer": ("checkpoints/latest", lambda p: b"\xff\xfe\x00garbage"),
@@ -209,6 +285,11 @@ FILES = {
                                       "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}).encode(),
 }
 BASE = [*FAST, "train.max_steps=2", "train.seq_len=64", "train.micro_batch=2"]
+
+
+def folderize(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.mkdir()
 
 
 def signature(run: Path) -> dict[str, tuple[int, int]]:
@@ -257,6 +338,9 @@ def prepare(tmp: Path, run: Path, name: str) -> dict[str, str]:
         data = b"\x00" * 64 if cut is None else (weights / "model.safetensors").read_bytes()[: 1 << 16]
         (tmp / folder / "model.safetensors").write_bytes(data)
     values = {"tmp": str(tmp), "run": str(run), "ckpt": str(run / "checkpoints" / "step-00000002")}
+    if name in RESHAPE:
+        values["clone"] = str(clone(run, tmp / "clone"))
+        RESHAPE[name](tmp / "clone")
     if name in DAMAGE:
         target = clone(run, tmp / "clone")
         rel, damage = DAMAGE[name]
@@ -274,8 +358,10 @@ def test_bad_input_catalog(case, tmp_path, saved):
     values = prepare(tmp_path, run, name)
     args = [a.format(**values) for a in arguments]
     if args[0] not in VERBS:
-        args = [*(["-m"] if "-m" in args else []), *BASE, *[a for a in args if a != "-m"]]
-    explicit = any(a.startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in args) or args[0] in VERBS
+        named = {a.lstrip("+~").split("=", 1)[0] for a in args}  # BASE's value of a key the case sets goes
+        base = [b for b in BASE if b.split("=", 1)[0] not in named]
+        args = [*(["-m"] if "-m" in args else []), *base, *[a for a in args if a != "-m"]]
+    explicit = any(a.lstrip("+").startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in args) or args[0] in VERBS
     run_dir = None if explicit or name in CWD else tmp_path / "run"
     env = {key: value.format(**values) for key, value in ENV.get(name, {}).items()}
     before = signature(run)
@@ -306,7 +392,7 @@ def test_the_saved_run_still_loads_after_every_case(saved):
 
 def test_catalog_is_documented_and_large_enough():
     doc = (REPO / "docs" / "bad-inputs.md").read_text()
-    assert len(ROWS) >= 60
+    assert len(ROWS) >= 160
     for name, category, _, _ in ROWS:
         assert f"`{name}`" in doc, f"{name} missing from docs/bad-inputs.md"
     assert {r[1] for r in ROWS} == {"config", "data", "model", "checkpoint", "environment"}

@@ -240,3 +240,78 @@ def test_an_export_onto_a_full_disk_leaves_nothing_behind(finished, tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert len(errors) == 1 and "No space left" in errors[0] and "nothing was left there" in errors[0], errors
         assert list(mount.iterdir()) == []
+
+
+# Commands aimed at one finished run folder R ({R}; {T} a scratch folder): what each may do to it. "refused" and
+# "reads" leave R byte-identical; "resumes" may only add to its history.
+AIMED = [
+    ("refused", [*JOB, "model=tiny_qwen2", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "train.seq_len=64", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "train.seed=3", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "data.num_samples=512", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "model=tiny_qwen2", "++hydra.run.dir={R}"]),
+    ("refused", [*JOB, "model=tiny_qwen2", "hydra.run.dir=${{oc.env:RUNX}}"]),
+    ("refused", [*JOB, "model=tiny_qwen2", "hydra.run.dir={R}/../{name}"]),
+    ("refused", [*JOB, "train.resume=never", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "task=plan", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "task=dry_run", "hydra.run.dir={R}"]),
+    ("refused", [*JOB, "hydra.run.dir={R}/checkpoints"]),
+    ("refused", [*JOB, "hydra.run.dir={R}/model"]),
+    ("refused", [*JOB, "hydra.run.dir={R}/.hydra"]),
+    ("refused", [*JOB, "hydra.run.dir={R}/config.yaml"]),
+    ("refused", [*JOB, "model=tiny_qwen2", "hydra.run.dir={R}", "hydra.output_subdir=elsewhere"]),
+    ("refused", ["-m", *JOB, "train.lr=0.1,0.2", "hydra.sweep.dir={R}"]),
+    ("refused", ["-m", *JOB, "train.lr=0.1,0.2", "hydra.sweep.dir={parent}", "hydra.sweep.subdir={name}"]),
+    ("refused", ["-m", *JOB, "train.seed=7", "hydra.sweep.dir={parent}", "hydra.sweep.subdir={name}"]),
+    ("refused", ["resume", "{R}", "model=tiny_qwen2"]),
+    ("refused", ["resume", "{R}", "train.seq_len=64"]),
+    ("refused", ["resume", "{R}", "train.seed=9"]),
+    ("refused", ["resume", "{R}", "train.micro_batch=4"]),
+    ("refused", ["resume", "{R}", "train.resume=never"]),
+    ("refused", ["resume", "{R}", "parallel=ddp"]),
+    ("refused", ["resume", "{R}", "train.max_steps=0"]),
+    ("refused", ["resume", "{R}", "train.max_stesp=3"]),
+    ("refused", ["resume", "{R}/checkpoints"]),
+    ("refused", ["export", "{R}", "{R}"]),
+    ("refused", ["export", "{R}", "{R}/model"]),
+    ("reads", ["export", "{R}", "{T}/exported"]),
+    ("reads", ["diff", "{R}", "{R}"]),
+    ("reads", ["generate", "{R}", "hi", "generate.max_new_tokens=2", "hardware=cpu"]),
+    ("reads", ["replay", "{R}", "hydra.run.dir={T}/replayed"]),
+    ("resumes", [*JOB, "hydra.run.dir={R}"]),
+    ("resumes", ["resume", "{R}", "train.max_steps=3"]),
+    ("resumes", ["resume", "{R}", "train.max_steps=4", "train.lr=0.0005"]),
+]
+
+
+def history(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in ("metrics.jsonl", ".hydra/config.yaml", "resumes.jsonl")
+            if (run / name).is_file()}
+
+
+def test_commands_aimed_at_a_finished_run_leave_it_whole_or_only_add_to_its_history(finished, tmp_path):
+    """Issue #28's property: for a finished run folder R and every command above, R is byte-identical afterwards
+    unless the command legitimately resumed it, and then its history (metrics rows, snapshot, resumes.jsonl) only
+    grew."""
+    run = copy_of(finished, tmp_path / "R")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    values = {"R": run, "T": scratch, "parent": run.parent, "name": run.name}
+    assert len(AIMED) >= 30
+    for kind, arguments in AIMED:
+        args = [a.format(**values) for a in arguments]
+        before, old = tree_hash(run), history(run)
+        proc = dsrun(*args, env={"RUNX": str(run)}, cwd=scratch, timeout=300)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        if kind == "refused":
+            assert proc.returncode == 2, (args, proc.returncode, proc.stderr[-2000:])
+        else:
+            assert proc.returncode == 0, (args, proc.stderr[-2000:])
+        if kind in ("refused", "reads"):
+            assert tree_hash(run) == before, args
+            continue
+        new = history(run)
+        assert new[".hydra/config.yaml"] == old[".hydra/config.yaml"], args
+        for name in ("metrics.jsonl", "resumes.jsonl"):
+            assert new[name].startswith(old.get(name, b"")), (args, name)
+        assert len(new["resumes.jsonl"]) > len(old.get("resumes.jsonl", b"")), args
