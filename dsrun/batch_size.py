@@ -59,7 +59,7 @@ def probe_micro_batch(cfg: Any, run_dir: Path) -> int:
         argv = [sys.executable, "-m", "dsrun", *sys.argv[1:], *probe_overrides(cfg, size, dp, folder / str(size))]
         began = time.perf_counter()
         # probes stay out of the run ledger: they are part of this run, not runs of their own
-        code, stopped_by = run_child(argv, folder / str(size) / "probe.log",
+        code, stopped_by = run_child(argv, folder / f"{size}.log",
                                      env={"DSRUN_LEDGER": str(folder / "ledger.sqlite")})
         tried.append({"micro_batch": size, "exit": code, "wall_s": round(time.perf_counter() - began, 1),
                       "result": "fits" if code == 0 else "out of memory" if code == 3 else f"failed (exit {code})"})
@@ -73,7 +73,7 @@ def probe_micro_batch(cfg: Any, run_dir: Path) -> int:
             continue
         if code != 3:
             raise UserError(f"train.micro_batch=auto: the probe at micro_batch {size} failed (exit {code}), not "
-                            f"for memory; its log: {folder / str(size) / 'probe.log'}")
+                            f"for memory; its log: {folder / f'{size}.log'}")
     else:
         raise UserError(f"train.micro_batch=auto: even micro_batch {sizes[-1]} runs out of memory; see task=plan "
                         "for what fits (activation checkpointing, fsdp/zero3, quantization + LoRA)")

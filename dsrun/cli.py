@@ -42,7 +42,7 @@ from dsrun.resolve import resolve
 from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
 from dsrun.run_folder import check_folder, claim, refuse_foreign, refuse_run_as_sweep_dir
 from dsrun.runs import rank_zero, run_dir
-from dsrun.scratch import discard_scratch_folder
+from dsrun.scratch import SCRATCH_RUN_DIR, discard_scratch_folder
 from dsrun.task_table import TASKS
 
 
@@ -165,6 +165,8 @@ def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictC
             return pins
         refuse_foreign(folders[0])
         check_run_dir(folders[0], "hydra.run.dir")
+        if not any(o.lstrip("+").startswith("hydra.run.dir=") for o in args.overrides):
+            os.environ[SCRATCH_RUN_DIR] = str(folders[0])  # dsrun's own choice: a plan's folder may go again
         return pins + claim(folders[0], composed[0], configs[0], overrides)
     except UserError as exc:
         fail(str(exc))
@@ -339,29 +341,39 @@ def main() -> None:
             fail(str(exc))
         # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
         sys.argv = [sys.argv[0], *argv]
-    sys.argv = [sys.argv[0], *flags_first(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], [])]
     argv = sys.argv[1:]
     rank = os.environ.get("RANK", "0")
     if rank != "0" and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
         # under torchrun every rank runs Hydra: only rank 0 writes .hydra/ and the job log (all share the folder)
         sys.argv += ["hydra.output_subdir=null", f"hydra.job.name=dsrun_rank{rank}"]
         argv = sys.argv[1:]
-    sys.argv = pinned(sys.argv, precheck(argv))
+    sys.argv = [sys.argv[0], *hydra_argv(argv, precheck(argv))]
     hydra_main()
 
 
-def flags_first(argv: list[str]) -> list[str]:
-    """`-m`/`--multirun` after an override is what users type (`python -m dsrun train.lr=1e-4,3e-4 -m`); Hydra's
-    parser takes flags only before its overrides, and printed its usage instead."""
-    flags = [a for a in argv if a in ("-m", "--multirun")]
-    return flags + [a for a in argv if a not in flags] if flags and argv[0] not in flags else argv
+def hydra_argv(argv: list[str], added: list[str]) -> list[str]:
+    """argv in the order Hydra's parser takes it: its flags first (it takes none after the overrides:
+    `python -m dsrun train.lr=1e-4,3e-4 -m` printed its usage), then the overrides, with `added` in place of the
+    user's overrides of the same keys (Hydra refuses a key given twice)."""
+    import contextlib
+    import io
 
+    from hydra._internal.utils import get_args_parser
 
-def pinned(argv: list[str], added: list[str]) -> list[str]:
-    """argv with `added` (key=value overrides) in place of the user's own overrides of the same keys (Hydra refuses
-    a key given twice)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            overrides = list(get_args_parser().parse_intermixed_args(argv).overrides)
+    except SystemExit:  # not parseable: Hydra reports it as it starts
+        return argv + added
+    flags, pending = [], list(overrides)
+    for token in argv:
+        if pending and token == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(token)
     keys = {o.split("=", 1)[0] for o in added}
-    return [a for a in argv if a.lstrip("+").split("=", 1)[0] not in keys] + added
+    return flags + [o for o in overrides if o.lstrip("+").split("=", 1)[0] not in keys] + added
 
 
 def entry() -> None:

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
 from dsrun.model import merged_model
+from dsrun.run_folder import read_lock
 
 
 def export(run_dir: Path, out_dir: Path) -> Path:
@@ -28,6 +29,7 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     run_dir, out_dir = run_dir.expanduser().resolve(), out_dir.expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: not empty; export into a new folder")
+    read_lock(run_dir)
     model, snap = merged_model(run_dir)
     tokenizer = load_tokenizer(snap.model)
     model.config.use_cache = True

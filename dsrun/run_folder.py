@@ -36,8 +36,8 @@ SNAPSHOT = Path(".hydra") / "config.yaml"
 # What a run leaves in its folder besides Hydra's snapshot: present means the folder holds a run, not just a plan
 OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "summary.json")
 # What train.overwrite=true removes before the new run starts (Hydra rewrites .hydra/ itself)
-REPLACED = (*OUTPUTS, "env.json", "record.json", RESUMES, "deepspeed.json", "tensorboard", "wandb", "profile",
-            "micro_batch_probe", "oom_memory_summary.txt")
+REPLACED = (*OUTPUTS, "metrics.set_aside.jsonl", "env.json", "record.json", RESUMES, "deepspeed.json", "tensorboard",
+            "wandb", "profile", "micro_batch_probe", "oom_memory_summary.txt")
 
 # The keys a continuation may change: how the run is executed, watched and how far it goes, and the two knobs that
 # rescue a diverging run (train.lr, optim.grad_clip); never what defines it (model, data, optimizer, sequence length,
@@ -51,14 +51,15 @@ RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.lr", "
              "model.experts_implementation", "monitor.*", "plan.*")
 
 # The files a run writes and appends to (never folders)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", RESUMES, "record.json", "env.json", "dsrun.log",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.set_aside.jsonl", "summary.json", RESUMES, "record.json", "env.json", "dsrun.log",
              LOCK, "deepspeed.json")
 # What a sweep run again over its own folders may change in a trial (anything else would be another trial)
 SWEEP_RESUMABLE = ("train.resume", "train.max_steps", "hardware.", "monitor.", "plan.")
 # What a folder holds once dsrun has started in it, before Hydra's snapshot (the lock, the job log)
 STARTED = (LOCK, "dsrun.log")
 
-_held: list[int] = []  # the lock's file descriptor, open until the process ends
+_held: list[int] = []
+_readers: list[int] = []  # shared locks on run folders this process reads  # the lock's file descriptor, open until the process ends
 
 
 def resumable(key: str) -> bool:
@@ -277,6 +278,25 @@ def lock(folder: Path) -> dict[str, Any] | None:
     _held.append(fd)
     atexit.register(_release, fd)
     return stale
+
+
+def read_lock(folder: Path) -> None:
+    """Export and generate read a run's weights: refused while a run writes them; the shared lock held until this
+    process ends keeps a new writer out of the folder meanwhile. A folder without a lock file is not written to."""
+    path = folder / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        owner = _owner(fd)
+        os.close(fd)
+        who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+        raise UserError(f"{folder} is being written by {who} (lock {path}); its weights may be half written: wait "
+                        "for that run to end") from None
+    _readers.append(fd)  # closed when the process ends
 
 
 def _owner(fd: int) -> dict[str, Any]:

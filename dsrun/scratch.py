@@ -6,10 +6,16 @@ A folder the user named (hydra.run.dir=...) stays, and so do a sweep's trial fol
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from dsrun.task_table import SCRATCH_TASKS
+
+# The run folder dsrun chose itself (the timestamped default), pinned on the command line by the pre-check: not a
+# folder the user named, so a plan or dry run may still leave nothing behind
+SCRATCH_RUN_DIR = "DSRUN_SCRATCH_RUN_DIR"
 
 
 def discard_scratch_folder(cfg: Any) -> None:
@@ -19,6 +25,8 @@ def discard_scratch_folder(cfg: Any) -> None:
     if cfg.task.name not in SCRATCH_TASKS or not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
-    if hc.mode != RunMode.RUN or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra):
+    named = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra) and \
+        os.environ.get(SCRATCH_RUN_DIR) != str(Path(hc.runtime.output_dir).absolute())
+    if hc.mode != RunMode.RUN or named:
         return
     shutil.rmtree(hc.runtime.output_dir, ignore_errors=True)

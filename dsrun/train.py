@@ -430,20 +430,33 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+METRICS_SET_ASIDE = "metrics.set_aside.jsonl"
+
+
 def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the rows up to the resumed step: rows a killed run logged after its last checkpoint are replayed."""
+    """Keep the rows up to the resumed step: rows a killed run logged after its last checkpoint are replayed. What
+    is not kept (those rows, and half a line a kill mid-write left) is set aside in metrics.set_aside.jsonl, never
+    dropped; the file is replaced whole (written beside it, then renamed)."""
     if not path.is_file():
         return []
-    rows = []
+    kept, aside = [], []
     for line in path.read_text(errors="replace").splitlines():
-        try:  # a kill mid-write leaves half a line: dropped, its step is replayed
+        try:
             row = json.loads(line)
         except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    kept = [row for row in rows if row["step"] <= step]
-    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(row)
+        elif line.strip():
+            aside.append(line)
+    if aside:
+        with (path.parent / METRICS_SET_ASIDE).open("a") as handle:
+            handle.write("".join(line + "\n" for line in aside))
+        print(f"dsrun: note: {len(aside)} line(s) of metrics.jsonl after step {step} or unreadable (steps to be "
+              f"replayed, a line cut by a kill) moved to {METRICS_SET_ASIDE}", file=sys.stderr)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    partial.replace(path)
     return kept
 
 

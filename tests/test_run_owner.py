@@ -315,3 +315,29 @@ def test_commands_aimed_at_a_finished_run_leave_it_whole_or_only_add_to_its_hist
         for name in ("metrics.jsonl", "resumes.jsonl"):
             assert new[name].startswith(old.get(name, b"")), (args, name)
         assert len(new["resumes.jsonl"]) > len(old.get("resumes.jsonl", b"")), args
+
+
+def test_metrics_rows_a_resume_replaces_are_set_aside_not_dropped(finished, tmp_path):
+    """Rows after the checkpoint a resume starts from (replayed) and half a line a kill left were dropped silently."""
+    run = copy_of(finished, tmp_path / "R")
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    proc = dsrun("resume", str(run), "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 line(s) of metrics.jsonl" in proc.stderr and "metrics.set_aside.jsonl" in proc.stderr
+    assert [row["step"] for row in read_metrics(run)] == [1, 2, 3]
+    assert (run / "metrics.set_aside.jsonl").read_text() == json.dumps({"step": 5, "loss": 1.0}) + '\n{"step": 6, "lo\n'
+
+
+@pytest.mark.parametrize("verb", ["export", "generate"])
+def test_a_run_being_written_is_not_read_by_export_or_generate(finished, tmp_path, verb):
+    run = copy_of(finished, tmp_path / "R")
+    holder = hold_lock(run)
+    try:
+        args = [str(run), str(tmp_path / "out")] if verb == "export" else [str(run), "hi", "hardware=cpu"]
+        proc = dsrun(verb, *args)
+        assert_user_error(proc, f"{run} is being written by pid 4242 on elsewhere", "wait for that run to end")
+        assert not (tmp_path / "out").exists()
+    finally:
+        os.ftruncate(holder, 0)
+        os.close(holder)

@@ -272,7 +272,7 @@ def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(t
     assert len(tried) >= 2 and results == ["out of memory"] * (len(tried) - 1) + ["fits"], tried
     chosen = sizes[-1]
     assert probe["chosen"] == chosen and 1 <= chosen < 16
-    assert "out of host memory" in (run / "micro_batch_probe" / str(sizes[0]) / "probe.log").read_text()
+    assert "out of host memory" in (run / "micro_batch_probe" / f"{sizes[0]}.log").read_text()
     import yaml
 
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]

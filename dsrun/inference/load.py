@@ -19,6 +19,7 @@ from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
 from dsrun.model import architecture, build_model, freeze, merged_model
 from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
+from dsrun.run_folder import read_lock
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 COMPUTE_DTYPE = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
@@ -119,6 +120,7 @@ def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> 
     way: dsrun.model with the run's seed, dtype and device, which random init depends on), merged for speed."""
     from omegaconf import OmegaConf
 
+    read_lock(run)
     snap = OmegaConf.load(run / "config.yaml")
     model_cfg = snap.model
     model_cfg.experts_implementation = cfg.model.experts_implementation  # kernels of this machine, not the run's
