@@ -26,7 +26,7 @@ from dsrun import signals  # noqa: E402  (first: a signal during the imports bel
 signals.install()
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dsrun.config import RunConfig, ignored_overrides, register_configs, validate
@@ -87,13 +87,18 @@ def _known_keys(dotted: str) -> list[str]:
     return list(node.keys()) if OmegaConf.is_dict(node) else []
 
 
-def _compose_all(args: Any) -> list[DictConfig]:
-    """Compose the config of every job this command line would start (every trial of a sweep)."""
+def _compose_all(args: Any) -> tuple[list[DictConfig], list[Path], list[str]]:
+    """Compose the config of every job this command line would start (every trial of a sweep), once each, with
+    Hydra's own settings: the folder each job writes into, as Hydra resolves it (interpolations, `++` and the
+    default timestamp), and the overrides that pin those folders (`${now:...}` would resolve again, a moment later,
+    when Hydra starts). The returned configs carry no `hydra` node."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    hydra_overrides = [o for o in args.overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    overrides = [o for o in args.overrides if o not in hydra_overrides]
     jobs = [overrides]
     if args.multirun:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -102,11 +107,31 @@ def _compose_all(args: Any) -> list[DictConfig]:
         raise UserError(f"the sweep {' '.join(overrides)} has no trials (an empty range or list?); give every swept "
                         "key at least one value, e.g. train.seed=range(0,3)")
     config_dir = args.config_dir or args.config_path or str(CONF_DIR)
-    configs = []
+    key = "hydra.sweep.subdir" if args.multirun else "hydra.run.dir"
+    configs, folders, base = [], [], None
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-        for job in jobs:
-            configs.append(compose(config_name=args.config_name or "config", overrides=list(job)))
-    return configs
+        for num, job in enumerate(jobs):
+            numbered = [f"hydra.job.num={num}", f"hydra.job.id={num}"] if args.multirun else []
+            cfg = compose(config_name=args.config_name or "config", overrides=[*job, *hydra_overrides, *numbered],
+                          return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            where = str(OmegaConf.select(cfg, key))
+            if not where.strip():
+                raise UserError(f"{key}= is empty: Hydra would write into the current folder; name a folder, e.g. "
+                                f"{key}={'${hydra.job.num}' if args.multirun else 'outputs/runs/my-run'}")
+            if args.multirun and base is None:
+                base = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).absolute()
+            folders.append(base / where if base is not None else Path(where).absolute())
+            with open_dict(cfg):
+                del cfg["hydra"]
+            configs.append(cfg)
+    if base is not None:
+        if len(set(folders)) < len(folders):
+            same = next(f for f in folders if folders.count(f) > 1)
+            raise UserError(f"hydra.sweep.subdir: several trials of this sweep would write into {same} (one would "
+                            "resume another); include ${hydra.job.num} in it, e.g. hydra.sweep.subdir=${hydra.job.num}")
+        return configs, folders, [f"hydra.sweep.dir={base}"]
+    return configs, folders, [f"hydra.run.dir={folders[0]}"]
 
 
 def precheck(argv: list[str]) -> list[str]:
@@ -120,7 +145,7 @@ def precheck(argv: list[str]) -> list[str]:
     if problems := added_key_problems(args.overrides, Path(args.config_dir or args.config_path or CONF_DIR)):
         fail("\n".join(problems))
     try:
-        configs = _compose_all(args)
+        configs, folders, pins = _compose_all(args)
         if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one
             try:
                 configs = [OmegaConf.merge(OmegaConf.structured(RunConfig), cfg) for cfg in configs]
@@ -144,17 +169,17 @@ def precheck(argv: list[str]) -> list[str]:
             key, why = getattr(exc, "full_key", None) or "the config", getattr(exc, "msg", None) or one_line(exc)
             why = re.sub(r" ?(full_key|object_type|reference_type)[:=] ?\S+", "", " ".join(str(why).split()))
             fail(f"{key}: cannot resolve its value ({why}); fix or remove the ${{...}} reference")
-    return claim_run_dir(args, composed, configs)
+    return claim_run_dir(args, composed, configs, folders, pins)
 
 
-def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictConfig]) -> list[str]:
-    """Rank 0 locks the folder of a single run, and checks that every job may write where Hydra will put it: the
-    folders are Hydra's own (interpolations, `++` and the default timestamp resolved), and pinned in the command
-    line so Hydra writes exactly where the checks looked. Returns the Hydra overrides that adds."""
+def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictConfig], folders: list[Path],
+                  pins: list[str]) -> list[str]:
+    """Rank 0 locks the folder of a single run, and checks that every job may write where Hydra will put it (the
+    folders _compose_all resolved), pinned in the command line so Hydra writes exactly where the checks looked.
+    Returns the Hydra overrides that adds."""
     if not rank_zero():
         return []
     try:
-        folders, pins = job_folders(args)
         overrides = [o for o in args.overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
         if args.multirun:
             base = Path(pins[0].split("=", 1)[1])
@@ -171,51 +196,6 @@ def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictC
     except UserError as exc:
         fail(str(exc))
         return []
-
-
-def job_folders(args: Any) -> tuple[list[Path], list[str]]:
-    """The folder each job of this command line writes into, as Hydra resolves it, and the overrides that pin
-    those folders (`${now:...}` would resolve again, a moment later, when Hydra starts)."""
-    from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    hydra_overrides = [o for o in args.overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    plain = [o for o in args.overrides if o not in hydra_overrides]
-    jobs = [plain]
-    if args.multirun:
-        parsed = OverridesParser.create().parse_overrides(plain)
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
-    config_dir = Path(args.config_dir or args.config_path or str(CONF_DIR)).resolve()
-    folders: list[Path] = []
-    base: Path | None = None
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        for num, job in enumerate(jobs):
-            numbered = [f"hydra.job.num={num}", f"hydra.job.id={num}"] if args.multirun else []
-            try:
-                cfg = compose(config_name=args.config_name or "config", overrides=[*job, *hydra_overrides, *numbered],
-                              return_hydra_config=True)
-                HydraConfig.instance().set_config(cfg)
-                key = "hydra.sweep.subdir" if args.multirun else "hydra.run.dir"
-                where = str(OmegaConf.select(cfg, key))
-                if base is None and args.multirun:
-                    base = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).absolute()
-            except UserError:
-                raise
-            except Exception as exc:  # a Hydra setting that does not compose or resolve
-                raise UserError(one_line(exc)) from None
-            if not where.strip():
-                raise UserError(f"{key}= is empty: Hydra would write into the current folder; name a folder, e.g. "
-                                f"{key}={'${hydra.job.num}' if args.multirun else 'outputs/runs/my-run'}")
-            folders.append((base / where) if base is not None else Path(where).absolute())
-    if args.multirun:
-        if len(set(folders)) < len(folders):
-            same = next(f for f in folders if folders.count(f) > 1)
-            raise UserError(f"hydra.sweep.subdir: several trials of this sweep would write into {same} (one would "
-                            "resume another); include ${hydra.job.num} in it, e.g. hydra.sweep.subdir=${hydra.job.num}")
-        return folders, [f"hydra.sweep.dir={base}"]
-    return folders, [f"hydra.run.dir={folders[0]}"]
 
 
 def check_run_dir(folder: Path, key: str) -> None:
