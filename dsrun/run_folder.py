@@ -258,14 +258,9 @@ def lock(folder: Path) -> dict[str, Any] | None:
     except OSError as exc:
         raise UserError(f"{path}: cannot create the run folder's lock ({exc.strerror}); choose a writable "
                         "hydra.run.dir") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = _owner(fd)
-        os.close(fd)
-        who = f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('time')}" if owner else "another process"
+    if who := _flock_or_holder(fd, fcntl.LOCK_EX):
         raise UserError(f"{folder} is in use by {who} (lock {path}); wait for that run to end or stop it, or choose "
-                        "another hydra.run.dir") from None
+                        "another hydra.run.dir")
     stale = _owner(fd) or None
     me = {"pid": os.getpid(), "host": platform.node(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
@@ -288,15 +283,21 @@ def read_lock(folder: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
+    if who := _flock_or_holder(fd, fcntl.LOCK_SH):
+        raise UserError(f"{folder} is being written by {who} (lock {path}); its weights may be half written: wait "
+                        "for that run to end")
+    _readers.append(fd)  # closed when the process ends
+
+
+def _flock_or_holder(fd: int, kind: int) -> str | None:
+    """Take the lock `kind` on fd without waiting: None when taken; else fd is closed and the holder named."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return None
     except OSError:
         owner = _owner(fd)
         os.close(fd)
-        who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
-        raise UserError(f"{folder} is being written by {who} (lock {path}); its weights may be half written: wait "
-                        "for that run to end") from None
-    _readers.append(fd)  # closed when the process ends
+        return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('time')}" if owner else "another process"
 
 
 def _owner(fd: int) -> dict[str, Any]:
