@@ -7,6 +7,7 @@ so a bad override stops with one line and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import re
 import sys
@@ -213,7 +214,8 @@ def check_run_dir(folder: Path, key: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
-        fail(f"{key}={folder}: cannot write to the {what(key)} ({exc.strerror}); free disk space or choose another "
+        remedy = "free disk space" if exc.errno == errno.ENOSPC else "make it writable"
+        fail(f"{key}={folder}: cannot write to the {what(key)} ({exc.strerror}); {remedy} or choose another "
              f"place, e.g. {key}={writable_example()}")
     finally:
         try:

@@ -7,6 +7,7 @@ function of (seed, epoch, position), so resume is exact.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -73,14 +74,29 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
             held = _rows(read_records(data_cfg.eval_path, "data.eval_path"), data_cfg, tokenizer, seq_len, vocab_size)
         return train, held, f"dsrun: data: {len(train)} rows of {seq_len} random tokens" + _eval_note(held)
     records = source.records(data_cfg)
-    held_records = None
+    held_records, duplicates = None, 0
     if data_cfg.eval_split is not None:
+        # a record with a copy on both sides would score memorisation as eval loss: one of each kind is kept
+        records, duplicates = unique(records)
         records, held_records = split_eval(records, data_cfg.eval_split, data_cfg.seed)
     elif data_cfg.eval_path:
         held_records = read_records(data_cfg.eval_path, "data.eval_path")
     train = _rows(records, data_cfg, tokenizer, seq_len, vocab_size)
     held = _rows(held_records, data_cfg, tokenizer, seq_len, vocab_size) if held_records is not None else None
-    return train, held, describe(train, data_cfg, seq_len) + _eval_note(held)
+    note = f"; {duplicates} duplicate records dropped before the eval split" if duplicates else ""
+    return train, held, describe(train, data_cfg, seq_len) + note + _eval_note(held)
+
+
+def unique(records: list[tuple[Any, str]]) -> tuple[list[tuple[Any, str]], int]:
+    """The records with every exact copy of an earlier one removed (first occurrence kept), and how many went."""
+    seen: set[str] = set()
+    kept = []
+    for record, where in records:
+        key = json.dumps(record, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            kept.append((record, where))
+    return kept, len(records) - len(kept)
 
 
 def _rows(records: list[tuple[Any, str]], data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> Blocks:

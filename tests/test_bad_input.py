@@ -471,3 +471,20 @@ def test_disk_full_during_the_final_weights_is_one_line_naming_what_is_left(tmp_
         assert not (run_dir / "checkpoints").exists()
         # written under a temporary name: nothing half-written is left where a loader would look (issue #28)
         assert not (run_dir / "model").exists() and not (run_dir / ".model.partial").exists()
+
+
+def test_read_only_run_folder_is_one_line_and_still_readable(tmp_path, saved):
+    """A finished run on a read-only mount (an archive, a shared results disk): resuming or training into it is one
+    line naming the folder and the fix (was: the message, then a traceback from unlinking the write probe), and
+    the verbs that only read it still work."""
+    with small_disk(tmp_path, "400m") as mount:
+        run = Path(shutil.copytree(saved["run"], mount / "run", ignore=shutil.ignore_patterns(".dsrun.lock")))
+        made = subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot remount the tmpfs read-only ({made.stderr.strip()})")
+        before = signature(run)
+        assert_user_error(dsrun("resume", str(run), "train.max_steps=3"), "Read-only file system", "make it writable")
+        assert_user_error(dsrun(*BASE, run_dir=run), "Read-only file system", "make it writable")
+        proc = dsrun("generate", str(run), "hi", "generate.max_new_tokens=2")
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert signature(run) == before
