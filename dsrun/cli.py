@@ -61,13 +61,16 @@ def one_line(exc: BaseException) -> str:
     if cause is not None:
         text += " " + " ".join(ln.strip() for ln in str(cause).splitlines() if ln.strip())
     if m := re.search(r"Could not override '([\w.]+)'.*?Key '(\w+)' (?:is )?not in", text):
-        key = m.group(1)
+        key, missing = m.group(1), m.group(2)
         if adding := plus_hint(key):
             return adding
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        parts = key.split(".")
+        at = parts.index(missing) if missing in parts else len(parts) - 1  # the first part the schema lacks
+        parent, rest = ".".join(parts[:at]), ".".join(parts[at + 1:])
         known = _known_keys(parent)
-        close = difflib.get_close_matches(m.group(2), known, n=1)
-        hint = f"did you mean {parent}.{close[0]}?" if close else f"known keys: {', '.join(known)}"
+        close = difflib.get_close_matches(missing, known, n=1)
+        fixed = ".".join(filter(None, (parent, close[0] if close else "", rest)))
+        hint = f"did you mean {fixed}?" if close else f"known keys: {', '.join(known)}"
         return f"{key}: no such key; {hint}"
     if m := re.search(r"Could not find '([\w/]+)/([\w.-]+)' Available options in '[\w/]+': (.*?) Config search", text):
         group, option, available = m.group(1), m.group(2), m.group(3).split()

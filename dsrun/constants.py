@@ -4,5 +4,5 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config groups (conf/<group>/<option>.yaml)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra config groups (conf/<group>/<option>.yaml), in the wheel
 AUTO = "auto"  # a value resolve() or the pre-launch probe fills in (train.micro_batch=auto, hardware=auto, ...)

@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from dsrun.constants import CONF_DIR
 from dsrun.errors import UserError
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COLOURS = {"completed": "tab:green", "interrupted": "tab:blue", "nan": "tab:orange", "oom": "tab:red",
            "crashed": "tab:purple", "refused": "tab:brown", "skipped": "tab:gray", "not finished": "black"}
 

@@ -24,6 +24,7 @@ ROWS = [
     # a row that starts with a verb runs `dsrun <verb> ...` as given, any other gets BASE in front
     ("unknown-option", "config", ["hardware=4x409"], ["hardware=4x409", "did you mean hardware=4x4090"]),
     ("typo-key", "config", ["train.max_step=5"], ["train.max_step", "did you mean train.max_steps"]),
+    ("typo-group", "config", ["trian.max_steps=5"], ["trian.max_steps", "did you mean train.max_steps?"]),
     ("wrong-type", "config", ["train.max_steps=many"], ["train.max_steps=many", "Integer"]),
     ("zero-micro-batch", "config", ["train.micro_batch=0"], ["train.micro_batch=0", ">= 1"]),
     ("negative-seq-len", "config", ["train.seq_len=-8"], ["train.seq_len=-8"]),

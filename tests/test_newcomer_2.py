@@ -4,12 +4,48 @@ the code before; real `dsrun` runs (forked, tests/forkserver.py) for what the us
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from dsrun.data import build_datasets, load_tokenizer, unique
 from dsrun.sources import SOURCES
-from tests.conftest import FAST, REPO, dsrun, model_cfg
+from tests.conftest import FAST, REPO, assert_user_error, dsrun, model_cfg
+
+
+# 1. The wheel runs outside the checkout --------------------------------------------------------------------------
+
+def test_1_the_wheel_runs_a_chat_fine_tune_and_export_outside_the_checkout(tmp_path):
+    """Built as a wheel and installed into a folder of its own, dsrun finds its configs and chat template inside
+    the package (they used to live beside it, in the checkout only)."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    site = tmp_path / "site"
+    wheel = next((tmp_path / "dist").glob("dsrun-*.whl"))
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dsrun", *args], capture_output=True, text=True, env=env,
+                              cwd=elsewhere, timeout=300)
+
+    where = subprocess.run([sys.executable, "-c", "import dsrun; print(dsrun.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=elsewhere)
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+    proc = run(*FAST, "train.max_steps=1", "train.seq_len=64", "train.micro_batch=2", "hydra.run.dir=run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data.train_on=assistant" in proc.stderr  # the chat template rendered the assistant-only loss
+    proc = run("export", "run", "exported")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (elsewhere / "exported" / "config.json").is_file()
 
 
 # 2. Eval rows are never copies of training rows ------------------------------------------------------------------
@@ -34,3 +70,11 @@ def test_2_no_eval_record_has_a_copy_in_train():
     train, held, _ = build_datasets(data, tokenizer, 512, 129280)
     as_rows = lambda blocks: {tuple(row.tolist()) for row in blocks.inputs}  # noqa: E731
     assert not as_rows(train) & as_rows(held)
+
+
+# 4. A misspelt group is one line with the closest key (was a 70-line traceback) ---------------------------------
+
+def test_4_misspelt_group_names_the_closest_key():
+    for typo, meant in (("trian.max_steps=5", "train.max_steps"), ("optimm.lr=1", "optim.lr"),
+                        ("tarin.seq_len=4", "train.seq_len")):
+        assert_user_error(dsrun(*FAST, typo), f"{typo.split('=')[0]}: no such key; did you mean {meant}?")
