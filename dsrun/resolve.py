@@ -11,6 +11,7 @@ from dsrun.batch import auto_problem, derive_accumulation
 from dsrun.batch_size import planned_micro_batch
 from dsrun.config import DEFAULT_MAX_STEPS
 from dsrun.constants import AUTO
+from dsrun.data import tokenizer_choice
 from dsrun.errors import ConfigError
 from dsrun import hardware
 from dsrun.hardware import gpu_catalog
@@ -39,6 +40,7 @@ def resolve(cfg: Any) -> None:
     if cfg.precision.mode == "auto":
         gpu = gpu_catalog().get(hw.gpu or "", {})
         cfg.precision.mode = "bf16-mixed" if hw.accelerator == "cuda" and gpu.get("bf16", True) else "32-true"
+    cfg.model.tokenizer = tokenizer_choice(cfg.model)  # auto: model.path's own tokenizer, else DeepSeek's
     if cfg.model.experts_implementation is None:
         # transformers' grouped_mm experts kernel is bf16-only and CUDA-fast; eager runs everywhere
         bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")

@@ -72,6 +72,43 @@ def test_2_no_eval_record_has_a_copy_in_train():
     assert not as_rows(train) & as_rows(held)
 
 
+# 3. A tokenizer that is not the weights' is refused; the folder's own is the default ------------------------------
+
+def qwen_folder(folder: Path, **special: int) -> Path:
+    """A tiny Qwen2 model saved as Hugging Face does, with the special-token ids its config.json names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {**OmegaConf.to_container(model_cfg("tiny_qwen2").fields), "vocab_size": 151936, **special}
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **fields)).save_pretrained(folder)
+    return folder
+
+
+TINY = [*FAST, "train.micro_batch=1", "train.seq_len=32", "train.max_steps=1", "model=tiny_qwen2",
+        "model.init=pretrained"]
+
+
+def test_3_deepseek_tokenizer_on_qwen_weights_is_refused_before_the_first_step(tmp_path):
+    base = qwen_folder(tmp_path / "qwen", eos_token_id=151643, bos_token_id=151643)  # Qwen2.5's, no tokenizer
+    for choice in ("auto", "deepseek"):  # auto: the folder has no tokenizer of its own, so DeepSeek's
+        proc = dsrun(*TINY, f"model.path={base}", f"model.tokenizer={choice}", run_dir=tmp_path / choice)
+        assert_user_error(proc, "eos_token_id is 1, the weights' is 151643", "the model would read its ids as other")
+        assert not (tmp_path / choice / "metrics.jsonl").exists()
+
+
+def test_3_the_weights_folder_tokenizer_is_the_default(tmp_path):
+    from dsrun.data import load_tokenizer
+
+    base = qwen_folder(tmp_path / "qwen", eos_token_id=1, bos_token_id=0)
+    tokenizer = load_tokenizer(OmegaConf.merge(model_cfg("tiny_qwen2"), {"tokenizer": "deepseek"}))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|only-in-this-folder|>"]})
+    tokenizer.save_pretrained(base)
+    proc = dsrun(*TINY, f"model.path={base}", run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").model.tokenizer == "model"
+    saved = json.loads((tmp_path / "run" / "model" / "tokenizer.json").read_text())
+    assert any(t["content"] == "<|only-in-this-folder|>" for t in saved["added_tokens"])
+
+
 # 4. A misspelt group is one line with the closest key (was a 70-line traceback) ---------------------------------
 
 def test_4_misspelt_group_names_the_closest_key():

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dsrun.data import load_tokenizer
+from dsrun.data import has_tokenizer, load_tokenizer
 from dsrun.errors import UserError
 from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
 from dsrun.model import architecture, build_model, freeze, merged_model
@@ -21,7 +21,6 @@ from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.run_folder import read_lock
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 COMPUTE_DTYPE = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
                  "bf16-true": torch.bfloat16, "fp8": torch.bfloat16}
 
@@ -183,7 +182,7 @@ def place(model: Any, cfg: Any, device: torch.device) -> Any:
 
 def _tokenizer(folder: Path | None, model_cfg: Any) -> Any:
     """The folder's own tokenizer when it has one, else the model option's (dsrun.data.load_tokenizer)."""
-    if folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if has_tokenizer(folder):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
