@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dsrun.config import RunConfig, ignored_overrides, register_configs, validate
-from dsrun.constants import CONF_DIR
+from dsrun.constants import CONF_DIR, VERB_OVERRIDES
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 from dsrun.hardware import gpu_catalog
 from dsrun.help import unknown_verb, usage
@@ -41,6 +41,7 @@ from dsrun.quiet import install as quiet_logging
 from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.resolve import resolve
 from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
+from dsrun.safe_read import read_yaml_mapping
 from dsrun.run_folder import check_folder, claim, refuse_foreign, refuse_run_as_sweep_dir
 from dsrun.runs import rank_zero, run_dir
 from dsrun.scratch import SCRATCH_RUN_DIR, discard_scratch_folder
@@ -280,7 +281,15 @@ def resume_argv(args: list[str]) -> list[str]:
     saved = snapshot_of(args[0])
     refuse_group_overrides("resume", saved, args[1:])
     return ["--config-path", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run}",
-            "train.resume=auto", *chosen_micro_batch(run), *args[1:]]
+            "train.resume=auto", *chosen_micro_batch(run), *by_steps(saved, args[1:]), *args[1:]]
+
+
+def by_steps(saved: Path, overrides: list[str]) -> list[str]:
+    """A run trained by epochs, continued to a number of steps (`train.max_steps=N` alone): the steps decide its
+    length from now on (the two together would be refused as ambiguous)."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    epochs = (read_yaml_mapping(saved, "restore the file").get("train") or {}).get("epochs")
+    return ["train.epochs=null"] if "train.max_steps" in keys and "train.epochs" not in keys and epochs else []
 
 
 def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:
@@ -320,10 +329,12 @@ def main() -> None:
         except UserError as exc:
             fail(str(exc))
     if argv and argv[0] in VERBS:
+        typed = argv[1:]
         try:
-            argv = VERBS[argv[0]](argv[1:])
+            argv = VERBS[argv[0]](typed)
         except UserError as exc:
             fail(str(exc))
+        os.environ[VERB_OVERRIDES] = "\n".join(verb_overrides(argv, typed))
         # Fabric starts ranks > 0 by re-running sys.argv: give them the expanded command line
         sys.argv = [sys.argv[0], *argv]
     sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:], [])]
@@ -335,6 +346,19 @@ def main() -> None:
         argv = sys.argv[1:]
     sys.argv = [sys.argv[0], *hydra_argv(argv, precheck(argv))]
     hydra_main()
+
+
+def verb_overrides(argv: list[str], typed: list[str]) -> list[str]:
+    """The overrides a verb's expansion `argv` holds that the user did not type (`train.resume=auto`, ...)."""
+    values = {i + 1 for i, token in enumerate(argv) if token in ("--config-path", "--config-name", "-cp", "-cn")}
+    pending = list(typed)
+    added = []
+    for i, token in enumerate(argv):
+        if token in pending:
+            pending.remove(token)
+        elif i not in values and "=" in token and not token.lstrip("+~").startswith(("hydra.", "-")):
+            added.append(token)
+    return added
 
 
 def hydra_argv(argv: list[str], added: list[str]) -> list[str]:

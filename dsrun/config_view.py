@@ -4,7 +4,10 @@ folder keeps it (config.yaml)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from dsrun.constants import VERB_OVERRIDES
 
 GROUPS = ("recipe", "hardware", "parallel", "precision", "quant", "adapter", "model", "data", "optim", "task",
           "monitor")
@@ -19,15 +22,20 @@ def folded_config(cfg: Any) -> str:
         return "dsrun: config: task=dry_run prints it"
     hc = HydraConfig.get()
     parts = []
+    # `dsrun resume|replay` compose from a run's snapshot, where the groups are already keys: each group's name
+    snapshot = not any(hc.runtime.choices.get(group) for group in GROUPS)
     for group in GROUPS:
-        choice = hc.runtime.choices.get(group)
-        if choice is None:
+        choice = OmegaConf.select(cfg, f"{group}.name") if snapshot else hc.runtime.choices.get(group)
+        if choice is None or not isinstance(choice, str):
             continue
         if choice == "auto" and group in RESOLVED:
             choice = f"auto ({OmegaConf.select(cfg, RESOLVED[group])})"
         parts.append(f"{group}={choice}")
     overrides = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") not in GROUPS]
-    line = f"dsrun: config: {' '.join(parts)}"
+    for added in filter(None, os.environ.get(VERB_OVERRIDES, "").split("\n")):  # the verb's, not the user's
+        if added in overrides:
+            overrides.remove(added)
+    line = f"dsrun: config: {' '.join(parts)}" + (" (the run's snapshot)" if snapshot else "")
     if overrides:
         line += f"\ndsrun: overrides: {' '.join(overrides)}"
     return line + f"\ndsrun: every key: {hc.runtime.output_dir}/config.yaml (-v or task=dry_run prints them)"

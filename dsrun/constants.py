@@ -6,3 +6,5 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # the Hydra config groups (conf/<group>/<option>.yaml), in the wheel
 AUTO = "auto"  # a value resolve() or the pre-launch probe fills in (train.micro_batch=auto, hardware=auto, ...)
+# the overrides a verb (`dsrun resume`, `replay`) put in front of the user's: the console shows only the user's own
+VERB_OVERRIDES = "DSRUN_VERB_OVERRIDES"

@@ -43,7 +43,7 @@ REPLACED = (*OUTPUTS, "metrics.set_aside.jsonl", "env.json", "record.json", RESU
 # rescue a diverging run (train.lr, optim.grad_clip); never what defines it (model, data, optimizer, sequence length,
 # seeds). `group.*` is every key of the group. The global batch (micro_batch x accumulation x data-parallel) must
 # stay the same: checked separately.
-RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.lr", "optim.grad_clip", "train.log_every",
+RESUMABLE = ("train.resume", "train.overwrite", "train.max_steps", "train.epochs", "train.lr", "optim.grad_clip", "train.log_every",
              "train.checkpoint_every",
              "train.keep_checkpoints", "train.force", "train.max_nonfinite_steps", "train.profile_steps",
              "train.compile", "train.micro_batch", "train.accumulation", "train.global_batch", "hardware.*",

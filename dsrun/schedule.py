@@ -70,7 +70,8 @@ def lr_factor(optim_cfg: Any, horizon: int) -> Callable[[int], float]:
             return (step + 1) / (warmup + 1)
         if shape.decay is None or step < tail:
             return 1.0
-        progress = min(1.0, (step - tail) / max(1, horizon - tail))
+        span = horizon - 1 - tail  # the run's last step (horizon - 1, from 0) trains at the floor
+        progress = 1.0 if span <= 0 else min(1.0, (step - tail) / span)
         return floor + (1 - floor) * shape.decay(progress)
 
     return factor

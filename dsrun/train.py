@@ -172,9 +172,12 @@ def setup(cfg: Any, run_dir: Path) -> Run:
 
     tokens_per_step = global_batch(cfg) * tr.seq_len
     per_epoch = batches.steps_per_epoch  # 0 when the data is smaller than one global batch
+    # an epoch is `per_epoch` whole steps: the rows they take (a remainder smaller than a global batch waits for
+    # the next epoch's shuffle), so both token counts are of those rows (the labelled ones on average over epochs)
+    taken = per_epoch * global_batch(cfg)
     length = {"max_steps": max_steps, "epochs": max_steps / per_epoch if per_epoch else None,
               "steps_per_epoch": per_epoch, "tokens_per_epoch": per_epoch * tokens_per_step,
-              "trained_tokens_per_epoch": rows.trained_tokens}
+              "trained_tokens_per_epoch": round(rows.trained_tokens * taken / len(rows)) if len(rows) else 0}
     info = {**length, "start_step": 0, "global_batch": global_batch(cfg),
             "tokens_per_step": tokens_per_step, "world_size": fabric.world_size, "parameters": counts}
     if rank_zero:
@@ -332,6 +335,8 @@ def finish(run: Run, stop: StopSignal, status: str, step: int) -> dict[str, Any]
             weights = run_dir / "model"
             save_weights(fabric_unwrap(run.model), final_weights, weights, run.tokenizer)
     summary = summarize(run.history, wall, run_dir, global_batch(cfg), weights, status=status) | run.length
+    if run.length["steps_per_epoch"]:  # the epochs trained, not those planned (a stopped run did fewer)
+        summary["epochs"] = summary["steps"] / run.length["steps_per_epoch"]
     if status == "completed":
         summary["memory_cap_gib"] = run.memory_cap
         summary["load_peak_gib"] = run.load_peak

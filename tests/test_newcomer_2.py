@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from dsrun.data import build_datasets, load_tokenizer, unique
 from dsrun.sources import SOURCES
-from tests.conftest import FAST, REPO, assert_user_error, dsrun, model_cfg
+from tests.conftest import FAST, REPO, assert_user_error, dsrun, model_cfg, read_metrics, start
 
 
 # 1. The wheel runs outside the checkout --------------------------------------------------------------------------
@@ -115,3 +118,73 @@ def test_4_misspelt_group_names_the_closest_key():
     for typo, meant in (("trian.max_steps=5", "train.max_steps"), ("optimm.lr=1", "optim.lr"),
                         ("tarin.seq_len=4", "train.seq_len")):
         assert_user_error(dsrun(*FAST, typo), f"{typo.split('=')[0]}: no such key; did you mean {meant}?")
+
+
+# 5. A run trained by epochs can be extended -------------------------------------------------------------------------
+
+EPOCHS = [*FAST, "data.num_samples=32", "train.seq_len=64", "train.micro_batch=4", "train.max_steps=null",
+          "train.epochs=1", "train.checkpoint_every=0"]  # 32 rows, 4 per step: 8 steps an epoch
+
+
+def test_5_a_run_by_epochs_continues_by_epochs_or_to_a_step(tmp_path):
+    run = tmp_path / "run"
+    assert dsrun(*EPOCHS, run_dir=run).returncode == 0
+    proc = dsrun("resume", str(run), "train.epochs=2")  # was: refused as another config (1 -> 2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr and [m["step"] for m in read_metrics(run)] == list(range(1, 17))
+    proc = dsrun("resume", str(run), "train.max_steps=20")  # was: "set train.max_steps=null to train by epochs"
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_metrics(run)[-1]["step"] == 20
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 20 / 8
+
+
+# 7. The summary counts the epochs done, and one definition of an epoch -----------------------------------------------
+
+def test_7_a_stopped_run_reports_the_epochs_it_trained(tmp_path):
+    run = tmp_path / "run"
+    proc = start(*EPOCHS, "train.epochs=500", "train.log_every=1", f"hydra.run.dir={run}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not (run / "metrics.jsonl").is_file()
+                                           or len(read_metrics(run)) < 12):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] != "completed" and 12 <= summary["steps"] < 4000
+    assert summary["epochs"] == summary["steps"] / 8  # was the 500 planned
+    # both per-epoch token counts are of the 32 rows an epoch takes: processed, and labelled among them
+    assert summary["tokens_per_epoch"] == 32 * 64 and 0 < summary["trained_tokens_per_epoch"] <= 32 * 64
+
+
+# 8. `resume RUN` shows the run's options and only the user's overrides --------------------------------------------
+
+def test_8_resume_shows_the_runs_options_and_only_what_the_user_typed(tmp_path):
+    run = tmp_path / "run"
+    small = [a for a in EPOCHS if not a.startswith("monitor")]  # the console monitor prints the config lines
+    assert dsrun(*small, run_dir=run).returncode == 0
+    proc = dsrun("resume", str(run))
+    config = next(ln for ln in proc.stderr.splitlines() if ln.startswith("dsrun: config:"))
+    assert "hardware=cpu" in config and "model=tiny" in config and "optim=adamw" in config, config
+    assert "dsrun: overrides:" not in proc.stderr  # train.resume=auto and train.micro_batch=4 are the verb's
+    proc = dsrun("resume", str(run), "train.epochs=2", "train.log_every=3")
+    assert "dsrun: overrides: train.epochs=2 train.log_every=3\n" in proc.stderr, proc.stderr
+
+
+# 9. The summary table is a result: stdout ---------------------------------------------------------------------------
+
+def test_9_summary_table_on_stdout_progress_on_stderr(tmp_path):
+    proc = dsrun(*[a for a in EPOCHS if not a.startswith("monitor")], run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dsrun: completed" in proc.stdout and "final_loss" in proc.stdout and "final_loss" not in proc.stderr
+    assert "step 8  loss" in proc.stderr and "step 8" not in proc.stdout
+
+
+# 11. The schedule ends at its floor -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+def test_11_the_last_step_trains_at_the_floor(tmp_path, schedule):
+    proc = dsrun(*FAST, "train.max_steps=6", "train.seq_len=32", "train.micro_batch=1", "train.lr=1e-3",
+                 f"optim.schedule={schedule}", "optim.min_lr_ratio=0.1", run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lrs = [m["lr"] for m in read_metrics(tmp_path / "run")]
+    assert lrs[-1] == pytest.approx(1e-4) and lrs[-2] > 1e-4, lrs  # was one decrement above it

@@ -10,7 +10,7 @@ from dsrun.quiet import console
 
 
 class ConsoleMonitor(Monitor):
-    """A rich progress bar (step, loss, tokens/s, memory, ETA) and a summary table at the end."""
+    """A rich progress bar (step, loss, tokens/s, memory, ETA) on stderr and a summary table on stdout at the end."""
 
     def __init__(self) -> None:
         self.console = console(stderr=True)
@@ -48,4 +48,4 @@ class ConsoleMonitor(Monitor):
             if summary.get(key) is not None:
                 value = summary[key]
                 table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
-        self.console.print(table)
+        console(stderr=False).print(table)  # the run's result: stdout (progress and notes stay on stderr)
