@@ -53,26 +53,33 @@ def per_step(fn, steps: int = 200) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def time_engine(model: torch.nn.Module, kv_len: int) -> float:
+    engine = Engine(model, slots=2, max_len=kv_len, metrics=ServerMetrics(), max_queue=4, seed=0, compile=True)
+    engine.warm_up(*engine.buckets(shortest=kv_len - 255), setting="probe")
+    for _ in range(2):
+        request = Request(ids=list(range(1, kv_len - 255)), max_new_tokens=256, temperature=0.0, top_p=1.0, stop=[])
+        request.arrived = time.perf_counter()
+        engine.submit(request)
+        while request.events.get()[0] != "done":
+            pass
+        took = (time.perf_counter() - request.first_token_at) / 255
+    engine.stop(10)
+    return took
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--kv-len", type=int, default=768)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated rows to time (default: all)")
     args = parser.parse_args()
     model = build(args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     rows: dict[str, float] = {}
 
-    engine = Engine(model, slots=2, max_len=args.kv_len, metrics=ServerMetrics(), max_queue=4, seed=0, compile=True)
-    engine.warm_up(*engine.buckets(shortest=args.kv_len - 255), setting="probe")
-    for _ in range(2):
-        request = Request(ids=list(range(1, args.kv_len - 255)), max_new_tokens=256, temperature=0.0, top_p=1.0, stop=[])
-        request.arrived = time.perf_counter()
-        engine.submit(request)
-        while (event := request.events.get())[0] != "done":
-            pass
-        rows["engine"] = (time.perf_counter() - request.first_token_at) / 255
-    engine.stop(10)
+    if not args.only or "engine" in args.only.split(","):
+        rows["engine"] = time_engine(model, args.kv_len)
 
     plain = Engine(model, slots=2, max_len=args.kv_len, metrics=ServerMetrics(), max_queue=4, seed=0, compile=False)
     plain.positions.fill_(args.kv_len - 100)
@@ -81,7 +88,14 @@ def main() -> None:
                     "static1": (1, {"dynamic": False, "mode": "reduce-overhead"}, {}),
                     "static1_cd": (1, {"dynamic": False, "mode": "reduce-overhead"},
                                    {"coordinate_descent_tuning": True}),
-                    "eager1": (1, None, {})}
+                    "eager1": (1, None, {}),
+                    "dyn2_cd": (2, {"dynamic": True, "mode": "reduce-overhead"}, {"coordinate_descent_tuning": True}),
+                    "static1_ma": (1, {"dynamic": False, "mode": "max-autotune"}, {"coordinate_descent_tuning": True})}
+        wanted = set(args.only.split(",")) if args.only else None
+        variants = {k: v for k, v in variants.items() if wanted is None or k in wanted}
+        # CUDA graph trees live in the thread-local state of the thread that first compiled (the engine's): the
+        # variants here, on the main thread, record plain CUDA graphs instead (the same replay cost)
+        torch._inductor.config.triton.cudagraph_trees = False
         for name, (r, compile_kw, inductor) in variants.items():
             torch._dynamo.reset()
             for key, value in inductor.items():

@@ -253,7 +253,6 @@ def hydra_main(cfg: DictConfig) -> None:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(cfg)
         run_task(cfg, probe_micro_batch=probe)
-        discard_scratch_folder(cfg)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
     except Interrupted as exc:
@@ -262,6 +261,8 @@ def hydra_main(cfg: DictConfig) -> None:
         if (signum := signals.received()) is None:
             raise
         stopped(Interrupted(signum), last_checkpoint_note)  # raised inside a library that wrapped it
+    finally:
+        discard_scratch_folder(cfg)  # done, refused or stopped: a task that keeps nothing leaves no folder
 
 
 def stopped(exc: Interrupted, last_checkpoint_note: Callable[[Path], str]) -> None:

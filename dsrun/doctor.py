@@ -124,7 +124,8 @@ def doctor_task(cfg: Any) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        write_json(Path(HydraConfig.get().runtime.output_dir) / "doctor.json", report)
+        report["report"] = str(Path(HydraConfig.get().runtime.output_dir).absolute() / "doctor.json")
+        write_json(Path(report["report"]), report)
     if cfg.doctor.json:
         print(json.dumps(report, indent=1, default=str))
     else:
@@ -189,7 +190,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     for f in report["findings"]:
         console.print(f"[{COLOURS[f['level']]}]{f['level']}[/] {f['topic']}: {f['message']}", soft_wrap=True)
     console.print(f"[bold {COLOURS[report['verdict']]}]verdict: {report['verdict']}[/] "
-                  f"({len(report['findings'])} finding(s)); report saved as doctor.json in the run folder")
+                  f"({len(report['findings'])} finding(s))" +
+                  (f"; report saved as {report['report']}" if report.get("report") else ""), soft_wrap=True)
 
 
 def _interface(name: str, reading: dict[str, Any]) -> str:

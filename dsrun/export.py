@@ -15,22 +15,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 
 from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
-from dsrun.model import merged_model
+from dsrun.model import merged_model, readable
+from dsrun.quiet import quiet_warnings
 from dsrun.run_folder import read_lock
 
 
-def export(run_dir: Path, out_dir: Path) -> Path:
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_DTYPE = "bfloat16"  # what servers load and the Hub's R1 distills ship; half a float32 run's size
+
+
+def export(run_dir: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE) -> Path:
     from transformers import GenerationConfig
 
     run_dir, out_dir = run_dir.expanduser().resolve(), out_dir.expanduser().resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: not empty; export into a new folder")
     read_lock(run_dir)
-    model, snap = merged_model(run_dir)
+    model, snap = merged_model(run_dir, DTYPES[dtype])
+    trained = trained_dtype(run_dir)
     tokenizer = load_tokenizer(snap.model)
     model.config.use_cache = True
     # written beside OUT_DIR under a temporary name and renamed when complete: a full disk or a kill leaves no
@@ -43,6 +50,7 @@ def export(run_dir: Path, out_dir: Path) -> Path:
         stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop[0] if stop else None,
                          do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(partial)
+        readable(partial)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
         partial.rename(out_dir)
@@ -53,9 +61,23 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    note = (f"; the run's weights are {trained}: `dsrun export RUN OUT --dtype {trained}` keeps them so"
+            if trained and trained != dtype else "")
     print(f"dsrun: exported {run_dir} -> {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M "
-          f"parameters, {next(model.parameters()).dtype})", file=sys.stderr)
+          f"parameters in {dtype}{note})", file=sys.stderr)
     return out_dir
+
+
+def trained_dtype(run_dir: Path) -> str | None:
+    """The dtype the run saved its weights in (model/config.json), or None where it does not say."""
+    import json
+
+    try:
+        config = json.loads((run_dir / "model" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = config.get("dtype") or config.get("torch_dtype")
+    return found if found in DTYPES else None
 
 
 def export_task(cfg: Any) -> Path:
@@ -67,9 +89,17 @@ def export_task(cfg: Any) -> Path:
 
 
 def export_argv(argv: list[str]) -> int:
-    """`dsrun export RUN_DIR OUT_DIR`."""
+    """`dsrun export RUN_DIR OUT_DIR [--dtype bfloat16|float16|float32]`."""
+    dtype = DEFAULT_DTYPE
+    if "--dtype" in argv:
+        at = argv.index("--dtype")
+        dtype = argv[at + 1] if at + 1 < len(argv) else ""
+        argv = argv[:at] + argv[at + 2:]
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if len(argv) != 2 or argv[0].startswith("-"):
-        raise UserError("usage: dsrun export RUN_DIR OUT_DIR (a finished run folder, and a new folder for the "
-                        "Hugging Face model)")
-    print(export(Path(argv[0]), Path(argv[1])))
+        raise UserError("usage: dsrun export RUN_DIR OUT_DIR [--dtype bfloat16|float16|float32] (a finished run "
+                        "folder, and a new folder for the Hugging Face model)")
+    with quiet_warnings():
+        print(export(Path(argv[0]), Path(argv[1]), dtype))
     return 0

@@ -15,7 +15,7 @@ VERB_LINES = {
     "doctor": "[overrides]         check this machine: versions, GPUs, links, all-reduce speed",
     "generate": "RUN_DIR \"PROMPT\"    answer a prompt with a run's (or a model folder's) weights",
     "serve": "RUN_DIR             an OpenAI-compatible API on 127.0.0.1:8000/v1",
-    "export": "RUN_DIR OUT_DIR     a run as a Hugging Face folder (LoRA merged into its base)",
+    "export": "RUN_DIR OUT_DIR     a run as a Hugging Face folder (LoRA merged; bfloat16, or --dtype float32)",
 }
 TASK_LINES = {
     "train": "train (the default): progress bar, summary, weights in <run>/model",

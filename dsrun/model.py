@@ -267,6 +267,18 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
+def readable(folder: Path) -> None:
+    """Every file the mode a new file gets under the user's umask: safetensors writes its file through a private
+    temporary one (0600), which a server running as another user could not read."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
 def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
@@ -284,6 +296,7 @@ def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder:
         absolute_base(model)  # the adapter names its base folder wherever it is loaded from
         model.save_pretrained(partial, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        readable(partial)
         if folder.exists():
             folder.rename(old)
         partial.rename(folder)

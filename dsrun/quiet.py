@@ -10,12 +10,14 @@ a progress bar per save. `install()` routes all of it to the root logger, whose 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 VERBOSE_ENV = "DSRUN_VERBOSE"  # an environment variable, so ranks Fabric starts inherit the choice
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -108,3 +110,28 @@ def console(stderr: bool = False) -> Any:
 
     probe = Console(stderr=stderr)
     return probe if probe.is_terminal else Console(stderr=stderr, width=100_000, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def quiet_warnings() -> Iterator[None]:
+    """For commands without a run folder or log (`dsrun export`): third-party warnings (peft's alpha_pattern,
+    transformers' deprecations, bitsandbytes' missing CPU kernel) are not the user's to act on; `-v` shows them."""
+    if verbose():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # `Writing model shards: 100%`
+    loggers = {name: logging.getLogger(name).level for name in THIRD_PARTY_LOGGERS}
+    for name in loggers:  # bitsandbytes warns through Python's last-resort handler, on stderr
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        for name, before in loggers.items():
+            logging.getLogger(name).setLevel(before)

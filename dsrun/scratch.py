@@ -1,5 +1,6 @@
-"""Tasks that train nothing leave no run folder: `task=dry_run` and a single `task=plan` print what they decided,
-and an empty timestamped folder per look would bury the runs in outputs/runs/ (15 of one user's 40 folders).
+"""Tasks that keep nothing leave no run folder: `task=dry_run`, a single `task=plan`, `generate` and `serve` print
+or answer what they do, and an empty timestamped folder per look would bury the runs in outputs/runs/ (15 of one
+user's 40 folders).
 
 A folder the user named (hydra.run.dir=...) stays, and so do a sweep's trial folders (each holds its plan.json).
 """

@@ -29,8 +29,8 @@ TASKS: dict[str, Task] = {
     "dry_run": Task("dsrun.tasks", "dry_run", scratch=True),
     "plan": Task("dsrun.plan.report", "plan_task", scratch=True),  # no GPU needed
     "smoke": Task("dsrun.tasks", "smoke", trains=True),
-    "generate": Task("dsrun.inference.generate", "generate_task", loads_weights=True),
-    "serve": Task("dsrun.inference.server", "serve_task", loads_weights=True),
+    "generate": Task("dsrun.inference.generate", "generate_task", loads_weights=True, scratch=True),
+    "serve": Task("dsrun.inference.server", "serve_task", loads_weights=True, scratch=True),
     "bench_infer": Task("dsrun.inference.bench", "bench_task", loads_weights=True),
     "doctor": Task("dsrun.doctor", "doctor_task"),
     "export": Task("dsrun.export", "export_task", scratch=True),

@@ -188,3 +188,71 @@ def test_11_the_last_step_trains_at_the_floor(tmp_path, schedule):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lrs = [m["lr"] for m in read_metrics(tmp_path / "run")]
     assert lrs[-1] == pytest.approx(1e-4) and lrs[-2] > 1e-4, lrs  # was one decrement above it
+
+
+# 6. Commands that keep nothing leave no folder; doctor names where its report went ---------------------------------
+
+def test_6_generate_and_refused_commands_leave_no_run_folder_and_doctor_names_its_report(tmp_path):
+    run = tmp_path / "run"
+    assert dsrun(*EPOCHS, run_dir=run).returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = dsrun("generate", str(run), "hi", "generate.max_new_tokens=2", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert dsrun("generate", str(tmp_path / "missing"), "hi", cwd=work).returncode == 2
+    assert dsrun(*FAST, "train.max_steps=abc", cwd=work).returncode == 2
+    assert not [p for p in (work / "outputs" / "runs").rglob("*")] if (work / "outputs").exists() else True
+    proc = dsrun("doctor", "hardware=cpu", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [report] = (work / "outputs" / "runs").glob("*/doctor.json")
+    assert f"report saved as {report}" in proc.stdout
+
+
+# 10. Export: quiet, says its dtype, files readable by others -------------------------------------------------------
+
+def test_10_export_is_quiet_says_its_dtype_and_writes_readable_files(tmp_path):
+    run = tmp_path / "lora"
+    assert dsrun(*EPOCHS, "adapter=lora", "train.max_steps=2", "train.epochs=null", run_dir=run).returncode == 0
+    proc = dsrun("export", str(run), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [f"dsrun: exported {run} -> {tmp_path / 'out'} (16.6 M parameters in "
+                                        "bfloat16)"], proc.stderr  # no peft/transformers/bitsandbytes warning or bar
+    full = tmp_path / "full"
+    assert dsrun(*EPOCHS, "train.max_steps=1", "train.epochs=null", run_dir=full).returncode == 0
+    proc = dsrun("export", str(full), str(tmp_path / "bf16"))
+    assert "in bfloat16; the run's weights are float32: `dsrun export RUN OUT --dtype float32` keeps them so" in \
+        proc.stderr, proc.stderr  # was: bfloat16 without a word
+    proc = dsrun("export", str(run), str(tmp_path / "fp32"), "--dtype", "float32")
+    assert proc.returncode == 0 and json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (tmp_path / "out", tmp_path / "fp32", run / "model"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes  # model.safetensors was 0600
+
+
+# 12. Piped prompts: each answer labelled, no leading blank lines ---------------------------------------------------
+
+def test_12_piped_prompts_are_labelled_and_answers_start_with_text(tmp_path):
+    run = tmp_path / "run"
+    assert dsrun(*EPOCHS, run_dir=run).returncode == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\nwhat is 2+2?\n")
+    proc = dsrun("generate", str(run), f"generate.prompts_file={prompts}", "generate.max_new_tokens=6",
+                 "generate.show_thinking=show")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "> hi" and "> what is 2+2?" in lines, proc.stdout
+    answers = [lines[1], lines[lines.index("> what is 2+2?") + 1]]
+    assert all(a and not a[0].isspace() for a in answers), proc.stdout
+
+
+def test_12_readme_lists_every_hardware_option_and_every_run_file():
+    readme = (REPO / "README.md").read_text()
+    for option in (REPO / "dsrun" / "conf" / "hardware").glob("*.yaml"):
+        assert f"`{option.stem}`" in readme, f"hardware={option.stem} missing from the README"
+    from dsrun.run_folder import RUN_FILES
+
+    for name in RUN_FILES:
+        if not name.startswith("."):
+            assert f"`{name}`" in readme, f"{name} missing from the README's run folder table"

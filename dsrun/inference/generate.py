@@ -27,9 +27,12 @@ def generate_task(cfg: Any) -> None:
     engine = _engine(loaded, gen)
     history: list[dict[str, str]] = []
     interactive = prompts is None
-    for prompt in (_interactive() if interactive else prompts):
+    labelled = not interactive and len(prompts) > 1  # a file or a pipe of prompts: each answer says whose it is
+    for number, prompt in enumerate(_interactive() if interactive else prompts):
         messages = [*history, {"role": "user", "content": prompt}] if interactive else [
             {"role": "user", "content": prompt}]
+        if labelled:
+            print(f"{chr(10) if number else ''}> {prompt}", flush=True)
         answer = respond(loaded, engine, messages, gen)
         if interactive:
             history = [*messages, {"role": "assistant", "content": answer}]
@@ -118,6 +121,7 @@ class Console:
         self.split = ThinkSplitter(thinking)
         self.show = show_thinking
         self.dim = DIM if sys.stderr.isatty() else ""
+        self.started = False  # the answer's leading blank lines (R1 writes "</think>\n\n") are not printed
 
     def put(self, tokens: list[int]) -> None:
         self._write(self.detok.add(tokens))
@@ -129,14 +133,20 @@ class Console:
 
     def _write(self, text: str, final: bool = False) -> None:
         if self.show == "show":
-            sys.stdout.write(text)
+            self._answer(text)
         else:
             for thinking, piece in self.split.feed(text) + (self.split.flush() if final else []):
                 if not thinking:
-                    sys.stdout.write(piece)
+                    self._answer(piece)
                 elif self.show == "dim":
                     sys.stderr.write(f"{self.dim}{piece}{RESET if self.dim else ''}")
         sys.stdout.flush()
+
+    def _answer(self, piece: str) -> None:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        sys.stdout.write(piece)
 
     @property
     def text(self) -> str:
