@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,11 @@ os.environ.setdefault("DSRUN_DOCTOR_DIR", tempfile.mkdtemp(prefix="dsrun-doctor-
 # generated samples, not 4,000: rendering those through the chat template was ~1.7 s of every run's start-up, and a
 # short run reads a few dozen (epochs wrap, so a longer one sees the same samples again).
 FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1", "data.num_samples=256"]
+
+
+# what a library prints on its own (the console shows dsrun's lines only; `-v` shows these)
+THIRD_PARTY = re.compile(r"Warning|WARNING|warn\(|real_accelerator|Writing model shards|INFO:|distributed_backend|"
+                         r"Automatic Mixed Precision|rank_pattern|is_gradient_checkpointing|kernels-community")
 
 
 def dsrun(*args: str, run_dir: Path | None = None, timeout: float = 300, env: dict | None = None,

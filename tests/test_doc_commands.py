@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, dsrun
+from tests.conftest import REPO, THIRD_PARTY, dsrun
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PREFIXES = (".venv/bin/python -m dsrun", "python -m dsrun", "dsrun ")
@@ -168,6 +168,10 @@ def test_documented_command_runs(where, command, expected, workdir):
         assert got == expected, f"{where}: the doc shows {expected}, dsrun prints {got}"
     else:
         assert proc.returncode == 0, f"{where}: `{command}` exited {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stdout + proc.stderr, f"{where}: {proc.stderr[-3000:]}"
+    if "-v" not in args:  # -v asks for the libraries' lines
+        noisy = [ln for ln in (proc.stdout + proc.stderr).splitlines() if THIRD_PARTY.search(ln)]
+        assert not noisy, f"{where}: third-party lines on the console: {noisy[:5]}"
 
 
 def test_the_convention_finds_commands_and_error_examples():

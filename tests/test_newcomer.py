@@ -19,7 +19,7 @@ from dsrun.config import register_configs, validate
 from dsrun.resolve import resolve
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
-from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics
+from tests.conftest import FAST, REPO, THIRD_PARTY, assert_user_error, dsrun, read_metrics
 
 CONF = REPO / "conf"
 
@@ -185,8 +185,6 @@ def test_5_lora_folder_merges_the_adapter_into_the_rebuilt_base(tmp_path, compos
 
 # 6. Quiet by default ------------------------------------------------------------------------------------------------
 
-THIRD_PARTY = re.compile(r"Warning|WARNING|warn\(|real_accelerator|Writing model shards|INFO:|distributed_backend|"
-                         r"Automatic Mixed Precision|rank_pattern|is_gradient_checkpointing")
 
 
 def test_6_default_job_console_is_short_and_stdout_holds_only_results(tmp_path):

@@ -46,6 +46,8 @@ def test_1_the_wheel_runs_a_chat_fine_tune_and_export_outside_the_checkout(tmp_p
     proc = run(*FAST, "train.max_steps=1", "train.seq_len=64", "train.micro_batch=2", "hydra.run.dir=run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "data.train_on=assistant" in proc.stderr  # the chat template rendered the assistant-only loss
+    proc = run("+recipe=1x3060_qlora", "task=plan")  # the recipes ship too
+    assert proc.returncode == 0 and "fits" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     proc = run("export", "run", "exported")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (elsewhere / "exported" / "config.json").is_file()
