@@ -23,7 +23,7 @@ from dsrun.quantize import QUANT_METHODS
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
 from dsrun.sources import SOURCES
 from dsrun.strategy import FABRIC_PRECISION, STRATEGIES
-from dsrun.task_table import INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
+from dsrun.task_table import DPO_LOSSES, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
 class HardwareConfig:
@@ -163,6 +163,8 @@ class TaskConfig:
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
     source: Optional[str] = None  # generate/serve/bench_infer: a run or model folder; null: the model option
     out: Optional[str] = None  # task=export: a new folder for the Hugging Face model
+    beta: Optional[float] = None  # task=dpo: how far from the reference the policy may move (conf/task/dpo.yaml: 0.1)
+    loss: Optional[str] = None  # task=dpo: sigmoid (DPO) | ipo (dsrun/preference.py)
 
 
 @dataclass
@@ -323,6 +325,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if cfg.task.name == "export" and not (cfg.task.source and cfg.task.get("out")):
         p.append("task=export needs task.source=RUN_DIR (a finished run) and task.out=OUT_DIR (a new folder), as "
                  "`dsrun export RUN_DIR OUT_DIR`")
+    if cfg.task.name == "dpo":
+        p += preference_problems(cfg)
     if (steps := getattr(cfg.task, "steps", None)) is not None and steps < 1:  # old snapshots lack the key
         p.append(f"task.steps={steps}: must be >= 1")
     if isinstance(tr.micro_batch, int):
@@ -620,6 +624,23 @@ def value_problems(cfg: Any) -> list[str]:
     return p
 
 
+def preference_problems(cfg: Any) -> list[str]:
+    """task=dpo: its two keys, and what v1 does not do yet (named, never ignored)."""
+    p = []
+    if not (isinstance(cfg.task.beta, (int, float)) and cfg.task.beta > 0):
+        p.append(f"task.beta={cfg.task.beta}: must be > 0 (DPO's strength of the pull to the reference), e.g. 0.1")
+    if cfg.task.loss not in DPO_LOSSES:
+        p.append(f"task.loss={cfg.task.loss}: choose one of {', '.join(DPO_LOSSES)}")
+    if cfg.data.source not in ("reasoning", "jsonl"):
+        p.append(f"task=dpo with data={cfg.data.name}: preference pairs come from data=jsonl (prompt/chosen/rejected) "
+                 "or data=reasoning (built-in pairs)")
+    if cfg.data.eval_split is not None or cfg.data.eval_path:
+        p.append("task=dpo with an eval set (data.eval_split / data.eval_path): not supported yet; remove it")
+    if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
+        p.append(f"task=dpo with parallel={cfg.parallel.name}: runs under parallel=single, ddp or fsdp")
+    return p
+
+
 def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """{group.key: (selector, the options that read it)} from each registry entry's `reads`."""
     keys = {key for keys in reads.values() for key in keys}
@@ -630,6 +651,7 @@ def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> di
 READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
                 **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
                 "task.out": ("task.name", ("export",)),
+                "task.beta": ("task.name", ("dpo",)), "task.loss": ("task.name", ("dpo",)),
                 "optim.min_lr_ratio": ("optim.schedule", DECAYING),
                 "optim.decay_fraction": ("optim.schedule", STABLE_PHASE),
                 "optim.router_bias_rate": ("model.arch", ("deepseek_v3",))}  # dsrun/router_balance.py

@@ -161,15 +161,22 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
     def forward(self: nn.Module, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                label_rows: torch.Tensor | None = None, **kwargs: Any):
+                label_rows: torch.Tensor | None = None, per_row: bool = False, **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
-        hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state.flatten(0, 1)
-        labels = labels.flatten()
+        hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        if per_row:  # task=dpo: one loss sum per sequence, each through the chunked head on its own
+            return torch.stack([row_loss(hidden[i], labels[i]) for i in range(hidden.shape[0])]), None
+        hidden, labels = hidden.flatten(0, 1), labels.flatten()
         if chunked:
             loss = chunked_cross_entropy(hidden, head.weight, labels, label_rows)
         else:
             loss = full_cross_entropy(head, hidden, labels)
         return loss, (labels != IGNORE_INDEX).sum()
+
+    def row_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not chunked:
+            return full_cross_entropy(head, hidden, labels)
+        return chunked_cross_entropy(hidden, head.weight, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1))
 
     model.forward = types.MethodType(forward, model)
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ class Blocks:
     labels: torch.Tensor  # [rows, seq_len] int64, IGNORE_INDEX where no loss
     positions: torch.Tensor | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    reference: torch.Tensor | None = None  # task=dpo without adapters: [pairs, 2] reference log-probabilities
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -37,9 +39,11 @@ class Blocks:
     def trained_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def rows(self, index: torch.Tensor) -> tuple[Any, ...]:
+        """(inputs, labels, positions) of the rows at `index`, and their reference log-probabilities if any."""
         positions = self.positions[index] if self.positions is not None else None
-        return self.inputs[index], self.labels[index], positions
+        reference = (self.reference[index],) if self.reference is not None else ()
+        return self.inputs[index], self.labels[index], positions, *reference
 
 
 def pieces(doc: Document, seq_len: int) -> list[tuple[list[int], list[int]]]:

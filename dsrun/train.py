@@ -30,6 +30,7 @@ from dsrun.model import architecture, build_run_model, flops_per_token, millions
 from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
+from dsrun.preference import PreferenceLoss, preference_data, reference_logps
 from dsrun.profiling import StepProfiler
 from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
@@ -107,6 +108,7 @@ class Run:
     skipped_in_a_row: Any = None
     skipped_seen: Any = None  # OneStepLate: the streak of skipped steps, read one step late
     grad_norm: Any = None  # the last step's, before clipping (a device tensor)
+    preference: PreferenceLoss | None = None  # task=dpo: pairs of replies instead of next-token targets
     started: float = 0.0
     last_log_time: float = 0.0
     last_checkpoint_time: float | None = None
@@ -134,7 +136,11 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     # data first: a bad dataset stops the run before the model costs anything
     arch = architecture(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
+    dpo = cfg.task.name == "dpo"
+    if dpo:  # [pairs, 2, seq_len]: a micro-batch of N pairs runs 2N sequences
+        (rows, data_line), eval_rows = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size), None
+    else:
+        rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     if rank_zero:
         print(data_line, file=sys.stderr)
     dp, dp_rank = data_parallel_size(cfg), data_parallel_rank(fabric.global_rank, cfg)
@@ -170,7 +176,10 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     model, optimizer = setup_strategy(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
 
-    tokens_per_step = global_batch(cfg) * tr.seq_len
+    tokens_per_step = global_batch(cfg) * tr.seq_len * (2 if dpo else 1)
+    if dpo and cfg.adapter.method == "none":  # the reference: this model before its first step, once
+        rows.reference = reference_logps(model, rows, tr.micro_batch, fabric.device,
+                                         lambda i, lab, pos, dev: model_inputs(i, lab, pos, dev, host_embedding))
     per_epoch = batches.steps_per_epoch  # 0 when the data is smaller than one global batch
     # an epoch is `per_epoch` whole steps: the rows they take (a remainder smaller than a global batch waits for
     # the next epoch's shuffle), so both token counts are of those rows (the labelled ones on average over epochs)
@@ -200,6 +209,9 @@ def setup(cfg: Any, run_dir: Path) -> Run:
               loss_sum=zero.clone(), trained_sum=zero.clone(), trained_steps=zero.clone(),
               skipped_in_a_row=torch.zeros((), dtype=torch.int64, device=fabric.device),
               skipped_seen=OneStepLate(fabric.device))
+    if dpo:
+        off = None if rows.reference is not None else fabric_unwrap(model).disable_adapter
+        run.preference = PreferenceLoss(cfg.task.beta, cfg.task.loss, off, fabric.device)
     resume(run)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
@@ -241,25 +253,35 @@ def train_step(run: Run, step: int) -> Any:
     fabric, model, optimizer, tr = run.fabric, run.model, run.optimizer, run.cfg.train
     for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
         group["lr"] = run.lr * run.lr_at(step - 1)
-    # prepared on the host (packed documents' bounds, embedding rows kept in host memory), copied without a sync
-    micro_batches = [model_inputs(*batch, fabric.device, run.host_embedding)
-                     for batch in (next(run.batches) for _ in range(tr.accumulation))]
+    drawn = [next(run.batches) for _ in range(tr.accumulation)]
+    dp = data_parallel_size(run.cfg)
+
+    def to_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: Any = None) -> dict[str, Any]:
+        # prepared on the host (packed documents' bounds, embedding rows kept in host memory), copied without a sync
+        return model_inputs(inputs, labels, positions, fabric.device, run.host_embedding)
+
+    # task=dpo: pairs stay on the host, the preference loss makes their sequences (dsrun/preference.py)
+    micro_batches = drawn if run.preference is not None else [to_inputs(*batch) for batch in drawn]
+    pairs = tr.micro_batch * tr.accumulation * dp  # task=dpo: the step's loss is the mean over the global batch
     # the step's loss is its token losses over every labelled token of the global batch (torchtune's
     # normalisation): counted from the labels up front, one all-reduce, no host sync
-    labelled = sum((batch["labels"] != IGNORE_INDEX).sum() for batch in micro_batches).float()
+    labels = [batch[1] if run.preference is not None else batch["labels"] for batch in micro_batches]
+    labelled = sum((label != IGNORE_INDEX).sum() for label in labels).float().to(fabric.device)
     if fabric.world_size > 1:
         labelled = all_reduce_(labelled) / run.replicas
     run.trained_sum += labelled
     run.trained_steps += labelled > 0  # a step with no labelled token has no loss: not counted in the mean
     labelled = labelled.clamp(min=1)
-    dp = data_parallel_size(run.cfg)
     for micro, batch in enumerate(micro_batches):
         # gradients are reduced once per optimizer step, not per micro-batch
         with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
             # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
             # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/attention.py)
-            token_losses, _ = model(**batch)
-            loss = token_losses / labelled
+            if run.preference is not None:
+                loss = run.preference(model, batch, to_inputs) / pairs
+            else:
+                token_losses, _ = model(**batch)
+                loss = token_losses / labelled
             backward(loss * dp)  # the gradient reduction averages over the data-parallel ranks: undo its 1/dp
         run.loss_sum += loss.detach()
     grad_norm, stepped = optimizer_step(fabric, optimizer, model.parameters(), run.clip)
@@ -290,6 +312,8 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
                "tokens_seen": step * run.tokens_per_step, "tokens_trained": run.tokens_trained,
                **peak_memory_gib(fabric.device),
                "elapsed_s": now - run.started, "last_checkpoint_time": run.last_checkpoint_time}
+    if run.preference is not None:  # rewards, margin and accuracy of the interval's pairs
+        metrics.update(run.preference.metrics(all_reduce_))
     if evaluating:
         metrics.update(run.evaluator(run.model, fabric, run.host_embedding))
         if tr.keep_best and metrics["eval_loss"] < run.best_eval["loss"]:
