@@ -21,6 +21,7 @@ TASK_LINES = {
     "train": "train (the default): progress bar, summary, weights in <run>/model",
     "dry_run": "print the whole resolved config and the batch arithmetic; start nothing",
     "plan": "memory, speed and cost per GPU, and the cheapest fixes when it does not fit (no GPU needed)",
+    "dpo": "preference fine-tuning (DPO/IPO) on chosen/rejected pairs; the reference free under LoRA",
     "smoke": "a short run whose checks (finite, falling loss) mark it good for `dsrun rollback`",
     "generate": "answer task.source's model (as `dsrun generate`)",
     "serve": "serve task.source's model (as `dsrun serve`)",

@@ -24,6 +24,10 @@ ROWS = [
     # a row that starts with a verb runs `dsrun <verb> ...` as given, any other gets BASE in front
     ("unknown-option", "config", ["hardware=4x409"], ["hardware=4x409", "did you mean hardware=4x4090"]),
     ("typo-key", "config", ["train.max_step=5"], ["train.max_step", "did you mean train.max_steps"]),
+    ("dpo-beta-not-positive", "config", ["task=dpo", "task.beta=0"], ["task.beta=0", "> 0"]),
+    ("dpo-with-eval-set", "config", ["task=dpo", "data.eval_split=0.1"], ["task=dpo with an eval set"]),
+    ("preference-without-rejected", "data", ["task=dpo", "data=jsonl", "data.path={tmp}/norejected.jsonl"],
+     ["norejected.jsonl:1", "needs `chosen` and `rejected`"]),
     ("typo-group", "config", ["trian.max_steps=5"], ["trian.max_steps", "did you mean train.max_steps?"]),
     ("wrong-type", "config", ["train.max_steps=many"], ["train.max_steps=many", "Integer"]),
     ("zero-micro-batch", "config", ["train.micro_batch=0"], ["train.micro_batch=0", ">= 1"]),
@@ -275,6 +279,7 @@ FILES = {
                          b'{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "?"}]}\n',
     "data.jsonl.gz": gzip.compress(b'{"text": "hello"}\n'),
     "a-file": b"",
+    "norejected.jsonl": b'{"prompt": "hi", "chosen": "hello"}\n',
     "garbage.sqlite": b"this is not an SQLite database" * 100,
     "noconfig/README": b"",
     "badjson/config.json": b"{not json",
