@@ -119,3 +119,31 @@ def test_bad_preference_data_is_one_line(tmp_path, record, fragment):
                                                ("data=synthetic_tokens", "preference pairs come from")])
 def test_bad_dpo_config_is_one_line(tmp_path, override, fragment):
     assert_user_error(dsrun(*DPO, override, run_dir=tmp_path / "run"), fragment)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_dpo_resumes_exactly(tmp_path, adapter):
+    """A run stopped after its 3rd step and resumed logs the losses and rewards of the uninterrupted run (the
+    reference of a full fine-tune is recomputed from the initial weights as the resumed run starts)."""
+    job = [*DPO, f"adapter={adapter}", "train.log_every=1", "train.checkpoint_every=3", "optim.schedule=constant",
+           "optim.warmup_steps=0", "data.num_samples=32"]
+    assert dsrun(*job, "train.max_steps=6", run_dir=tmp_path / "full").returncode == 0
+    assert dsrun(*job, "train.max_steps=3", run_dir=tmp_path / "cut").returncode == 0
+    resumed = dsrun("resume", str(tmp_path / "cut"), "train.max_steps=6")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    keys = ("loss", "reward_margin", "rewards_chosen", "reward_accuracy")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "cut")] == \
+        [[r[k] for k in keys] for r in read_metrics(tmp_path / "full")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_dpo_on_two_processes_matches_one(tmp_path, strategy):
+    job = [*DPO, "adapter=lora", "train.log_every=1", "train.max_steps=4", "data.num_samples=32"]
+    one = dsrun(*job, run_dir=tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = dsrun(*job, "hardware.devices=2", f"parallel={strategy}", "train.micro_batch=2", run_dir=tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-2000:]
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_margin"] == pytest.approx(
+            a["reward_margin"], rel=1e-4, abs=1e-7)
