@@ -25,6 +25,16 @@ def data_parallel_rank(global_rank: int, cfg: Any) -> int:
     return global_rank // (world_size(cfg) // data_parallel_size(cfg))
 
 
+def preference_pairs(cfg: Any) -> bool:
+    """A task=dpo run, or its plan (task=plan plan.mode=dpo)."""
+    return cfg.task.name == "dpo" or (cfg.task.name == "plan" and cfg.plan.mode == "dpo")
+
+
+def sequences_per_row(cfg: Any) -> int:
+    """Sequences the model runs per row of a batch: task=dpo's row is a pair (chosen and rejected)."""
+    return 2 if preference_pairs(cfg) else 1
+
+
 def global_batch(cfg: Any) -> int:
     """Sequences per optimizer step: the one place this product is computed."""
     return cfg.train.micro_batch * cfg.train.accumulation * data_parallel_size(cfg)

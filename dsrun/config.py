@@ -170,7 +170,7 @@ class TaskConfig:
 @dataclass
 class PlanConfig:
     """task=plan: what to plan and the prices it costs with (dsrun/plan/, docs/planner.md)."""
-    mode: str = "train"  # train | inference
+    mode: str = "train"  # train | dpo (pairs: two sequences a row, the reference pass) | inference
     context: int = 4096  # inference: tokens per sequence the KV cache holds (prompt + output)
     batch: int = 1  # inference: sequences decoded together
     json: bool = False  # print the plan as JSON on stdout (sweeps, tests)
@@ -280,7 +280,7 @@ def register_configs() -> None:
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
 VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
-          "plan.mode": ("train", "inference"), "serve.engine": ("dsrun", "vllm"),
+          "plan.mode": ("train", "dpo", "inference"), "serve.engine": ("dsrun", "vllm"),
           "serve.reasoning": ("split", "inline"),
           "generate.show_thinking": ("dim", "show", "hide"), "generate.compile": ("auto", "true", "false"),
           "serve.compile": ("auto", "true", "false"), "bench_infer.compile": ("auto", "true", "false"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch
+from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch, sequences_per_row
 from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
@@ -176,7 +176,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     model, optimizer = setup_strategy(fabric, cfg, model, make_optimizer)
     load_peak = load_peak_gib(fabric.device)  # building and placing the model, kept apart from the step's peak
 
-    tokens_per_step = global_batch(cfg) * tr.seq_len * (2 if dpo else 1)
+    tokens_per_step = global_batch(cfg) * tr.seq_len * sequences_per_row(cfg)
     if dpo and cfg.adapter.method == "none":  # the reference: this model before its first step, once
         rows.reference = reference_logps(model, rows, tr.micro_batch, fabric.device,
                                          lambda i, lab, pos, dev: model_inputs(i, lab, pos, dev, host_embedding))

@@ -159,8 +159,12 @@ def assumptions(cfg: Any, spec: dict | None) -> list[str]:
                      "; ".join(f"{'within the node' if scope == 'local' else 'between nodes'} "
                                f"{e['bus_bandwidth_gbs']:.2f} GB/s bus bandwidth ({e['backend']}, {e['ranks']} ranks, "
                                f"{e['measured_at']})" for scope, e in measured.items()))
-    if cfg.plan.mode == "train":
+    if cfg.plan.mode != "inference":
         items.append("peak at the start of backward; gradients reuse freed activations when accumulation is 1")
+    if cfg.plan.mode == "dpo":
+        items.append("task=dpo: each row a pair (2 sequences); under LoRA the reference is the model with its "
+                     "adapters off, one more forward without gradients; without adapters its log-probabilities are "
+                     "computed before the first step")
     else:
         items.append("weights and KV cache split evenly over the GPUs (tensor parallel); decode reads every "
                      "weight once per step at 70 % of the memory bandwidth")

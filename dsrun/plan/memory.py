@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsrun.batch import data_parallel_size, world_size
+from dsrun.batch import data_parallel_size, sequences_per_row, world_size
 from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
@@ -151,7 +151,7 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     q_weight, q_const = quant_bytes(cfg.quant)
     tp = cfg.parallel.tensor_parallel_size if strategy == "tp" else 1
     spread = 1 - shape.tp * (1 - 1 / tp) / shape.total  # share of the weights one tensor-parallel rank holds
-    tokens = tr.micro_batch * tr.seq_len
+    tokens = tr.micro_batch * tr.seq_len * sequences_per_row(cfg)
     m = {
         "weights": ((shape.total - quantized) * b["weights"] + quantized * q_weight) * spread / div["weights"],
         "quant_constants": (shape.matmul_rows * 4 if cfg.quant.method == "int8" else quantized * q_const)

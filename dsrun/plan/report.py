@@ -73,7 +73,7 @@ def _recipe_line(p: Plan) -> str:
              f"{', activation checkpointing' if r['activation_checkpointing'] else ''})", f"precision {r['precision']}"]
     if r["quant"] != "none" or r["adapter"] != "none":
         parts.append(f"quant {r['quant']}, adapter {r['adapter']}")
-    if p.mode == "train":
+    if p.mode != "inference":
         parts.append(f"micro-batch {r['micro_batch']} x accumulation {r['accumulation']} -> global batch "
                      f"{r['global_batch']} x seq {r['seq_len']}")
     else:
@@ -101,9 +101,9 @@ def _speed_table(p: Plan) -> Table:
     table = Table(title="speed and cost", title_justify="left", show_header=False)
     table.add_column()
     table.add_column(justify="right")
-    unit = "tokens/s" if p.mode == "train" else "decoded tokens/s, whole batch (bandwidth bound)"
+    unit = "tokens/s" if p.mode != "inference" else "decoded tokens/s, whole batch (bandwidth bound)"
     table.add_row(unit, f"{p.tokens_per_s:,.0f}")
-    table.add_row("optimizer step" if p.mode == "train" else "decode step", f"{p.step_time_s:,.3g} s")
+    table.add_row("optimizer step" if p.mode != "inference" else "decode step", f"{p.step_time_s:,.3g} s")
     if p.time_to_first_token_s is not None:
         table.add_row("time to first token (prompt = context)", f"{p.time_to_first_token_s:,.3g} s")
     table.add_row("assumed MFU", f"{p.mfu:.0%}")

@@ -195,11 +195,11 @@ def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[st
     if cfg.precision.name == "auto" and cfg.precision.mode == "32-true":  # auto picks bf16 on GPUs
         extra.append("precision=bf16")
     n = devices * nodes
-    if n > 1 and cfg.parallel.strategy in ("single", "ddp") and cfg.plan.mode == "train":
+    if n > 1 and cfg.parallel.strategy in ("single", "ddp") and cfg.plan.mode != "inference":
         extra.append("parallel=fsdp")
         if cfg.parallel.activation_checkpointing:
             extra.append("parallel.activation_checkpointing=true")
-    if cfg.plan.mode == "train":
+    if cfg.plan.mode != "inference":
         extra += _same_global_batch(cfg, data_parallel_size(apply_overrides(cfg, hardware + extra)))
     return hardware + extra
 
