@@ -7,7 +7,7 @@ Which lines are commands, and how a doc marks what cannot run here (the conventi
   it are its expected output: it must exit 2 and print exactly those lines.
 - Placeholders are filled with real things the test makes once: `outputs/runs/<time>`, `RUN_DIR`, `RUN_A`,
   `RUN_B` and `outputs/runs/<a time stamp>` with a 2-step run (checkpoint included); `outputs/sweeps/<time>` with a
-  2-trial sweep (its trial `/3` becomes `/1`); `exported/` with a new folder; `prompts.txt` with a file; `$PWD` with
+  2-trial sweep (its trial `/3` becomes `/1`); `exported/` with a new folder; `prompts.txt` and `prefs.jsonl` with a file; `$PWD` with
   the working folder; `[overrides]` is dropped.
 - Commands that cannot run on a CPU test box are skipped with the reason, recognised from the command itself:
   a GPU hardware option or recipe (unless the task only plans or composes: `task=plan`, `task=dry_run`, `--cfg`),
@@ -132,6 +132,8 @@ def workdir(tmp_path_factory) -> dict[str, Path]:
     proc = dsrun("task=smoke", "hardware=cpu", "monitor=none", "train.max_steps=6", *SHORT[:3], cwd=root)
     assert proc.returncode == 0, proc.stderr  # a run marked good: `dsrun rollback` replays it
     (root / "prompts.txt").write_text("What is 2 + 2?\n")
+    (root / "prefs.jsonl").write_text("".join(  # docs/preference.md's pairs
+        f'{{"prompt": "What is {i} + {i}?", "chosen": "{2 * i}", "rejected": "I cannot answer."}}\n' for i in range(40)))
     return {"root": root, "run": run, "sweep": sweep}
 
 
