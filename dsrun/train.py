@@ -22,6 +22,7 @@ from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoi
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
+from dsrun import hardware
 from dsrun.hardware import emulate_memory, gpu_catalog
 from dsrun.attention import use_varlen_attention
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
@@ -490,9 +491,14 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 def peak_flops_per_s(cfg: Any) -> float:
-    """The GPU's dense bf16 rate from the catalog (0 on CPU: no MFU there)."""
-    spec = gpu_catalog().get(cfg.hardware.gpu or "")
-    return spec["bf16_tflops"] * 1e12 if spec and cfg.hardware.accelerator == "cuda" else 0.0
+    """The dense bf16 rate of the GPU that runs the step, from the catalog (0 on CPU or an unknown card: no MFU).
+    Under hardware.emulate that is the card found, not the one emulated: an RTX 3060 recipe proven on an H100 ran
+    at the H100's rate (its MFU against the 3060's peak read 474 %)."""
+    if cfg.hardware.accelerator != "cuda":
+        return 0.0
+    gpu = hardware.detect()["gpu"] if cfg.hardware.emulate else cfg.hardware.gpu
+    spec = gpu_catalog().get(gpu or "")
+    return spec["bf16_tflops"] * 1e12 if spec else 0.0
 
 
 def load_peak_gib(device: torch.device) -> float | None:

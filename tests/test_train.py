@@ -152,3 +152,22 @@ def test_exposed_communication_is_nccl_time_with_no_other_kernel_running(tmp_pat
         event("ncclDevKernel_ReduceScatter_Sum_f32", "kernel", 30, 10), event("Memcpy DtoD", "gpu_memcpy", 35, 2),
         event("aten::mm", "cpu_op", 0, 100)]}))
     assert device_time(trace) == (30.0, 20.0, 13.0)  # exposed: 5 us of the all-gather, 8 of the reduce-scatter
+
+
+def test_mfu_under_emulation_is_against_the_card_that_runs(monkeypatch):
+    """Issue 30: an RTX 3060 recipe proven on an H100 (hardware.emulate=true) reported MFU against the 3060's peak
+    (4.74 = 474 %). The peak is the card found; without emulation, the one named."""
+    from omegaconf import OmegaConf
+
+    from dsrun import hardware
+    from dsrun.train import peak_flops_per_s
+
+    monkeypatch.setattr(hardware, "detect", lambda: {"accelerator": "cuda", "devices": 1, "gpu": "h100_sxm",
+                                                     "device_name": "NVIDIA H100 80GB HBM3"})
+    catalog = hardware.gpu_catalog()
+    emulated = OmegaConf.create({"hardware": {"accelerator": "cuda", "gpu": "rtx3060", "emulate": True}})
+    assert peak_flops_per_s(emulated) == catalog["h100_sxm"]["bf16_tflops"] * 1e12
+    named = OmegaConf.create({"hardware": {"accelerator": "cuda", "gpu": "rtx3060", "emulate": False}})
+    assert peak_flops_per_s(named) == catalog["rtx3060"]["bf16_tflops"] * 1e12
+    cpu = OmegaConf.create({"hardware": {"accelerator": "cpu", "gpu": None, "emulate": False}})
+    assert peak_flops_per_s(cpu) == 0.0
