@@ -124,6 +124,53 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+class ChunkedTokenLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[t, labels[t]] for every token t, a chunk of tokens' logits at a time in the
+    forward and again in the backward (recomputed: each token's gradient weight is known only then). What GRPO's
+    per-token ratios need without a [tokens, 152k] logits tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        dtype = _compute_dtype(hidden, weight)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).T).float()
+            out[start:start + chunk] = logits.gather(1, labels[start:start + chunk, None]).squeeze(1) - \
+                logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        hidden, weight, labels = ctx.saved_tensors
+        dtype = _compute_dtype(hidden, weight)
+        w = weight.to(dtype)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start:start + ctx.chunk].to(dtype)
+            probs = (h @ w.T).float().softmax(1)
+            # d logp[label] / d logits = onehot(label) - softmax, times each token's incoming gradient
+            grad = -probs * grad_out[start:start + ctx.chunk, None]
+            grad.scatter_add_(1, labels[start:start + ctx.chunk, None], grad_out[start:start + ctx.chunk, None])
+            grad = grad.to(dtype)
+            if want_hidden:
+                grad_hidden[start:start + ctx.chunk] = (grad @ w).to(hidden.dtype)
+            if want_weight:
+                grad_weight.add_(grad.T.float() @ h.float())
+        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None
+
+
+def token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probabilities of `labels` [tokens] under the head `weight` [vocab, d] from `hidden`
+    [tokens, d], chunked over tokens (ChunkedTokenLogProbs)."""
+    chunk = chunk_tokens(weight.shape[0], weight.shape[1], weight.requires_grad)
+    return ChunkedTokenLogProbs.apply(hidden, weight, labels, chunk)
+
+
 def chunk_tokens(vocab: int, hidden: int, trains_head: bool) -> int:
     """Tokens per chunk: 64 MiB of fp32 logits where the head is frozen. Where the head trains, each chunk adds
     its product into the head's fp32 gradient (vocab x hidden, read and written once per chunk), so chunks of at
