@@ -634,8 +634,6 @@ def preference_problems(cfg: Any) -> list[str]:
     if cfg.data.source not in ("reasoning", "jsonl"):
         p.append(f"task=dpo with data={cfg.data.name}: preference pairs come from data=jsonl (prompt/chosen/rejected) "
                  "or data=reasoning (built-in pairs)")
-    if cfg.data.eval_split is not None or cfg.data.eval_path:
-        p.append("task=dpo with an eval set (data.eval_split / data.eval_path): not supported yet; remove it")
     if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
         p.append(f"task=dpo with parallel={cfg.parallel.name}: runs under parallel=single, ddp or fsdp")
     return p

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dsrun.chat import render, tokenize
 from dsrun.errors import DataError
+from dsrun.model_inputs import model_inputs
 from dsrun.packing import IGNORE_INDEX, Blocks
 
 def as_pair(record: Any, where: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -140,17 +141,29 @@ def reference_logps(model: Any, blocks: Blocks, micro_batch: int, device: torch.
     return torch.cat(out)
 
 
-def preference_data(data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> tuple[Blocks, str]:
-    """The pairs of `data` (a JSONL of preference records, or the built-in reasoning chats as pairs) and the
-    console's data line."""
-    from dsrun.sources import SOURCES
+def preference_data(data_cfg: Any, tokenizer: Any, seq_len: int,
+                    vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
+    """The pairs of `data` (a JSONL of preference records, or the built-in reasoning chats as pairs), the held-out
+    pairs (data.eval_split, after dropping exact duplicates, or data.eval_path) and the console's data line."""
+    from dsrun.data import unique
+    from dsrun.sources import SOURCES, read_records, split_eval
 
     records = SOURCES[data_cfg.source].records(data_cfg)
+    held, note = None, ""
+    if data_cfg.eval_split is not None:
+        records, duplicates = unique(records)
+        records, held = split_eval(records, data_cfg.eval_split, data_cfg.seed)
+        note = f"; {duplicates} duplicate records dropped before the eval split" if duplicates else ""
+    elif data_cfg.eval_path:
+        held = read_records(data_cfg.eval_path, "data.eval_path")
     if data_cfg.source == "reasoning":
         records = [(reasoning_pair(record), where) for record, where in records]
+        held = [(reasoning_pair(record), where) for record, where in held] if held is not None else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     blocks = preference_blocks(records, tokenizer, seq_len, vocab_size, pad)
-    return blocks, describe_pairs(blocks, seq_len)
+    eval_blocks = preference_blocks(held, tokenizer, seq_len, vocab_size, pad) if held is not None else None
+    line = describe_pairs(blocks, seq_len) + note
+    return blocks, eval_blocks, line + (f"; eval set: {len(eval_blocks)} pairs" if eval_blocks is not None else "")
 
 
 class PreferenceLoss:
@@ -163,6 +176,15 @@ class PreferenceLoss:
         self.sums = torch.zeros(4, device=device)  # chosen reward, rejected reward, pairs ranked right, pairs
 
     def __call__(self, model: Any, batch: tuple[Any, ...], to_inputs: Any) -> torch.Tensor:
+        losses, chosen_reward, rejected_reward = self.pair_terms(model, batch, to_inputs)
+        self.sums += torch.stack([chosen_reward.sum(), rejected_reward.sum(),
+                                  (chosen_reward > rejected_reward).sum().float(),
+                                  torch.tensor(float(len(losses)), device=losses.device)])
+        return losses.sum()
+
+    def pair_terms(self, model: Any, batch: tuple[Any, ...],
+                   to_inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pair: the loss, the chosen and the rejected reply's implicit reward."""
         inputs, labels, _, *reference = batch
         rows, row_labels = as_rows(inputs, labels)
         kwargs = to_inputs(rows, row_labels)
@@ -174,12 +196,7 @@ class PreferenceLoss:
             with torch.no_grad(), self.reference_off():
                 ref_chosen, ref_rejected = sequence_logps(model, kwargs).float().chunk(2)
         chosen, rejected = sequence_logps(model, kwargs).float().chunk(2)
-        losses, chosen_reward, rejected_reward = dpo_losses(chosen, rejected, ref_chosen, ref_rejected, self.beta,
-                                                            self.loss, *tokens.chunk(2))
-        self.sums += torch.stack([chosen_reward.sum(), rejected_reward.sum(),
-                                  (chosen_reward > rejected_reward).sum().float(),
-                                  torch.tensor(float(len(losses)), device=losses.device)])
-        return losses.sum()
+        return dpo_losses(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss, *tokens.chunk(2))
 
     def metrics(self, reduce: Any) -> dict[str, float]:
         """The log interval's means (summed over ranks by `reduce`), then zeroed."""
@@ -189,3 +206,41 @@ class PreferenceLoss:
             return {}
         return {"rewards_chosen": chosen / pairs, "rewards_rejected": rejected / pairs,
                 "reward_margin": (chosen - rejected) / pairs, "reward_accuracy": right / pairs}
+
+
+class PreferenceEvaluator:
+    """task=dpo's eval pass over held-out pairs (data.eval_split / data.eval_path): the DPO loss per pair, the
+    reward margin and accuracy. Like dsrun/evaluate.py's, every rank runs the same number of forwards (the last
+    global micro-batch is filled with pairs that count for nothing)."""
+
+    def __init__(self, blocks: Blocks, micro_batch: int, rank: int, data_parallel: int, loss: PreferenceLoss):
+        per_step = micro_batch * data_parallel
+        if len(blocks) < per_step:
+            raise DataError(f"the eval set holds {len(blocks)} pairs, fewer than one batch ({micro_batch} x "
+                            f"{data_parallel} processes); raise data.eval_split, add eval data or lower "
+                            "train.micro_batch")
+        self.blocks, self.micro_batch, self.rank, self.per_step, self.loss = blocks, micro_batch, rank, per_step, loss
+        self.steps = -(-len(blocks) // per_step)
+
+    def __call__(self, model: Any, fabric: Any, embedding: Any = None) -> dict[str, float]:
+        def to_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: Any = None) -> dict[str, Any]:
+            return model_inputs(inputs, labels, positions, fabric.device, embedding)
+
+        totals = torch.zeros(5, dtype=torch.float64, device=fabric.device)  # loss, chosen, rejected, right, pairs
+        model.eval()
+        with torch.no_grad():
+            for step in range(self.steps):
+                start = step * self.per_step + self.rank * self.micro_batch
+                index = torch.arange(start, start + self.micro_batch)
+                real = (index < len(self.blocks)).to(fabric.device, torch.float64)
+                batch = self.blocks.rows(index.clamp(max=len(self.blocks) - 1))
+                losses, chosen, rejected = self.loss.pair_terms(model, batch, to_inputs)
+                totals += torch.stack([(losses.double() * real).sum(), (chosen.double() * real).sum(),
+                                       (rejected.double() * real).sum(), ((chosen > rejected).double() * real).sum(),
+                                       real.sum()])
+        model.train()
+        if fabric.world_size > 1:
+            totals = fabric.all_reduce(totals, reduce_op="sum")
+        loss, chosen, rejected, right, pairs = totals.tolist()
+        return {"eval_loss": loss / pairs, "eval_reward_margin": (chosen - rejected) / pairs,
+                "eval_reward_accuracy": right / pairs}

@@ -31,7 +31,7 @@ from dsrun.model import architecture, build_run_model, flops_per_token, millions
 from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
-from dsrun.preference import PreferenceLoss, preference_data, reference_logps
+from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_data, reference_logps
 from dsrun.profiling import StepProfiler
 from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
@@ -139,7 +139,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     tokenizer = load_tokenizer(cfg.model)
     dpo = cfg.task.name == "dpo"
     if dpo:  # [pairs, 2, seq_len]: a micro-batch of N pairs runs 2N sequences
-        (rows, data_line), eval_rows = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size), None
+        rows, eval_rows, data_line = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     else:
         rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     if rank_zero:
@@ -148,7 +148,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     replicas = fabric.world_size // dp  # ranks of one tensor-parallel group hold the same batch
     batches = BatchStream(rows, tr.micro_batch, dp_rank, dp, seed=tr.seed, pin=fabric.device.type == "cuda",
                           accumulation=tr.accumulation)
-    evaluator = Evaluator(eval_rows, tr.micro_batch, dp_rank, dp, replicas) if eval_rows is not None else None
+    evaluator = Evaluator(eval_rows, tr.micro_batch, dp_rank, dp, replicas) if eval_rows is not None and not dpo \
+        else None  # task=dpo's is made once its loss is (below)
     max_steps = tr.max_steps or tr.epochs * batches.steps_per_epoch
     if max_steps == 0:
         raise DataError(f"train.epochs={tr.epochs}: the data packs into {len(rows)} rows, fewer than one global "
@@ -179,8 +180,9 @@ def setup(cfg: Any, run_dir: Path) -> Run:
 
     tokens_per_step = global_batch(cfg) * tr.seq_len * sequences_per_row(cfg)
     if dpo and cfg.adapter.method == "none":  # the reference: this model before its first step, once
-        rows.reference = reference_logps(model, rows, tr.micro_batch, fabric.device,
-                                         lambda i, lab, pos, dev: model_inputs(i, lab, pos, dev, host_embedding))
+        for pairs in filter(None, (rows, eval_rows)):
+            pairs.reference = reference_logps(model, pairs, tr.micro_batch, fabric.device,
+                                              lambda i, lab, pos, dev: model_inputs(i, lab, pos, dev, host_embedding))
     per_epoch = batches.steps_per_epoch  # 0 when the data is smaller than one global batch
     # an epoch is `per_epoch` whole steps: the rows they take (a remainder smaller than a global batch waits for
     # the next epoch's shuffle), so both token counts are of those rows (the labelled ones on average over epochs)
@@ -213,6 +215,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     if dpo:
         off = None if rows.reference is not None else fabric_unwrap(model).disable_adapter
         run.preference = PreferenceLoss(cfg.task.beta, cfg.task.loss, off, fabric.device)
+        if eval_rows is not None:
+            run.evaluator = PreferenceEvaluator(eval_rows, tr.micro_batch, dp_rank, dp, run.preference)
     resume(run)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
@@ -558,6 +562,6 @@ def trained_and_eval(history: list[dict[str, Any]], steady: list[dict[str, Any]]
     evals = [m for m in history if "eval_loss" in m]
     if evals:
         best = min(evals, key=lambda m: m["eval_loss"])
-        out.update(eval_loss=evals[-1]["eval_loss"], eval_ppl=evals[-1]["eval_ppl"],
+        out.update(eval_loss=evals[-1]["eval_loss"], eval_ppl=evals[-1].get("eval_ppl"),
                    best_eval_loss=best["eval_loss"], best_eval_step=best["step"])
     return out

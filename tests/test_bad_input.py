@@ -25,7 +25,7 @@ ROWS = [
     ("unknown-option", "config", ["hardware=4x409"], ["hardware=4x409", "did you mean hardware=4x4090"]),
     ("typo-key", "config", ["train.max_step=5"], ["train.max_step", "did you mean train.max_steps"]),
     ("dpo-beta-not-positive", "config", ["task=dpo", "task.beta=0"], ["task.beta=0", "> 0"]),
-    ("dpo-with-eval-set", "config", ["task=dpo", "data.eval_split=0.1"], ["task=dpo with an eval set"]),
+    ("dpo-unknown-loss", "config", ["task=dpo", "task.loss=kto"], ["task.loss=kto", "sigmoid, ipo"]),
     ("preference-without-rejected", "data", ["task=dpo", "data=jsonl", "data.path={tmp}/norejected.jsonl"],
      ["norejected.jsonl:1", "needs `chosen` and `rejected`"]),
     ("typo-group", "config", ["trian.max_steps=5"], ["trian.max_steps", "did you mean train.max_steps?"]),

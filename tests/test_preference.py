@@ -115,7 +115,6 @@ def test_bad_preference_data_is_one_line(tmp_path, record, fragment):
 
 
 @pytest.mark.parametrize("override,fragment", [("task.beta=0", "task.beta=0"), ("task.loss=kto", "task.loss=kto"),
-                                               ("data.eval_split=0.1", "not supported yet"),
                                                ("data=synthetic_tokens", "preference pairs come from")])
 def test_bad_dpo_config_is_one_line(tmp_path, override, fragment):
     assert_user_error(dsrun(*DPO, override, run_dir=tmp_path / "run"), fragment)
@@ -147,3 +146,20 @@ def test_dpo_on_two_processes_matches_one(tmp_path, strategy):
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_margin"] == pytest.approx(
             a["reward_margin"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_dpo_eval_set_scores_held_out_pairs_and_keeps_the_best(tmp_path, adapter):
+    data = preference_file(tmp_path / "train.jsonl", 64)
+    lr = "train.lr=3e-3" if adapter == "lora" else "train.lr=3e-4"
+    proc = dsrun(*DPO, f"adapter={adapter}", "data=jsonl", f"data.path={data}", "data.eval_split=0.25", lr,
+                 "train.max_steps=12", "train.eval_every=6", "train.keep_best=true", "train.checkpoint_every=0",
+                 run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval set: 16 pairs" in proc.stderr
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[-1]["eval_loss"] < 0.69 and evals[-1]["eval_reward_accuracy"] > 0.5, evals
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_eval_step"] in (6, 12) and summary["eval_ppl"] is None
+    assert (tmp_path / "run" / "checkpoints" / "best").is_dir()

@@ -31,7 +31,8 @@ class ConsoleMonitor(Monitor):
         stats = (f"loss {loss}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
                  f"{metrics['tokens_per_s']:,.0f} tok/s  {metrics['peak_memory_gib']:.2f} GiB")
         if "eval_loss" in metrics:
-            stats += f"  eval {metrics['eval_loss']:.4f} (ppl {metrics['eval_ppl']:,.2f})"
+            ppl = f" (ppl {metrics['eval_ppl']:,.2f})" if "eval_ppl" in metrics else ""  # task=dpo: none
+            stats += f"  eval {metrics['eval_loss']:.4f}{ppl}"
         if self.live:
             self.progress.update(self.task, completed=metrics["step"], stats=stats)
         else:
