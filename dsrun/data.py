@@ -114,18 +114,23 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
         if data_cfg.eval_path:
             held = _rows(read_records(data_cfg.eval_path, "data.eval_path"), data_cfg, tokenizer, seq_len, vocab_size)
         return train, held, f"dsrun: data: {len(train)} rows of {seq_len} random tokens" + _eval_note(held)
-    records = source.records(data_cfg)
-    held_records, duplicates = None, 0
-    if data_cfg.eval_split is not None:
-        # a record with a copy on both sides would score memorisation as eval loss: one of each kind is kept
-        records, duplicates = unique(records)
-        records, held_records = split_eval(records, data_cfg.eval_split, data_cfg.seed)
-    elif data_cfg.eval_path:
-        held_records = read_records(data_cfg.eval_path, "data.eval_path")
+    records, held_records, note = held_out(source.records(data_cfg), data_cfg)
     train = _rows(records, data_cfg, tokenizer, seq_len, vocab_size)
     held = _rows(held_records, data_cfg, tokenizer, seq_len, vocab_size) if held_records is not None else None
-    note = f"; {duplicates} duplicate records dropped before the eval split" if duplicates else ""
     return train, held, describe(train, data_cfg, seq_len) + note + _eval_note(held)
+
+
+def held_out(records: list[tuple[Any, str]], data_cfg: Any) -> tuple[list[Any], list[Any] | None, str]:
+    """(training records, eval records or None, a note for the data line): data.eval_split's share, exact
+    duplicates dropped first (a record with a copy on both sides would score memorisation as eval loss), or
+    data.eval_path's records."""
+    if data_cfg.eval_split is not None:
+        records, duplicates = unique(records)
+        records, held = split_eval(records, data_cfg.eval_split, data_cfg.seed)
+        return records, held, f"; {duplicates} duplicate records dropped before the eval split" if duplicates else ""
+    if data_cfg.eval_path:
+        return records, read_records(data_cfg.eval_path, "data.eval_path"), ""
+    return records, None, ""
 
 
 def unique(records: list[tuple[Any, str]]) -> tuple[list[tuple[Any, str]], int]:

@@ -20,21 +20,27 @@ from dsrun.packing import Blocks
 
 
 class Evaluator:
+    SIZE = "packs into {} rows"  # how the set's size reads in the too-small error
+
     def __init__(self, blocks: Blocks, micro_batch: int, rank: int, data_parallel: int, replicas: int = 1):
         per_step = micro_batch * data_parallel
         if len(blocks) < per_step:
-            raise DataError(f"the eval set packs into {len(blocks)} rows, fewer than one batch ({micro_batch} x "
+            raise DataError(f"the eval set {self.SIZE.format(len(blocks))}, fewer than one batch ({micro_batch} x "
                             f"{data_parallel} processes); raise data.eval_split, add eval data or lower "
                             "train.micro_batch")
         self.blocks, self.micro_batch, self.rank, self.per_step = blocks, micro_batch, rank, per_step
         self.replicas = replicas  # ranks of one tensor-parallel group score the same rows: counted once
         self.steps = math.ceil(len(blocks) / per_step)
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _rows(self, step: int) -> tuple[tuple[Any, ...], torch.Tensor]:
+        """This rank's rows of global micro-batch `step` (Blocks.rows) and which of them are real: past the end
+        of the set, a real row stands in as filler."""
         start = step * self.per_step + self.rank * self.micro_batch
         index = torch.arange(start, start + self.micro_batch)
-        real = index < len(self.blocks)
-        inputs, labels, positions = self.blocks.rows(index.clamp(max=len(self.blocks) - 1))
+        return self.blocks.rows(index.clamp(max=len(self.blocks) - 1)), index < len(self.blocks)
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        (inputs, labels, positions), real = self._rows(step)
         labels = labels.masked_fill(~real[:, None], IGNORE_INDEX)  # filler rows: a real row's tokens, no score
         return inputs, labels, positions
 

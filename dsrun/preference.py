@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dsrun.chat import render, tokenize
 from dsrun.errors import DataError
+from dsrun.evaluate import Evaluator
 from dsrun.model_inputs import model_inputs
 from dsrun.packing import IGNORE_INDEX, Blocks
 
@@ -145,17 +146,10 @@ def preference_data(data_cfg: Any, tokenizer: Any, seq_len: int,
                     vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
     """The pairs of `data` (a JSONL of preference records, or the built-in reasoning chats as pairs), the held-out
     pairs (data.eval_split, after dropping exact duplicates, or data.eval_path) and the console's data line."""
-    from dsrun.data import unique
-    from dsrun.sources import SOURCES, read_records, split_eval
+    from dsrun.data import held_out
+    from dsrun.sources import SOURCES
 
-    records = SOURCES[data_cfg.source].records(data_cfg)
-    held, note = None, ""
-    if data_cfg.eval_split is not None:
-        records, duplicates = unique(records)
-        records, held = split_eval(records, data_cfg.eval_split, data_cfg.seed)
-        note = f"; {duplicates} duplicate records dropped before the eval split" if duplicates else ""
-    elif data_cfg.eval_path:
-        held = read_records(data_cfg.eval_path, "data.eval_path")
+    records, held, note = held_out(SOURCES[data_cfg.source].records(data_cfg), data_cfg)
     if data_cfg.source == "reasoning":
         records = [(reasoning_pair(record), where) for record, where in records]
         held = [(reasoning_pair(record), where) for record, where in held] if held is not None else None
@@ -208,19 +202,16 @@ class PreferenceLoss:
                 "reward_margin": (chosen - rejected) / pairs, "reward_accuracy": right / pairs}
 
 
-class PreferenceEvaluator:
+class PreferenceEvaluator(Evaluator):
     """task=dpo's eval pass over held-out pairs (data.eval_split / data.eval_path): the DPO loss per pair, the
-    reward margin and accuracy. Like dsrun/evaluate.py's, every rank runs the same number of forwards (the last
+    reward margin and accuracy. As dsrun/evaluate.py's, every rank runs the same number of forwards (the last
     global micro-batch is filled with pairs that count for nothing)."""
 
+    SIZE = "holds {} pairs"
+
     def __init__(self, blocks: Blocks, micro_batch: int, rank: int, data_parallel: int, loss: PreferenceLoss):
-        per_step = micro_batch * data_parallel
-        if len(blocks) < per_step:
-            raise DataError(f"the eval set holds {len(blocks)} pairs, fewer than one batch ({micro_batch} x "
-                            f"{data_parallel} processes); raise data.eval_split, add eval data or lower "
-                            "train.micro_batch")
-        self.blocks, self.micro_batch, self.rank, self.per_step, self.loss = blocks, micro_batch, rank, per_step, loss
-        self.steps = -(-len(blocks) // per_step)
+        super().__init__(blocks, micro_batch, rank, data_parallel)
+        self.loss = loss
 
     def __call__(self, model: Any, fabric: Any, embedding: Any = None) -> dict[str, float]:
         def to_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: Any = None) -> dict[str, Any]:
@@ -230,10 +221,8 @@ class PreferenceEvaluator:
         model.eval()
         with torch.no_grad():
             for step in range(self.steps):
-                start = step * self.per_step + self.rank * self.micro_batch
-                index = torch.arange(start, start + self.micro_batch)
-                real = (index < len(self.blocks)).to(fabric.device, torch.float64)
-                batch = self.blocks.rows(index.clamp(max=len(self.blocks) - 1))
+                batch, real = self._rows(step)
+                real = real.to(fabric.device, torch.float64)
                 losses, chosen, rejected = self.loss.pair_terms(model, batch, to_inputs)
                 totals += torch.stack([(losses.double() * real).sum(), (chosen.double() * real).sum(),
                                        (rejected.double() * real).sum(), ((chosen > rejected).double() * real).sum(),
