@@ -10,7 +10,6 @@ and, for a quantized base, the same block-by-block creation), so random-init run
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors import SafetensorError
 
 from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
-from dsrun.model import merged_model, readable
+from dsrun.model import merged_model, written_whole
 from dsrun.quiet import quiet_warnings
 from dsrun.run_folder import read_lock
 
@@ -40,27 +39,17 @@ def export(run_dir: Path, out_dir: Path, dtype: str = DEFAULT_DTYPE) -> Path:
     trained = trained_dtype(run_dir)
     tokenizer = load_tokenizer(snap.model)
     model.config.use_cache = True
-    # written beside OUT_DIR under a temporary name and renamed when complete: a full disk or a kill leaves no
-    # half-written model where a server would load it
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    # no half-written model where a server would load it (model.written_whole)
     try:
-        partial.mkdir(parents=True)
-        model.save_pretrained(partial, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
-        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop[0] if stop else None,
-                         do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(partial)
-        readable(partial)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        partial.rename(out_dir)
+        with written_whole(out_dir, out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}") as partial:
+            model.save_pretrained(partial, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
+            stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop[0] if stop else None,
+                             do_sample=True, temperature=0.6, top_p=0.95).save_pretrained(partial)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        shutil.rmtree(partial, ignore_errors=True)
         why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
         raise UserError(f"{out_dir}: cannot write the export ({why}); nothing was left there") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     note = (f"; the run's weights are {trained}: `dsrun export RUN OUT --dtype {trained}` keeps them so"
             if trained and trained != dtype else "")
     print(f"dsrun: exported {run_dir} -> {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M "

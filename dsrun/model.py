@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -267,6 +269,26 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * active_matmul_params(model) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
+@contextlib.contextmanager
+def written_whole(folder: Path, partial: Path) -> Iterator[Path]:
+    """A model folder written under a temporary name beside it (`partial`), renamed into place when the block ends:
+    a full disk or a kill leaves the previous `folder` (or none), never a half-written one that loads as a model.
+    An existing `folder` is renamed aside first and removed after; if the block raises, `partial` is removed."""
+    old = folder.parent / f".{folder.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        yield partial
+        readable(partial)
+        if folder.exists():
+            folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def readable(folder: Path) -> None:
     """Every file the mode a new file gets under the user's umask: safetensors writes its file through a private
     temporary one (0600), which a server running as another user could not read."""
@@ -282,27 +304,16 @@ def readable(folder: Path) -> None:
 def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
-    import shutil
-
     from safetensors import SafetensorError
 
-    # written under a temporary name, then renamed into place: a full disk or a kill leaves the previous weights
-    # (or none), never a half-written folder that loads as a model
-    partial, old = folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.old"
+    partial = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a killed save's
     try:
-        for leftover in (partial, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        partial.mkdir(parents=True)
-        absolute_base(model)  # the adapter names its base folder wherever it is loaded from
-        model.save_pretrained(partial, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
-        readable(partial)
-        if folder.exists():
-            folder.rename(old)
-        partial.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with written_whole(folder, partial):
+            absolute_base(model)  # the adapter names its base folder wherever it is loaded from
+            model.save_pretrained(partial, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
     except (OSError, SafetensorError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:160]
         note = last_checkpoint_note(folder.parent)
         then = (f"free disk space, then `dsrun resume {folder.parent}` writes them from it" if not note.startswith("no")
