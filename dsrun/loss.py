@@ -211,8 +211,8 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
                 label_rows: torch.Tensor | None = None, per_row: bool = False, **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
         hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
-        if per_row:  # task=dpo: each sequence's loss sum, from the labelled tokens' log-probabilities
-            return -row_log_probs(hidden, labels), None
+        if per_row:  # task=dpo: one loss sum per sequence, each through the chunked head on its own
+            return torch.stack([row_loss(hidden[i], labels[i]) for i in range(hidden.shape[0])]), None
         hidden, labels = hidden.flatten(0, 1), labels.flatten()
         if chunked:
             loss = chunked_cross_entropy(hidden, head.weight, labels, label_rows)
@@ -220,17 +220,10 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
             loss = full_cross_entropy(head, hidden, labels)
         return loss, (labels != IGNORE_INDEX).sum()
 
-    def row_log_probs(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """[rows]: the summed log-probability of each row's labelled tokens, one pass through the head for all
-        of them (chunked: one fp32 head gradient, not one per row)."""
-        rows, length = labels.shape
-        where = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        hidden, targets = hidden.flatten(0, 1).index_select(0, where), labels.flatten().index_select(0, where)
-        if chunked:
-            logps = token_log_probs(hidden, head.weight, targets)
-        else:  # ZeRO-3 gathers a partitioned head only inside its module's forward
-            logps = head(hidden).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        return torch.zeros(rows, dtype=logps.dtype, device=logps.device).index_add_(0, where // length, logps)
+    def row_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not chunked:
+            return full_cross_entropy(head, hidden, labels)
+        return chunked_cross_entropy(hidden, head.weight, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1))
 
     model.forward = types.MethodType(forward, model)
     return model
