@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from datetime import datetime, timezone
@@ -57,6 +58,9 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.set_aside.jsonl", "summary
 SWEEP_RESUMABLE = ("train.resume", "train.max_steps", "hardware.", "monitor.", "plan.")
 # What a folder holds once dsrun has started in it, before Hydra's snapshot (the lock, the job log)
 STARTED = (LOCK, "dsrun.log")
+# the job log of another rank (torchrun starts every rank's Hydra; cli.main names them dsrun_rank<N>): a second node
+# may write it into a shared folder before rank 0 claims the folder
+RANK_LOG = re.compile(r"dsrun_rank\d+\.log")
 
 _held: list[int] = []
 _readers: list[int] = []  # shared locks on run folders this process reads  # the lock's file descriptor, open until the process ends
@@ -111,7 +115,8 @@ def refuse_foreign(folder: Path) -> None:
         raise UserError(f"hydra.run.dir={folder} is a file, not a folder; choose a new hydra.run.dir=...")
     if (folder / SNAPSHOT).is_file():
         return
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in STARTED)
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                     if p.name not in STARTED and not RANK_LOG.fullmatch(p.name))
     if foreign:
         raise UserError(f"hydra.run.dir={folder} holds files dsrun did not write ({', '.join(foreign[:4])}"
                         f"{', ...' if len(foreign) > 4 else ''}) and no run snapshot (.hydra/config.yaml); a run "
