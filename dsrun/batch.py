@@ -30,8 +30,16 @@ def preference_pairs(cfg: Any) -> bool:
     return cfg.task.name == "dpo" or (cfg.task.name == "plan" and cfg.plan.mode == "dpo")
 
 
+def group_rollouts(cfg: Any) -> bool:
+    """A task=grpo run, or its plan (task=plan plan.mode=grpo)."""
+    return cfg.task.name == "grpo" or (cfg.task.name == "plan" and cfg.plan.mode == "grpo")
+
+
 def sequences_per_row(cfg: Any) -> int:
-    """Sequences the model runs per row of a batch: task=dpo's row is a pair (chosen and rejected)."""
+    """Sequences the model runs per row of a batch: task=dpo's row is a pair (chosen and rejected); task=grpo's a
+    prompt with its group of completions."""
+    if group_rollouts(cfg):
+        return cfg.task.generations if cfg.task.name == "grpo" else cfg.plan.generations
     return 2 if preference_pairs(cfg) else 1
 
 

@@ -23,7 +23,7 @@ from dsrun.quantize import QUANT_METHODS
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
 from dsrun.sources import SOURCES
 from dsrun.strategy import FABRIC_PRECISION, STRATEGIES
-from dsrun.task_table import DPO_LOSSES, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
+from dsrun.task_table import DPO_LOSSES, GRPO_KEYS, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
 class HardwareConfig:
@@ -163,14 +163,21 @@ class TaskConfig:
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
     source: Optional[str] = None  # generate/serve/bench_infer: a run or model folder; null: the model option
     out: Optional[str] = None  # task=export: a new folder for the Hugging Face model
-    beta: Optional[float] = None  # task=dpo: how far from the reference the policy may move (conf/task/dpo.yaml: 0.1)
+    beta: Optional[float] = None  # task=dpo/grpo: how far from the reference the policy may move (dpo: 0.1, grpo: KL's weight)
     loss: Optional[str] = None  # task=dpo: sigmoid (DPO) | ipo (dsrun/preference.py)
+    generations: Optional[int] = None  # task=grpo: completions sampled per prompt, the group (dsrun/reinforce.py)
+    max_completion_tokens: Optional[int] = None  # task=grpo: new tokens per completion at most
+    temperature: Optional[float] = None  # task=grpo: sampling temperature of the rollouts
+    epsilon: Optional[float] = None  # task=grpo: the clip range of the policy ratio
+    rewards: Optional[List[str]] = None  # task=grpo: exact_answer | format | package.module.function, summed
+    compile: Optional[str] = None  # task=grpo: auto | true | false: the rollout engine's decode step compiled (CUDA)
 
 
 @dataclass
 class PlanConfig:
     """task=plan: what to plan and the prices it costs with (dsrun/plan/, docs/planner.md)."""
-    mode: str = "train"  # train | dpo (pairs: two sequences a row, the reference pass) | inference
+    mode: str = "train"  # train | dpo (pairs: two sequences a row, the reference pass) | grpo | inference
+    generations: int = 8  # plan.mode=grpo: completions per prompt (task.generations of the run planned)
     context: int = 4096  # inference: tokens per sequence the KV cache holds (prompt + output)
     batch: int = 1  # inference: sequences decoded together
     json: bool = False  # print the plan as JSON on stdout (sweeps, tests)
@@ -280,7 +287,7 @@ def register_configs() -> None:
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
 VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
-          "plan.mode": ("train", "dpo", "inference"), "serve.engine": ("dsrun", "vllm"),
+          "plan.mode": ("train", "dpo", "grpo", "inference"), "serve.engine": ("dsrun", "vllm"),
           "serve.reasoning": ("split", "inline"),
           "generate.show_thinking": ("dim", "show", "hide"), "generate.compile": ("auto", "true", "false"),
           "serve.compile": ("auto", "true", "false"), "bench_infer.compile": ("auto", "true", "false"),
@@ -327,6 +334,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "`dsrun export RUN_DIR OUT_DIR`")
     if cfg.task.name == "dpo":
         p += preference_problems(cfg)
+    if cfg.task.name == "grpo":
+        p += grpo_problems(cfg)
     if (steps := getattr(cfg.task, "steps", None)) is not None and steps < 1:  # old snapshots lack the key
         p.append(f"task.steps={steps}: must be >= 1")
     if isinstance(tr.micro_batch, int):
@@ -639,6 +648,53 @@ def preference_problems(cfg: Any) -> list[str]:
     return p
 
 
+def grpo_problems(cfg: Any) -> list[str]:
+    """task=grpo: its keys, and what v1 does not do yet (named, never ignored)."""
+    from dsrun.grpo import check_group_size, reward_function
+
+    t, p = cfg.task, []
+    if not (isinstance(t.beta, (int, float)) and t.beta >= 0):
+        p.append(f"task.beta={t.beta}: must be >= 0 (the weight of the KL to the reference; 0 drops it)")
+    elif t.beta > 0 and cfg.adapter.method == "none":
+        p.append(f"task=grpo with task.beta={t.beta} needs adapter=lora (the reference is the model with its adapters "
+                 "off); for a full fine-tune set task.beta=0 (no reference, as TRL's default)")
+    try:
+        check_group_size(t.generations, "task.generations")
+    except ConfigError as exc:
+        p += exc.problems
+    if not (_whole(t.max_completion_tokens) and t.max_completion_tokens >= 1):
+        p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be a whole number >= 1")
+    elif t.max_completion_tokens >= cfg.train.seq_len:
+        p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be below train.seq_len="
+                 f"{cfg.train.seq_len} (prompt and completion share it)")
+    if not (isinstance(t.temperature, (int, float)) and t.temperature > 0):
+        p.append(f"task.temperature={t.temperature}: must be > 0 (a group's completions must differ), e.g. 1.0")
+    if not (isinstance(t.epsilon, (int, float)) and 0 < t.epsilon < 1):
+        p.append(f"task.epsilon={t.epsilon}: the ratio's clip range, between 0 and 1 (e.g. 0.2)")
+    if not t.rewards:
+        p.append("task.rewards: name at least one reward (exact_answer, format, or package.module.function)")
+    for name in t.rewards or []:
+        try:
+            reward_function(str(name), "task.rewards")
+        except ConfigError as exc:
+            p += exc.problems
+    if str(t.compile).lower() not in ("auto", "true", "false"):
+        p.append(f"task.compile={t.compile}: choose auto, true or false")
+    if cfg.data.source not in ("reasoning", "jsonl"):
+        p.append(f"task=grpo with data={cfg.data.name}: prompts come from data=jsonl (prompt/answer) or "
+                 "data=reasoning (the built-in arithmetic questions)")
+    if cfg.data.eval_split is not None or cfg.data.eval_path:
+        p.append("task=grpo does not evaluate on held-out prompts yet: unset data.eval_split / data.eval_path (the "
+                 "log's reward is measured on the training prompts' fresh completions)")
+    if cfg.parallel.strategy not in ("single", "ddp"):
+        p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel=single or ddp (sharded weights "
+                 "would make every rank's rollout wait for the others' at each token: not yet)")
+    if cfg.parallel.offload_embedding:
+        p.append("task=grpo with parallel.offload_embedding=true: the rollout engine reads the embedding on the GPU; "
+                 "set it to false")
+    return p
+
+
 def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """{group.key: (selector, the options that read it)} from each registry entry's `reads`."""
     keys = {key for keys in reads.values() for key in keys}
@@ -649,7 +705,8 @@ def _read_by(group: str, selector: str, reads: dict[str, tuple[str, ...]]) -> di
 READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMIZERS.items()}),
                 **_read_by("data", "data.source", {n: s.reads for n, s in SOURCES.items()}),
                 "task.out": ("task.name", ("export",)),
-                "task.beta": ("task.name", ("dpo",)), "task.loss": ("task.name", ("dpo",)),
+                "task.beta": ("task.name", ("dpo", "grpo")), "task.loss": ("task.name", ("dpo",)),
+                **{f"task.{key}": ("task.name", ("grpo",)) for key in GRPO_KEYS},
                 "optim.min_lr_ratio": ("optim.schedule", DECAYING),
                 "optim.decay_fraction": ("optim.schedule", STABLE_PHASE),
                 "optim.router_bias_rate": ("model.arch", ("deepseek_v3",))}  # dsrun/router_balance.py

@@ -1,10 +1,7 @@
-"""GRPO's pieces (issue #32, not yet a task): verifiable rewards, group-normalised advantages and the clipped
-objective with a KL term to the reference, as TRL's GRPOTrainer computes them (`loss_type="grpo"`,
-`scale_rewards="group"`, token-level importance sampling) — tests/test_grpo.py holds them equal.
-
-Still to come before `task=grpo` exists: rollouts of G completions per prompt by dsrun's decode engine on the
-training weights, the loop's step around these functions, the planner's memory of the rollouts.
-"""
+"""GRPO's pieces: verifiable rewards, group-normalised advantages and the clipped objective with a KL term to the
+reference, as TRL's GRPOTrainer computes them (`loss_type="grpo"`, `scale_rewards="group"`, token-level importance
+sampling) — tests/test_grpo.py holds them equal. The task around them (rollouts by the engine, the step):
+dsrun/reinforce.py."""
 
 from __future__ import annotations
 

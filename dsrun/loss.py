@@ -208,9 +208,12 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
     decoder, head = model.get_decoder(), model.get_output_embeddings()
 
     def forward(self: nn.Module, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                label_rows: torch.Tensor | None = None, per_row: bool = False, **kwargs: Any):
+                label_rows: torch.Tensor | None = None, per_row: bool = False, per_token: bool = False,
+                **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
         hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        if per_token:  # task=grpo: each labelled token's log-probability, 0 elsewhere: [rows, tokens]
+            return token_logps(hidden.flatten(0, 1), labels.flatten()).view(labels.shape), None
         if per_row:  # task=dpo: one loss sum per sequence, each through the chunked head on its own
             return torch.stack([row_loss(hidden[i], labels[i]) for i in range(hidden.shape[0])]), None
         hidden, labels = hidden.flatten(0, 1), labels.flatten()
@@ -219,6 +222,15 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
         else:
             loss = full_cross_entropy(head, hidden, labels)
         return loss, (labels != IGNORE_INDEX).sum()
+
+    def token_logps(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        picked = labels[rows]
+        if chunked:
+            found = token_log_probs(hidden[rows], head.weight, picked)
+        else:
+            found = head(hidden[rows]).float().log_softmax(-1).gather(1, picked[:, None]).squeeze(1)
+        return torch.zeros(labels.shape, dtype=found.dtype, device=found.device).index_put((rows,), found)
 
     def row_loss(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not chunked:

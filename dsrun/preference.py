@@ -167,6 +167,7 @@ class PreferenceLoss:
 
     def __init__(self, beta: float, loss: str, reference_off: Any, device: torch.device):
         self.beta, self.loss, self.reference_off = beta, loss, reference_off
+        self.per_row = 1  # a drawn row is one pair: the step's loss is a mean over pairs
         self.sums = torch.zeros(4, device=device)  # chosen reward, rejected reward, pairs ranked right, pairs
 
     def __call__(self, model: Any, batch: tuple[Any, ...], to_inputs: Any) -> torch.Tensor:

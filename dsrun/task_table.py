@@ -30,6 +30,7 @@ TASKS: dict[str, Task] = {
     "plan": Task("dsrun.plan.report", "plan_task", scratch=True),  # no GPU needed
     "smoke": Task("dsrun.tasks", "smoke", trains=True),
     "dpo": Task("dsrun.tasks", "train", trains=True),  # the training loop with a preference loss (dsrun/preference.py)
+    "grpo": Task("dsrun.tasks", "train", trains=True),  # rollouts by the engine, verifiable rewards (dsrun/reinforce.py)
     "generate": Task("dsrun.inference.generate", "generate_task", loads_weights=True, scratch=True),
     "serve": Task("dsrun.inference.server", "serve_task", loads_weights=True, scratch=True),
     "bench_infer": Task("dsrun.inference.bench", "bench_task", loads_weights=True),
@@ -37,6 +38,7 @@ TASKS: dict[str, Task] = {
     "export": Task("dsrun.export", "export_task", scratch=True),
 }
 DPO_LOSSES = ("sigmoid", "ipo")  # task.loss under task=dpo (dsrun/preference.py)
+GRPO_KEYS = ("generations", "max_completion_tokens", "temperature", "epsilon", "rewards", "compile")  # task=grpo's own
 RUNNABLE_TASKS = tuple(name for name, task in TASKS.items() if task.trains)
 INFERENCE_TASKS = tuple(name for name, task in TASKS.items() if task.loads_weights)
 SCRATCH_TASKS = tuple(name for name, task in TASKS.items() if task.scratch)

@@ -33,6 +33,7 @@ from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_data, reference_logps
 from dsrun.profiling import StepProfiler
+from dsrun.reinforce import GroupPolicy, describe_rollouts, prompt_data
 from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
@@ -109,7 +110,8 @@ class Run:
     skipped_in_a_row: Any = None
     skipped_seen: Any = None  # OneStepLate: the streak of skipped steps, read one step late
     grad_norm: Any = None  # the last step's, before clipping (a device tensor)
-    preference: PreferenceLoss | None = None  # task=dpo: pairs of replies instead of next-token targets
+    # task=dpo: pairs of replies; task=grpo: completions sampled and rewarded — instead of next-token targets
+    objective: PreferenceLoss | GroupPolicy | None = None
     started: float = 0.0
     last_log_time: float = 0.0
     last_checkpoint_time: float | None = None
@@ -137,9 +139,13 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     # data first: a bad dataset stops the run before the model costs anything
     arch = architecture(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    dpo = cfg.task.name == "dpo"
+    dpo, grpo = cfg.task.name == "dpo", cfg.task.name == "grpo"
     if dpo:  # [pairs, 2, seq_len]: a micro-batch of N pairs runs 2N sequences
         rows, eval_rows, data_line = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
+    elif grpo:  # prompts: a micro-batch of N prompts runs N x task.generations completions
+        rows, data_line = prompt_data(cfg.data, tokenizer, tr.seq_len - cfg.task.max_completion_tokens,
+                                      arch.vocab_size)
+        eval_rows = None
     else:
         rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     if rank_zero:
@@ -159,7 +165,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     with model_init(fabric, cfg):
         model = build_run_model(cfg, arch, fabric.device)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
-        if cfg.data.packing and cfg.data.document_mask:
+        if cfg.data.packing and cfg.data.document_mask and not grpo:  # grpo's rows: one completion each
             use_varlen_attention(model)
         model = add_adapters(model, cfg.adapter)
 
@@ -214,10 +220,17 @@ def setup(cfg: Any, run_dir: Path) -> Run:
               skipped_seen=OneStepLate(fabric.device))
     if dpo:
         off = None if rows.reference is not None else fabric_unwrap(model).disable_adapter
-        run.preference = PreferenceLoss(cfg.task.beta, cfg.task.loss, off, fabric.device)
+        run.objective = PreferenceLoss(cfg.task.beta, cfg.task.loss, off, fabric.device)
         if eval_rows is not None:
-            run.evaluator = PreferenceEvaluator(eval_rows, tr.micro_batch, dp_rank, dp, run.preference)
+            run.evaluator = PreferenceEvaluator(eval_rows, tr.micro_batch, dp_rank, dp, run.objective)
     resume(run)
+    if grpo:  # after resume: the engine's compiled step reads the weights as they are from here on
+        unwrapped = fabric_unwrap(model)
+        off = unwrapped.disable_adapter if cfg.adapter.method != "none" else None
+        inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        if rank_zero:
+            print(describe_rollouts(cfg.task, tr.micro_batch), file=sys.stderr)
+        run.objective = GroupPolicy(cfg.task, tr.seed, inner, tokenizer, rows, tr.micro_batch, tr.seq_len + 1, off)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     info["start_step"] = run.start_step
@@ -259,18 +272,22 @@ def train_step(run: Run, step: int) -> Any:
     for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
         group["lr"] = run.lr * run.lr_at(step - 1)
     drawn = [next(run.batches) for _ in range(tr.accumulation)]
+    if isinstance(run.objective, GroupPolicy):  # prompts -> completions, rewards, advantages; then the updates
+        drawn = [run.objective.rollout(model, batch, step) for batch in drawn]
     dp = data_parallel_size(run.cfg)
 
     def to_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: Any = None) -> dict[str, Any]:
         # prepared on the host (packed documents' bounds, embedding rows kept in host memory), copied without a sync
         return model_inputs(inputs, labels, positions, fabric.device, run.host_embedding)
 
-    # task=dpo: pairs stay on the host, the preference loss makes their sequences (dsrun/preference.py)
-    micro_batches = drawn if run.preference is not None else [to_inputs(*batch) for batch in drawn]
-    pairs = tr.micro_batch * tr.accumulation * dp  # task=dpo: the step's loss is the mean over the global batch
+    # task=dpo/grpo: rows stay on the host, the objective makes their sequences (dsrun/preference.py, reinforce.py)
+    objective = run.objective
+    micro_batches = drawn if objective is not None else [to_inputs(*batch) for batch in drawn]
+    # task=dpo/grpo: the step's loss is the mean over the global batch's pairs / completions
+    rows = tr.micro_batch * tr.accumulation * dp * (objective.per_row if objective is not None else 1)
     # the step's loss is its token losses over every labelled token of the global batch (torchtune's
     # normalisation): counted from the labels up front, one all-reduce, no host sync
-    labels = [batch[1] if run.preference is not None else batch["labels"] for batch in micro_batches]
+    labels = [batch[1] if objective is not None else batch["labels"] for batch in micro_batches]
     labelled = sum((label != IGNORE_INDEX).sum() for label in labels).float().to(fabric.device)
     if fabric.world_size > 1:
         labelled = all_reduce_(labelled) / run.replicas
@@ -282,8 +299,8 @@ def train_step(run: Run, step: int) -> Any:
         with micro_step(fabric, model, accumulating=micro < tr.accumulation - 1) as backward:
             # softmax in fp32 whatever the compute dtype (fp16 overflows), a chunk of the vocabulary's logits
             # at a time (dsrun/loss.py); position ids restart per packed document (dsrun/attention.py)
-            if run.preference is not None:
-                loss = run.preference(model, batch, to_inputs) / pairs
+            if objective is not None:
+                loss = objective(model, batch, to_inputs) / rows
             else:
                 token_losses, _ = model(**batch)
                 loss = token_losses / labelled
@@ -317,8 +334,8 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
                "tokens_seen": step * run.tokens_per_step, "tokens_trained": run.tokens_trained,
                **peak_memory_gib(fabric.device),
                "elapsed_s": now - run.started, "last_checkpoint_time": run.last_checkpoint_time}
-    if run.preference is not None:  # rewards, margin and accuracy of the interval's pairs
-        metrics.update(run.preference.metrics(all_reduce_))
+    if run.objective is not None:  # dpo: rewards, margin, accuracy of the pairs; grpo: rewards, lengths, KL
+        metrics.update(run.objective.metrics(all_reduce_))
     if evaluating:
         metrics.update(run.evaluator(run.model, fabric, run.host_embedding))
         if tr.keep_best and metrics["eval_loss"] < run.best_eval["loss"]:
@@ -358,6 +375,8 @@ def finish(run: Run, stop: StopSignal, status: str, step: int) -> dict[str, Any]
     elif run.rank_zero:
         print(stopped_message(stop.name, step, run_dir), file=sys.stderr)
     wall = time.perf_counter() - run.started
+    if isinstance(run.objective, GroupPolicy):
+        run.objective.close()
     if status == "completed":
         final_weights = full_state_dict(fabric, run.model)  # collective: every rank takes part
         if run.rank_zero:

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "lora_folder", "checkpoint", "evaluate", "monitor/"]),
     ("schema", ["config"]),
     ("planner", ["plan/"]),
-    ("work", ["train", "export", "inference/", "doctor", "doctor_checks", "doctor_probe", "resolve", "batch_size",
+    ("work", ["train", "reinforce", "export", "inference/", "doctor", "doctor_checks", "doctor_probe", "resolve", "batch_size",
               "child", "sweep", "rollback", "run_folder", "keys", "paths"]),
     ("tasks", ["tasks"]),
     ("entry", ["cli", "__main__"]),

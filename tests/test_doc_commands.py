@@ -16,7 +16,7 @@ Which lines are commands, and how a doc marks what cannot run here (the conventi
   (interactive).
 - Runs are shortened, never changed in meaning: `train.max_steps=2` (6 for the smoke checks; `data.num_samples=60`
   where the command trains by epochs), `train.seq_len=32`, `data.num_samples=32`, no checkpoints,
-  `monitor.prometheus.port=0`; `generate.max_new_tokens=8`.
+  `monitor.prometheus.port=0`; `generate.max_new_tokens=8`; `task.max_completion_tokens=8` under `task=grpo`.
 All run in one temporary working folder through the fork server (tests/forkserver.py).
 """
 
@@ -113,7 +113,8 @@ def shortened(args: list[str]) -> list[str]:
     if any(a.startswith("train.epochs=") for a in args):  # an epoch of 60 short records, an eval set of 3
         return [*args, *[a for a in SHORT if not a.startswith("data.num_samples")], "data.num_samples=60"]
     smoke = "task=smoke" in args or args[:1] == ["rollback"]  # the smoke checks need 6 steps
-    return [*args, *SHORT, f"train.max_steps={6 if smoke else 2}"]
+    rollouts = ["task.max_completion_tokens=8"] if "task=grpo" in args else []  # completions inside seq_len 32
+    return [*args, *SHORT, *rollouts, f"train.max_steps={6 if smoke else 2}"]
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,11 @@ class Request:
     request_id: str = ""
 
 
+def truncates(request: Request) -> bool:
+    """Whether sampling cuts this request's vocabulary (top-p, top-k): the sort that needs is skipped otherwise."""
+    return request.top_p < 1.0 or request.top_k > 0
+
+
 def emit(request: Request, event: tuple[str, Any]) -> None:
     if request.listener is not None:
         request.listener(event)
@@ -194,7 +199,7 @@ class Engine:
         """Compile (and on CUDA record) the decode step for these slot counts and cache lengths before anything is
         timed or served. It runs on the engine's thread (CUDA graph trees are per thread) and returns when done;
         a compile that fails stops the engine and is raised here, naming `setting` as the way around it."""
-        if self.step is self._decode:
+        if self.step == self._decode:  # not compiled (a bound method is a new object each time: ==, not is)
             return
         started = time.perf_counter()
         print(f"dsrun: compiling the decode step for {slot_counts} slots x {kv_lens} positions", file=sys.stderr,
@@ -347,7 +352,7 @@ class Engine:
         first_positions = torch.tensor([len(slot.request.ids) for _, _, slot, _ in done], device=self.device)
         logits = self.head(last)
         first = sample(logits, self.temperature[where], self.top_p[where], self.top_k[where], self.seed[where],
-                       first_positions)
+                       first_positions, any(truncates(slot.request) for _, _, slot, _ in done))
         self.tokens[where] = first
         self.positions[where] = first_positions
         for (_, index, slot, _), token in zip(done, first.tolist()):
@@ -362,11 +367,11 @@ class Engine:
     def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
         return self.tokens[:rows], self.positions[:rows]
 
-    def _next_tokens(self, logits: torch.Tensor, rows: int, sampled: bool) -> torch.Tensor:
+    def _next_tokens(self, logits: torch.Tensor, rows: int, sampled: bool, truncate: bool) -> torch.Tensor:
         if not sampled:
             return logits.argmax(-1)
         return sample(logits, self.temperature[:rows], self.top_p[:rows], self.top_k[:rows], self.seed[:rows],
-                      self.positions[:rows] + 1)
+                      self.positions[:rows] + 1, truncate)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor,
                 kv_len: int) -> torch.Tensor:
@@ -388,7 +393,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
         sampled = any(s.request.temperature > 0 for _, s in decoding)
-        new = self._next_tokens(self.step(*self._step_inputs(rows), kv_len), rows, sampled)
+        new = self._next_tokens(self.step(*self._step_inputs(rows), kv_len), rows, sampled,
+                                any(truncates(s.request) for _, s in decoding))
         self.tokens[:rows].copy_(new)  # the graph's output is overwritten by its next replay
         self.positions[:rows].add_(1).clamp_(max=self.max_len - 1)
         host = self.host_tokens[self.steps % 2]

@@ -12,19 +12,26 @@ _MASK31 = 0x7FFFFFFF
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+           seeds: torch.Tensor, positions: torch.Tensor, truncate: bool = True) -> torch.Tensor:
     """[rows, vocab] float logits -> [rows] token ids. Rows with temperature 0 take the top token (argmax: the
-    first of equal ones, as transformers' greedy search)."""
+    first of equal ones, as transformers' greedy search). `truncate=False` says no row cuts by top-p or top-k: the
+    vocabulary's sort is skipped (on a CPU it cost most of a small model's decode step); the noise belongs to the
+    token ids, so both ways draw the same token where the cut keeps every token."""
     vocab = logits.shape[-1]
     scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    ordered, order = scaled.sort(-1, descending=True)
-    probs = ordered.softmax(-1)
-    rank = torch.arange(vocab, device=logits.device)
-    # top-p keeps the smallest prefix whose mass reaches p (the first token always); top-k the first k
-    keep = (probs.cumsum(-1) - probs < top_p[:, None]) & (rank[None] < torch.where(top_k > 0, top_k, vocab)[:, None])
     gumbel = -torch.log(-torch.log(uniform(seeds, positions, vocab)))
-    choice = ordered.masked_fill(~keep, float("-inf")).add(gumbel).argmax(-1, keepdim=True)
-    return torch.where(temperature > 0, order.gather(-1, choice)[:, 0], logits.argmax(-1))
+    if truncate:
+        ordered, order = scaled.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        rank = torch.arange(vocab, device=logits.device)
+        # top-p keeps the smallest prefix whose mass reaches p (the first token always); top-k the first k
+        keep = (probs.cumsum(-1) - probs < top_p[:, None]) & (
+            rank[None] < torch.where(top_k > 0, top_k, vocab)[:, None])
+        choice = ordered.masked_fill(~keep, float("-inf")).add(gumbel.gather(-1, order)).argmax(-1, keepdim=True)
+        drawn = order.gather(-1, choice)[:, 0]
+    else:
+        drawn = scaled.add(gumbel).argmax(-1)
+    return torch.where(temperature > 0, drawn, logits.argmax(-1))
 
 
 def uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:

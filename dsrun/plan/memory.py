@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsrun.batch import data_parallel_size, sequences_per_row, world_size
+from dsrun.batch import data_parallel_size, group_rollouts, sequences_per_row, world_size
 from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
@@ -169,6 +169,9 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         "activations": tokens * activation_bytes_per_token(cfg, shape, lora_act),
         "logits_loss": logits_loss_bytes(cfg, shape, tokens, d),
     }
+    if group_rollouts(cfg):  # task=grpo: the rollout engine's slots, one per completion of a micro-batch
+        config = shape.model.config
+        m["rollout_kv_cache"] = tokens * config.num_hidden_layers * kv_bytes_per_token_layer(config, d.compute)
     host: dict[str, float] = {}
     if cfg.parallel.get("offload_embedding") and shape.head:  # an untied, frozen table (validate() checks frozen)
         m["weights"] -= shape.embedding * b["weights"]

@@ -24,6 +24,7 @@ LABELS = {
     "comm_buffers": "ZeRO communication buckets",
     "activations": "activations saved for backward",
     "logits_loss": "logits + fp32 loss buffers",
+    "rollout_kv_cache": "rollout engine KV cache (task=grpo)",
     "backward_overlap": "gradients reuse freed activations",
     "kv_cache": "KV cache",
     "working_set": "prefill working set + last logits",

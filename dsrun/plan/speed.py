@@ -9,7 +9,8 @@ import math
 from typing import Any
 
 from dsrun.allreduce import all_reduce_seconds
-from dsrun.batch import data_parallel_size, global_batch, preference_pairs, sequences_per_row, world_size
+from dsrun.batch import (data_parallel_size, global_batch, group_rollouts, preference_pairs, sequences_per_row,
+                         world_size)
 from dsrun.hardware import cpu_cores, measured_links, pcie_gbs
 from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU,
                                     DECODE_BANDWIDTH_EFFICIENCY, FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR,
@@ -88,8 +89,8 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     tr, strategy, d = cfg.train, cfg.parallel.strategy, dtypes(cfg)
     lora = cfg.adapter.method == "lora"
     # forward 2, input gradients 2, weight gradients 2 (none for frozen weights), recomputed forward 2
-    # task=dpo under LoRA: the reference's forward (adapters off) beside each step, 2 more
-    reference = 2 if lora and preference_pairs(cfg) else 0
+    # task=dpo/grpo under LoRA: the reference's forward (adapters off) beside each step, 2 more
+    reference = 2 if lora and (preference_pairs(cfg) or group_rollouts(cfg)) else 0
     passes = 4 + (0 if lora else 2) + (2 if cfg.parallel.activation_checkpointing else 0) + reference
     flops = flops_per_token(shape, tr.seq_len) * passes / 6
     tokens = global_batch(cfg) * tr.seq_len * sequences_per_row(cfg)
