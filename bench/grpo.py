@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_DIR = "/tmp/g15"
+MODEL_DIR = os.environ.get("GRPO_BENCH_MODEL", "/tmp/g15")  # another folder: a CPU check of the cases
 RECIPE = "1x4060_grpo_lora"
 
 
@@ -103,6 +103,8 @@ def case_trl(steps: int, out: Path) -> dict:
 
     r = recipe()
     g, length = r["task"]["generations"], r["task"]["max_completion_tokens"]
+    gpu = torch.cuda.is_available()
+    length = length if gpu else 8  # a CPU check of this code, not a measurement
     prompts = [p for p in map(reasoning_prompt, reasoning_samples(400, 0)) if p is not None]
     data = Dataset.from_list([{"prompt": messages, "answer": answer} for messages, answer in prompts])
 
@@ -119,10 +121,11 @@ def case_trl(steps: int, out: Path) -> dict:
     original = transformers.GenerationMixin.generate
 
     def generate(self, *args, **kwargs):
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        sync()
         start = time.perf_counter()
         result = original(self, *args, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         timed["seconds"] += time.perf_counter() - start
         prompt = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]
         sequences = result.sequences if hasattr(result, "sequences") else result
@@ -134,8 +137,9 @@ def case_trl(steps: int, out: Path) -> dict:
     config = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=g, num_generations=g,
                         gradient_accumulation_steps=r["train"]["accumulation"], max_completion_length=length,
                         temperature=1.0, beta=0.04, loss_type="grpo", learning_rate=r["train"]["lr"],
-                        max_steps=steps, logging_steps=1, bf16=True, gradient_checkpointing=True, report_to=[],
-                        save_strategy="no", seed=0, model_init_kwargs={"dtype": "bfloat16"})
+                        max_steps=steps, logging_steps=1, bf16=gpu, use_cpu=not gpu, gradient_checkpointing=True, report_to=[],
+                        save_strategy="no", seed=0,
+                        model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"})
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=MODEL_DIR, reward_funcs=[exact, fmt], args=config, train_dataset=data,
                           peft_config=peft)
@@ -152,7 +156,7 @@ def case_trl(steps: int, out: Path) -> dict:
     trainer.train()
     return {"steps": len(step_times), "rollout_tokens_per_s": round(timed["tokens"] / timed["seconds"]),
             "generate_calls": timed["calls"], "step_s": round(statistics.median(step_times[1:] or step_times), 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else None}
 
 
 def main() -> None:

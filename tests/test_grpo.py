@@ -1,9 +1,11 @@
-"""GRPO's pieces (issue 32; `task=grpo` is not wired yet): per-token log-probabilities through the chunked head,
-rewards, group advantages and the loss — equal to TRL's GRPOTrainer for the same inputs."""
+"""GRPO (issue 32): per-token log-probabilities through the chunked head, rewards, group advantages and the loss —
+equal to TRL's GRPOTrainer for the same inputs; `task=grpo` end to end: the exact-answer reward rises, a resumed
+run equals the uninterrupted one, two DDP processes equal one, bad input is one line."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +15,12 @@ from dsrun.errors import ConfigError
 from dsrun.grpo import (check_group_size, exact_answer, final_answer, group_advantages, grpo_loss, reward_function,
                         thinking_format)
 from dsrun.loss import ChunkedTokenLogProbs
-from tests.conftest import model_cfg
+from tests.conftest import FAST, assert_user_error, dsrun, model_cfg, read_metrics
+
+# a random-init tiny model never closes a </think>: the runs below reward the completion's length (varied, so the
+# groups' advantages are not all zero and the weights move)
+GRPO = [*FAST, "task=grpo", "adapter=lora", "train.seq_len=48", "train.micro_batch=2", "task.generations=3",
+        "task.max_completion_tokens=12", "task.rewards=[tests.test_grpo.length_reward]", "train.lr=3e-3"]
 
 
 def test_chunked_token_log_probs_equal_the_whole_logits_in_value_and_gradient():
@@ -108,3 +115,110 @@ def test_grpo_loss_and_advantages_equal_trls(tmp_path):
     assert kl is not None and kl.item() > 0
     for (name, a), b in zip(trainer.model.named_parameters(), ours.parameters()):
         assert (a.grad - b.grad).norm() <= 1e-5 * a.grad.norm() + 1e-9, name
+
+
+def letter_questions(path, n: int, seed: int, chats: bool):
+    """The built-in reasoning set's letter-count questions (answered by a small number: the tiny model can learn
+    them within a test), as chats to fine-tune on or as prompt/answer records."""
+    from dsrun.sources import reasoning_samples
+
+    rows = [r for r in reasoning_samples(n, seed) if r["messages"][0]["content"].startswith("How many times")]
+    path.write_text("".join(json.dumps(r if chats else {"prompt": r["messages"][0]["content"],
+                                                        "answer": final_answer(r["messages"][1]["content"])}) + "\n"
+                            for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_exact_answer_reward(tmp_path):
+    """The tiny model fine-tuned for 160 steps on letter-count chats answers about 4 in 10 right at temperature 1;
+    30 GRPO steps with the exact-answer reward alone (a full fine-tune, no reference) raise that to 6 in 10."""
+    sft = dsrun(*FAST, "train.max_steps=160", "train.micro_batch=16", "train.seq_len=64", "data=jsonl",
+                f"data.path={letter_questions(tmp_path / 'chats.jsonl', 3000, 3, chats=True)}", run_dir=tmp_path / "sft")
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    proc = dsrun(*FAST, "task=grpo", "model.init=pretrained", f"model.path={tmp_path / 'sft' / 'model'}",
+                 "train.max_steps=30", "train.micro_batch=4", "task.generations=4", "task.max_completion_tokens=40",
+                 "train.seq_len=64", "adapter=none", "task.beta=0", "train.lr=1e-3", "task.rewards=[exact_answer]",
+                 "data=jsonl", f"data.path={letter_questions(tmp_path / 'prompts.jsonl', 3000, 7, chats=False)}",
+                 run_dir=tmp_path / "grpo", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rewards = [r["reward_exact_answer"] for r in read_metrics(tmp_path / "grpo")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.1, rewards
+
+
+def test_grpo_logs_its_rollouts_and_resumes_exactly(tmp_path):
+    """A run stopped after its 2nd step and resumed logs the rewards and losses of the uninterrupted run: each
+    completion's seed is a function of (seed, step, prompt, completion), and the weights are restored."""
+    job = [*GRPO, "train.checkpoint_every=2", "optim.schedule=constant", "optim.warmup_steps=0"]
+    full = dsrun(*job, "train.max_steps=4", run_dir=tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "2 prompts x 3 completions per micro-batch" in full.stderr
+    rows = read_metrics(tmp_path / "full")
+    assert {"reward", "reward_length_reward", "completion_length", "stopped", "kl", "rollout_tokens_per_s"} <= set(rows[0])
+    assert rows[-1]["kl"] > 0 and rows[-1]["grad_norm"] > 0, rows[-1]  # the adapters moved away from the reference
+    assert dsrun(*job, "train.max_steps=2", run_dir=tmp_path / "cut").returncode == 0
+    resumed = dsrun("resume", str(tmp_path / "cut"), "train.max_steps=4")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    keys = ("loss", "reward", "completion_length", "kl")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "cut")] == [[r[k] for k in keys] for r in rows]
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_matches_one(tmp_path):
+    """Two DDP ranks, each sampling its own prompts' completions with its copy of the weights, log what one
+    process with both prompts logs: the same completions (seeded per prompt and completion), rewards and loss."""
+    job = [*GRPO, "train.max_steps=3", "optim.schedule=constant", "optim.warmup_steps=0"]
+    assert dsrun(*job, run_dir=tmp_path / "one").returncode == 0
+    two = dsrun(*job, "hardware.devices=2", "parallel=ddp", "train.micro_batch=1", run_dir=tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-2000:]
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
+        assert b["reward"] == pytest.approx(a["reward"]) and b["completion_length"] == a["completion_length"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("task.generations=1", "task.generations=1: GRPO compares completions within a group"),
+    ("task.rewards=[nowhere.reward]", "task.rewards: nowhere.reward does not import"),
+    ("task.max_completion_tokens=48", "must be below train.seq_len=48"),
+    ("task.temperature=0", "must be > 0 (a group's completions must differ)"),
+    ("parallel=fsdp", "task=grpo with parallel=fsdp: runs under parallel=single or ddp"),
+    ("adapter=none", "task.beta=0.04 needs adapter=lora"),
+    ("data.eval_split=0.1", "task=grpo does not evaluate on held-out prompts yet"),
+    ("task.loss=ipo", "task.loss"),
+])
+def test_bad_grpo_config_is_one_line(tmp_path, override, fragment):
+    assert_user_error(dsrun(*GRPO, override, run_dir=tmp_path / "run"), fragment)
+
+
+@pytest.mark.parametrize("record,fragment", [({"prompt": "What is 2 + 2?"}, "a GRPO record needs `prompt`"),
+                                             ({"prompt": [], "answer": "4"}, "`prompt` must be a string or a")])
+def test_bad_prompt_data_is_one_line(tmp_path, record, fragment):
+    (tmp_path / "p.jsonl").write_text(json.dumps(record) + "\n")
+    assert_user_error(dsrun(*GRPO, "data=jsonl", f"data.path={tmp_path / 'p.jsonl'}", run_dir=tmp_path / "run"),
+                      "p.jsonl:1", fragment)
+
+
+def test_the_grpo_recipe_plans_to_fit_its_card():
+    proc = dsrun("+recipe=1x4060_grpo_lora", "task=plan", "plan.json=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert plan["fits"] and plan["mode"] == "grpo" and plan["components"]["rollout_kv_cache"] > 0.1, plan
+
+
+def test_grpo_metrics_reach_prometheus():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dsrun.monitor.prometheus import RunCollector
+
+    collector = RunCollector("r")
+    collector.metrics = {"step": 3, "loss": 0.1, "reward": 1.25, "reward_exact_answer": 0.5, "reward_format": 0.75,
+                         "completion_length": 40.0, "stopped": 0.5, "kl": 0.01, "rollout_tokens_per_s": 900.0}
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    collector.gpus.close()
+    for line in ('dsrun_grpo_reward{rank="0",run="r"} 1.25', 'dsrun_grpo_kl{rank="0",run="r"} 0.01',
+                 'dsrun_grpo_reward_by_function{function="exact_answer",rank="0",run="r"} 0.5',
+                 'dsrun_grpo_completion_tokens{rank="0",run="r"} 40.0'):
+        assert line in text, text

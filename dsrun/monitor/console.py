@@ -30,6 +30,10 @@ class ConsoleMonitor(Monitor):
         loss = "(no trained token)" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
         stats = (f"loss {loss}  lr {metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.2f}  "
                  f"{metrics['tokens_per_s']:,.0f} tok/s  {metrics['peak_memory_gib']:.2f} GiB")
+        if "reward" in metrics:  # task=grpo
+            stats += f"  reward {metrics['reward']:.3f}  length {metrics['completion_length']:.0f}"
+        elif "reward_margin" in metrics:  # task=dpo
+            stats += f"  margin {metrics['reward_margin']:.3f}  accuracy {metrics['reward_accuracy']:.2f}"
         if "eval_loss" in metrics:
             ppl = f" (ppl {metrics['eval_ppl']:,.2f})" if "eval_ppl" in metrics else ""  # task=dpo: none
             stats += f"  eval {metrics['eval_loss']:.4f}{ppl}"

@@ -33,6 +33,15 @@ TRAINING = {
     "trained_tokens_per_s": ("dsrun_trained_tokens_per_second", "Labelled (loss-bearing) tokens per second", 1),
     "eval_loss": ("dsrun_eval_loss", "Loss on the whole eval set at the last eval step", 1),
     "eval_ppl": ("dsrun_eval_perplexity", "exp(eval loss) at the last eval step", 1),
+    # task=dpo
+    "reward_margin": ("dsrun_dpo_reward_margin", "Chosen minus rejected implicit reward, mean of the interval", 1),
+    "reward_accuracy": ("dsrun_dpo_reward_accuracy", "Share of pairs whose chosen reply is rewarded more", 1),
+    # task=grpo (and each reward function's mean as dsrun_grpo_reward_by_function{function=...})
+    "reward": ("dsrun_grpo_reward", "Mean summed reward of the interval's completions", 1),
+    "completion_length": ("dsrun_grpo_completion_tokens", "Mean completion length in tokens", 1),
+    "stopped": ("dsrun_grpo_stopped_ratio", "Share of completions that ended on an end-of-turn token", 1),
+    "kl": ("dsrun_grpo_kl", "Mean per-token KL of the policy to the reference", 1),
+    "rollout_tokens_per_s": ("dsrun_grpo_rollout_tokens_per_second", "Completion tokens sampled per second", 1),
 }
 EVAL = ("eval_loss", "eval_ppl")  # only eval steps carry them: the last values stay until the next eval
 
@@ -61,6 +70,13 @@ class RunCollector:
         for key, (name, doc, factor) in TRAINING.items():
             if metrics.get(key) is not None:
                 yield gauge(name, doc, labels, metrics[key] * factor)
+        by_function = GaugeMetricFamily("dsrun_grpo_reward_by_function", "Mean reward of one reward function",
+                                        labels=[*labels, "function"])
+        for key, value in metrics.items():  # task=grpo: reward_<function name>
+            if key.startswith("reward_") and key not in TRAINING and isinstance(value, (int, float)):
+                by_function.add_metric([*labels.values(), key[len("reward_"):]], value)
+        if by_function.samples:
+            yield by_function
         tokens = CounterMetricFamily("dsrun_tokens_seen", "Tokens trained on (all ranks)", labels=list(labels))
         tokens.add_metric(list(labels.values()), self.tokens_seen)
         yield tokens
