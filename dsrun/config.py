@@ -680,15 +680,17 @@ def grpo_problems(cfg: Any) -> list[str]:
             p += exc.problems
     if str(t.compile).lower() not in ("auto", "true", "false"):
         p.append(f"task.compile={t.compile}: choose auto, true or false")
+    elif str(t.compile).lower() == "true" and cfg.parallel.strategy == "fsdp":
+        p.append("task.compile=true with parallel=fsdp: the rollout engine runs eagerly there (FSDP's gathered weights "
+                 "move at every gather; a CUDA graph reads fixed addresses); leave task.compile=auto")
     if cfg.data.source not in ("reasoning", "jsonl"):
         p.append(f"task=grpo with data={cfg.data.name}: prompts come from data=jsonl (prompt/answer) or "
                  "data=reasoning (the built-in arithmetic questions)")
     if cfg.data.eval_split is not None or cfg.data.eval_path:
         p.append("task=grpo does not evaluate on held-out prompts yet: unset data.eval_split / data.eval_path (the "
                  "log's reward is measured on the training prompts' fresh completions)")
-    if cfg.parallel.strategy not in ("single", "ddp"):
-        p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel=single or ddp (sharded weights "
-                 "would make every rank's rollout wait for the others' at each token: not yet)")
+    if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
+        p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel=single, ddp or fsdp")
     if cfg.parallel.offload_embedding:
         p.append("task=grpo with parallel.offload_embedding=true: the rollout engine reads the embedding on the GPU; "
                  "set it to false")

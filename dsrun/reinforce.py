@@ -17,8 +17,9 @@ completions the uninterrupted one drew.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -99,6 +100,40 @@ def prompt_data(data_cfg: Any, tokenizer: Any, max_prompt: int, vocab_size: int)
     return prompts, f"dsrun: data: {len(ids)} prompts with answers{note}; up to {width} tokens each"
 
 
+def sharded_modules(model: Any) -> list[Any]:
+    """The modules FSDP (fully_shard) shards, outermost first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def whole_weights(model: Any) -> Iterator[None]:
+    """Under FSDP (fully_shard): every sharded module's weights gathered once, here in the calling thread with every
+    rank in step, and kept gathered until the block ends — the engine's forwards then run no collective, so the
+    ranks may decode different numbers of steps. A no-op for unsharded models."""
+    sharded = sharded_modules(model)
+    if not sharded:
+        yield
+        return
+    # the outermost module is FSDP's root: initialised before a block's own forward would make that block the root
+    sharded[0]._get_fsdp_state()._lazy_init()
+    states = [m._get_fsdp_state() for m in sharded]
+    saved = [(st._auto_reshard_after_forward, [g.post_forward_mesh_info for g in st._fsdp_param_groups])
+             for st in states]  # restored as they were (torch's setter has no getter)
+    for module in sharded:
+        module.set_reshard_after_forward(False, recurse=False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module, state, (auto, infos) in zip(sharded, states, saved):
+            module.reshard()
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
+
+
 def completion_seed(seed: int, step: int, prompt: int, completion: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + prompt * 104_729 + completion * 15_485_863) % (2**31 - 1)
 
@@ -109,8 +144,8 @@ class GroupPolicy:
     rows returns the micro-batch's loss summed over its completions. Rewards, KL and lengths are summed for the
     log (`metrics`)."""
 
-    def __init__(self, task: Any, seed: int, model: Any, tokenizer: Any, prompts: Prompts, micro_batch: int,
-                 max_len: int, reference_off: Any):
+    def __init__(self, task: Any, seed: int, model: Any, wrapped: Any, tokenizer: Any, prompts: Prompts,
+                 micro_batch: int, max_len: int, reference_off: Any):
         self.task, self.seed, self.tokenizer, self.prompts = task, seed, tokenizer, prompts
         self.generations = task.generations
         self.rewards = {name: reward_function(name, "task.rewards") for name in task.rewards}
@@ -118,12 +153,16 @@ class GroupPolicy:
         self.model = model  # the transformers model inside the wrappers: the engine runs its layers
         device = next(model.parameters()).device
         self.stop = stop_ids(tokenizer, model)
-        self.engine = Engine(model, slots=micro_batch * self.generations, max_len=max_len, metrics=ServerMetrics(),
-                             max_queue=micro_batch * self.generations, seed=seed,
-                             compile=compile_wanted(task.compile, device))
+        self.wrapped = wrapped  # the training model as the strategy wrapped it (FSDP gathers through it)
         was_training = model.training
         model.eval()  # compiled as the rollouts run it: no dropout (a mode change would be a recompile)
-        self.engine.warm_up(*self.engine.buckets(), setting="task.compile")
+        # FSDP's gathered weights get new addresses at every gather, and a CUDA graph reads fixed ones: eager there
+        compiled = compile_wanted(task.compile, device) and not sharded_modules(wrapped)
+        with whole_weights(wrapped):  # the engine's first forward allocates its cache
+            self.engine = Engine(model, slots=micro_batch * self.generations, max_len=max_len,
+                                 metrics=ServerMetrics(), max_queue=micro_batch * self.generations, seed=seed,
+                                 compile=compiled)
+            self.engine.warm_up(*self.engine.buckets(), setting="task.compile")
         model.train(was_training)
         names = [f"reward_{name.rpartition('.')[2]}" for name in self.rewards]
         self.names = ["reward", *names, "completion_length", "stopped", "kl", "completions"]
@@ -142,6 +181,16 @@ class GroupPolicy:
         started = time.perf_counter()
         was_training = model.training
         model.eval()  # no dropout while sampling
+        with whole_weights(self.wrapped):
+            sequences, rewards, completion_lengths, stopped = self._sample(ids, lengths, index, step)
+        model.train(was_training)
+        self.rollout_seconds += time.perf_counter() - started
+        self.rollout_tokens += sum(completion_lengths)
+        return self._rows(sequences, rewards, completion_lengths, stopped)
+
+    def _sample(self, ids: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor,
+                step: int) -> tuple[list[tuple[list[int], list[int]]], list[list[float]], list[int], int]:
+        """Submit every completion of the micro-batch to the engine and collect them, rewarded."""
         requests = []
         for row, prompt in enumerate(index.tolist()):
             prompt_ids = ids[row, :lengths[row]].tolist()
@@ -153,7 +202,7 @@ class GroupPolicy:
                 requests.append((prompt_ids, request, self.prompts.answers[prompt]))
         sequences, rewards, completion_lengths, stopped = [], [], [], 0
         for prompt_ids, request, answer in requests:
-            completion, reason = [], None
+            completion = []
             while (event := request.events.get())[0] != "done":
                 if event[0] == "error":
                     raise RuntimeError(f"a GRPO rollout failed: {event[1]}")
@@ -164,9 +213,11 @@ class GroupPolicy:
             rewards.append([float(fn(text, answer)) for fn in self.rewards.values()])
             sequences.append((prompt_ids, completion))
             completion_lengths.append(len(completion))
-        model.train(was_training)
-        self.rollout_seconds += time.perf_counter() - started
-        self.rollout_tokens += sum(completion_lengths)
+        return sequences, rewards, completion_lengths, stopped
+
+    def _rows(self, sequences: list[tuple[list[int], list[int]]], rewards: list[list[float]],
+              completion_lengths: list[int], stopped: int) -> tuple[torch.Tensor, ...]:
+        """Training rows of the completions (prompt + completion, the completion labelled) and their advantages."""
         each = torch.tensor(rewards, dtype=torch.float64)  # [completions, reward functions]
         total = each.sum(1)
         advantages = group_advantages(total, self.generations).float()

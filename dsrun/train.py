@@ -230,7 +230,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         if rank_zero:
             print(describe_rollouts(cfg.task, tr.micro_batch), file=sys.stderr)
-        run.objective = GroupPolicy(cfg.task, tr.seed, inner, tokenizer, rows, tr.micro_batch, tr.seq_len + 1, off)
+        run.objective = GroupPolicy(cfg.task, tr.seed, inner, model, tokenizer, rows, tr.micro_batch, tr.seq_len + 1,
+                                    off)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     info["start_step"] = run.start_step

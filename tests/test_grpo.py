@@ -165,12 +165,14 @@ def test_grpo_logs_its_rollouts_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_on_two_processes_matches_one(tmp_path):
-    """Two DDP ranks, each sampling its own prompts' completions with its copy of the weights, log what one
-    process with both prompts logs: the same completions (seeded per prompt and completion), rewards and loss."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_on_two_processes_matches_one(tmp_path, strategy):
+    """Two ranks, each sampling its own prompts' completions (DDP: with its copy of the weights; FSDP: with the
+    weights gathered once for the rollout, so the ranks decode without waiting on each other), log what one process
+    with both prompts logs: the same completions (seeded per prompt and completion), rewards and loss."""
     job = [*GRPO, "train.max_steps=3", "optim.schedule=constant", "optim.warmup_steps=0"]
     assert dsrun(*job, run_dir=tmp_path / "one").returncode == 0
-    two = dsrun(*job, "hardware.devices=2", "parallel=ddp", "train.micro_batch=1", run_dir=tmp_path / "two")
+    two = dsrun(*job, "hardware.devices=2", f"parallel={strategy}", "train.micro_batch=1", run_dir=tmp_path / "two")
     assert two.returncode == 0, two.stderr[-2000:]
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         assert b["reward"] == pytest.approx(a["reward"]) and b["completion_length"] == a["completion_length"]
@@ -182,13 +184,14 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
     ("task.rewards=[nowhere.reward]", "task.rewards: nowhere.reward does not import"),
     ("task.max_completion_tokens=48", "must be below train.seq_len=48"),
     ("task.temperature=0", "must be > 0 (a group's completions must differ)"),
-    ("parallel=fsdp", "task=grpo with parallel=fsdp: runs under parallel=single or ddp"),
+    ("parallel=zero2", "task=grpo with parallel=zero2: runs under parallel=single, ddp or fsdp"),
+    ("task.compile=true parallel=fsdp", "task.compile=true with parallel=fsdp"),
     ("adapter=none", "task.beta=0.04 needs adapter=lora"),
     ("data.eval_split=0.1", "task=grpo does not evaluate on held-out prompts yet"),
     ("task.loss=ipo", "task.loss"),
 ])
 def test_bad_grpo_config_is_one_line(tmp_path, override, fragment):
-    assert_user_error(dsrun(*GRPO, override, run_dir=tmp_path / "run"), fragment)
+    assert_user_error(dsrun(*GRPO, *override.split(), run_dir=tmp_path / "run"), fragment)
 
 
 @pytest.mark.parametrize("record,fragment", [({"prompt": "What is 2 + 2?"}, "a GRPO record needs `prompt`"),
