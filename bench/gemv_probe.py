@@ -26,8 +26,8 @@ LAYERS = 28
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                          for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8) for s in (1, 2, 3)
-                          if n * k <= 8192],
+                          for n, k in ((2, 1024), (4, 1024), (4, 2048), (8, 512), (8, 1024), (16, 512))
+                          for w in (4, 8) for s in (2, 3)],
                  key=["N", "K", "M"])
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -97,6 +97,37 @@ def main() -> None:
         for kind, seconds in step.items():
             print(f"{kind}: the 7B's matmuls alone {seconds * 1e3:.2f} ms per step = {total / seconds / 1e9:,.0f} GB/s"
                   f" -> at most {1 / seconds:,.0f} tokens/s")
+    del weights
+    torch.cuda.empty_cache()
+    nf4([int(r) for r in args.rows.split(",")])
+
+
+def nf4(rows_list: list[int]) -> None:
+    """bitsandbytes' nf4 matmul (what a `quant=nf4` model runs) at 1 and 2 rows: its fused 4-bit GEMV serves one
+    row; two rows dequantize the whole weight first."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    print("\nnf4 (bitsandbytes matmul_4bit, double quant, blocksize 64): GB/s of packed weights read")
+    print("| matmul | " + " | ".join(f"{r} row(s)" for r in rows_list) + " |\n|---|" + "---|" * len(rows_list))
+    step = dict.fromkeys(rows_list, 0.0)
+    total = 0
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        del w
+        reads = packed.numel() * packed.element_size()
+        total += (LAYERS if name != "head" else 1) * reads
+        cells = []
+        for rows in rows_list:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            rate = timed(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), reads)
+            step[rows] += (LAYERS if name != "head" else 1) * reads / rate / 1e9
+            cells.append(f"{rate:,.0f}")
+        print(f"| {name} {(n, k)} | " + " | ".join(cells) + " |")
+    for rows, seconds in step.items():
+        print(f"nf4 {rows} row(s): the 7B's matmuls alone {seconds * 1e3:.2f} ms per step -> at most "
+              f"{1 / seconds:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 python3 -c "import trl, datasets, pyarrow; print('trl', trl.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1
 at gemv-probe  # issue 27: cuBLAS beside a Triton GEMV on the 7B's decode matmuls
-timeout -k 5 150 python3 bench/gemv_probe.py 2>&1 | tail -24
+timeout -k 5 170 python3 bench/gemv_probe.py 2>&1 | tail -34
 at grpo
 timeout -k 5 400 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 3 2>&1 | tail -20 | cut -c1-1500
 at end
