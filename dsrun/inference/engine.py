@@ -33,7 +33,9 @@ from dsrun.inference.slots import SlotCache, row_mask, use_slot_attention
 
 KV_BUCKET_MIN = 256  # decode reads the cache up to a power of two >= the longest sequence, at least this
 # decode runs at least two rows: a size-1 dimension would be specialized by the compiler, a second compile (a
-# minute for a 7B); the idle row costs next to nothing where the weights' reads set the step's time
+# minute for a 7B); the idle row costs next to nothing where the weights' reads set the step's time (2 % on an H100).
+# Not so for bitsandbytes' 4-bit layers: their fused GEMV serves one row only, two rows dequantize every weight
+# first — there one row runs alone (fused_single_row), at the price of that second compile.
 MIN_ROWS = 2
 
 
@@ -62,6 +64,15 @@ class Request:
     first_token_at: float | None = None
     generated: int = 0
     request_id: str = ""
+
+
+def fused_single_row(model: Any) -> bool:
+    """Whether the model's matmuls have a kernel for one row that more rows lose (bitsandbytes' 4-bit GEMV)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    return any(isinstance(m, Linear4bit) for m in model.modules())
 
 
 def truncates(request: Request) -> bool:
@@ -118,7 +129,9 @@ class Engine:
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
         use_slot_attention(model)
-        rows = max(slots, MIN_ROWS)
+        # (CUDA only: on a CPU bitsandbytes repacks a weight for its one-row path, and fails on small shapes)
+        self.min_rows = 1 if self.device.type == "cuda" and fused_single_row(model) else MIN_ROWS
+        rows = max(slots, self.min_rows)
         self.cache = SlotCache(rows, max_len)
         self.prefill_tokens = prefill_tokens
         self.seeds = torch.Generator().manual_seed(seed)
@@ -361,8 +374,8 @@ class Engine:
 
     def _rows(self, leading: int) -> int:
         """The decode step's row count when the highest occupied slot is `leading` - 1: a power of two (a bucket),
-        at least MIN_ROWS, at most the cache's rows."""
-        return min(max(pow2_at_least(leading), MIN_ROWS), self.cache.slots)
+        at least `min_rows`, at most the cache's rows."""
+        return min(max(pow2_at_least(leading), self.min_rows), self.cache.slots)
 
     def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
         return self.tokens[:rows], self.positions[:rows]

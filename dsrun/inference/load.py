@@ -80,6 +80,8 @@ def load(cfg: Any) -> Loaded:
         tokenizer_folder, name = run / "model", run.name
     if getattr(model, "hf_device_map", None) is None:  # from_pretrained placed (and quantized) it already
         model = place(model, cfg, device)
+    if device.type == "cpu":
+        keep_4bit_layout(model)
     model.eval()
     model.config.use_cache = True
     tokenizer = _tokenizer(tokenizer_folder, model_cfg)
@@ -88,6 +90,15 @@ def load(cfg: Any) -> Loaded:
     print(f"dsrun: loaded {name} ({kind}) on {first}, {dtype}, quant={cfg.quant.method}, context {context:,}",
           file=sys.stderr)
     return Loaded(model, tokenizer, cfg.serve.model_name or name, context, first, kind)
+
+
+def keep_4bit_layout(model: Any) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its own kernel at the first forward in eval
+    mode, and the repacking fails on weights narrower than a quantization block (the tiny models' 32-wide
+    projections: `generate quant=nf4` stopped with a reshape error). The plain 4-bit path serves every shape."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _build(model_cfg: Any, seed: int, dtype: torch.dtype, build_device: torch.device | None) -> Any:
