@@ -16,6 +16,7 @@ completions the uninterrupted one drew.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -145,8 +146,9 @@ class GroupPolicy:
     log (`metrics`)."""
 
     def __init__(self, task: Any, seed: int, model: Any, wrapped: Any, tokenizer: Any, prompts: Prompts,
-                 micro_batch: int, max_len: int, reference_off: Any):
+                 micro_batch: int, max_len: int, reference_off: Any, rank_zero: bool = True):
         self.task, self.seed, self.tokenizer, self.prompts = task, seed, tokenizer, prompts
+        self.hint = rank_zero  # the note on a first log interval without any reward, once
         self.generations = task.generations
         self.rewards = {name: reward_function(name, "task.rewards") for name in task.rewards}
         self.reference_off = reference_off
@@ -261,6 +263,11 @@ class GroupPolicy:
         if not n:
             return {}
         out = {name: value / n for name, value in sums.items()}
+        if self.hint and not any(value for name, value in sums.items() if name.startswith("reward")):
+            print("dsrun: note: no completion earned a reward yet; GRPO learns from the completions that score above "
+                  "their group's mean, so it starts from a model that already answers in the expected form (an R1 "
+                  "distill, or your SFT run: model.init=pretrained model.path=<run>/model)", file=sys.stderr)
+        self.hint = False
         # this rank's sampling speed: completion tokens over the time from submitting them to the last one's end
         out["rollout_tokens_per_s"] = self.rollout_tokens / self.rollout_seconds if self.rollout_seconds else 0.0
         self.rollout_seconds, self.rollout_tokens = 0.0, 0

@@ -231,7 +231,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
         if rank_zero:
             print(describe_rollouts(cfg.task, tr.micro_batch), file=sys.stderr)
         run.objective = GroupPolicy(cfg.task, tr.seed, inner, model, tokenizer, rows, tr.micro_batch, tr.seq_len + 1,
-                                    off)
+                                    off, rank_zero)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     info["start_step"] = run.start_step

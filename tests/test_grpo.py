@@ -154,6 +154,7 @@ def test_grpo_logs_its_rollouts_and_resumes_exactly(tmp_path):
     full = dsrun(*job, "train.max_steps=4", run_dir=tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
     assert "2 prompts x 3 completions per micro-batch" in full.stderr
+    assert "no completion earned a reward" not in full.stderr  # the length reward pays from the first step
     rows = read_metrics(tmp_path / "full")
     assert {"reward", "reward_length_reward", "completion_length", "stopped", "kl", "rollout_tokens_per_s"} <= set(rows[0])
     assert rows[-1]["kl"] > 0 and rows[-1]["grad_norm"] > 0, rows[-1]  # the adapters moved away from the reference
@@ -177,6 +178,12 @@ def test_grpo_on_two_processes_matches_one(tmp_path, strategy):
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         assert b["reward"] == pytest.approx(a["reward"]) and b["completion_length"] == a["completion_length"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_a_run_without_any_reward_says_why(tmp_path):
+    proc = dsrun(*GRPO, "task.rewards=[exact_answer]", "train.max_steps=1", run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("dsrun: note: no completion earned a reward yet") == 1, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -328,7 +328,7 @@ def test_json_output_for_sweeps(tmp_path):
     (["hardware=4x4090", "hardware.devices=0"], ["hardware.devices=0", ">= 1"]),
     (["train.micro_batch=-1"], ["train.micro_batch=-1"]),
     (["plan.mode=inference", "plan.batch=0"], ["plan.batch=0"]),
-    (["plan.mode=fly"], ["plan.mode=fly", "train, dpo, inference"]),
+    (["plan.mode=fly"], ["plan.mode=fly", "train, dpo, grpo, inference"]),
 ], ids=["unknown gpu", "zero devices", "negative micro-batch", "zero batch", "bad mode"])
 def test_bad_input_is_one_line_exit_2(overrides, fragments, tmp_path):
     proc = dsrun("task=plan", *overrides, run_dir=tmp_path / "run", timeout=60)
