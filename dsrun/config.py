@@ -22,7 +22,7 @@ from dsrun.optim import OPTIMIZERS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
 from dsrun.sources import SOURCES
-from dsrun.strategy import FABRIC_PRECISION, STRATEGIES
+from dsrun.strategy import FABRIC_PRECISION, STRATEGIES, preference_strategies
 from dsrun.task_table import DPO_LOSSES, GRPO_KEYS, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 @dataclass
@@ -166,7 +166,7 @@ class TaskConfig:
     beta: Optional[float] = None  # task=dpo/grpo: how far from the reference the policy may move (dpo: 0.1, grpo: KL's weight)
     loss: Optional[str] = None  # task=dpo: sigmoid (DPO) | ipo (dsrun/preference.py)
     generations: Optional[int] = None  # task=grpo: completions sampled per prompt, the group (dsrun/reinforce.py)
-    max_completion_tokens: Optional[int] = None  # task=grpo: new tokens per completion at most
+    max_completion_tokens: Optional[int] = None  # task=grpo: new tokens per completion at most (null: what seq_len leaves)
     temperature: Optional[float] = None  # task=grpo: sampling temperature of the rollouts
     epsilon: Optional[float] = None  # task=grpo: the clip range of the policy ratio
     rewards: Optional[List[str]] = None  # task=grpo: exact_answer | format | package.module.function, summed
@@ -395,10 +395,12 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
+    # an unknown strategy is reported above; the rules below read the facts of a known one
+    whole_model = getattr(STRATEGIES.get(par.strategy), "whole_model", True)
     if par.offload_activations and not par.activation_checkpointing:
         p.append("parallel.offload_activations=true: offloads the inputs activation checkpointing keeps; set "
                  "parallel.activation_checkpointing=true too")
-    if par.offload_activations and par.strategy not in ("single", "ddp"):
+    if par.offload_activations and not whole_model:
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
     if par.reduce_dtype not in ("fp32", "bf16"):
@@ -411,14 +413,14 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append(f"parallel.offload_embedding=true: model={cfg.model.name} ties its input embedding to the output "
                  "head, which the GPU needs every step; set parallel.offload_embedding=false")
     optimizer = OPTIMIZERS.get(cfg.optim.name)  # an unknown name is reported above
-    if optimizer is not None and not optimizer.sharded and par.strategy not in ("single", "ddp"):
+    if optimizer is not None and not optimizer.sharded and not whole_model:
         p.append(f"optim={cfg.optim.name} with parallel={par.name}: its states are built for whole parameters, not "
                  "FSDP/TP shards or DeepSpeed's optimizer; use parallel=single or ddp, or optim=adamw")
-    if par.offload_embedding and (cfg.adapter.method == "none" or par.strategy not in ("single", "ddp")):
+    if par.offload_embedding and (cfg.adapter.method == "none" or not whole_model):
         p.append(f"parallel.offload_embedding=true with adapter={cfg.adapter.method}, parallel={par.name}: the "
                  "embedding can leave the GPU only when it is frozen (adapter=lora or qlora) and unsharded "
                  "(parallel=single or ddp); change those or set parallel.offload_embedding=false")
-    if cfg.quant.method != "none" and par.strategy not in ("single", "ddp") and cfg.task.name in RUNNABLE_TASKS:
+    if cfg.quant.method != "none" and not whole_model and cfg.task.name in RUNNABLE_TASKS:
         # plans may still describe sharded quantized weights (FSDP-QLoRA with bf16 storage), which dsrun lacks
         p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "
                  "(FSDP2/ZeRO corrupt or lose their quantization state); use parallel=ddp or parallel=single")
@@ -643,8 +645,8 @@ def preference_problems(cfg: Any) -> list[str]:
     if cfg.data.source not in ("reasoning", "jsonl"):
         p.append(f"task=dpo with data={cfg.data.name}: preference pairs come from data=jsonl (prompt/chosen/rejected) "
                  "or data=reasoning (built-in pairs)")
-    if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
-        p.append(f"task=dpo with parallel={cfg.parallel.name}: runs under parallel=single, ddp or fsdp")
+    if not getattr(STRATEGIES.get(cfg.parallel.strategy), "preference", True):
+        p.append(f"task=dpo with parallel={cfg.parallel.name}: runs under parallel={preference_strategies()}")
     return p
 
 
@@ -662,9 +664,10 @@ def grpo_problems(cfg: Any) -> list[str]:
         check_group_size(t.generations, "task.generations")
     except ConfigError as exc:
         p += exc.problems
-    if not (_whole(t.max_completion_tokens) and t.max_completion_tokens >= 1):
-        p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be a whole number >= 1")
-    elif t.max_completion_tokens >= cfg.train.seq_len:
+    if t.max_completion_tokens is not None and not (_whole(t.max_completion_tokens) and t.max_completion_tokens >= 1):
+        p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be a whole number >= 1, or null (what "
+                 "train.seq_len leaves after the prompt)")
+    elif t.max_completion_tokens is not None and t.max_completion_tokens >= cfg.train.seq_len:
         p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be below train.seq_len="
                  f"{cfg.train.seq_len} (prompt and completion share it)")
     if not (isinstance(t.temperature, (int, float)) and t.temperature > 0):
@@ -689,8 +692,8 @@ def grpo_problems(cfg: Any) -> list[str]:
     if cfg.data.eval_split is not None or cfg.data.eval_path:
         p.append("task=grpo does not evaluate on held-out prompts yet: unset data.eval_split / data.eval_path (the "
                  "log's reward is measured on the training prompts' fresh completions)")
-    if cfg.parallel.strategy not in ("single", "ddp", "fsdp"):
-        p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel=single, ddp or fsdp")
+    if not getattr(STRATEGIES.get(cfg.parallel.strategy), "preference", True):
+        p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel={preference_strategies()}")
     if cfg.parallel.offload_embedding:
         p.append("task=grpo with parallel.offload_embedding=true: the rollout engine reads the embedding on the GPU; "
                  "set it to false")

@@ -92,7 +92,7 @@ def prompt_data(data_cfg: Any, tokenizer: Any, max_prompt: int, vocab_size: int)
         answers.append(answer)
     if not ids:
         raise DataError(f"none of the {len(pairs)} prompts fits in {max_prompt} tokens (train.seq_len minus "
-                        "task.max_completion_tokens); raise train.seq_len or lower task.max_completion_tokens")
+                        "task.max_completion_tokens, or half of train.seq_len); raise train.seq_len")
     width = max(map(len, ids))
     inputs = torch.tensor([row + [0] * (width - len(row)) for row in ids])
     prompts = Prompts(inputs, torch.full((len(ids), 1), IGNORE_INDEX), lengths=torch.tensor(list(map(len, ids))),
@@ -135,6 +135,16 @@ def whole_weights(model: Any) -> Iterator[None]:
                 group.post_forward_mesh_info = info
 
 
+def prompt_budget(task: Any, seq_len: int) -> int:
+    """Prompt tokens at most: what task.max_completion_tokens leaves of train.seq_len, else half of it."""
+    return seq_len - (task.max_completion_tokens or seq_len // 2)
+
+
+def completion_budget(task: Any, max_len: int, prompt: int) -> int:
+    """New tokens at most for one prompt: task.max_completion_tokens, else what the sequence leaves after it."""
+    return task.max_completion_tokens or max_len - 1 - prompt
+
+
 def completion_seed(seed: int, step: int, prompt: int, completion: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + prompt * 104_729 + completion * 15_485_863) % (2**31 - 1)
 
@@ -155,6 +165,7 @@ class GroupPolicy:
         self.model = model  # the transformers model inside the wrappers: the engine runs its layers
         device = next(model.parameters()).device
         self.stop = stop_ids(tokenizer, model)
+        self.max_len = max_len
         self.wrapped = wrapped  # the training model as the strategy wrapped it (FSDP gathers through it)
         was_training = model.training
         model.eval()  # compiled as the rollouts run it: no dropout (a mode change would be a recompile)
@@ -197,8 +208,8 @@ class GroupPolicy:
         for row, prompt in enumerate(index.tolist()):
             prompt_ids = ids[row, :lengths[row]].tolist()
             for g in range(self.generations):
-                request = Request(ids=prompt_ids, max_new_tokens=self.task.max_completion_tokens,
-                                  temperature=self.task.temperature, top_p=1.0, stop=self.stop,
+                budget = completion_budget(self.task, self.max_len, len(prompt_ids))
+                request = Request(ids=prompt_ids, max_new_tokens=budget, temperature=self.task.temperature, top_p=1.0, stop=self.stop,
                                   seed=completion_seed(self.seed, step, prompt, g))
                 self.engine.submit(request)
                 requests.append((prompt_ids, request, self.prompts.answers[prompt]))
@@ -277,7 +288,8 @@ class GroupPolicy:
 
 
 def describe_rollouts(task: Any, micro_batch: int) -> str:
+    length = task.max_completion_tokens or "train.seq_len minus the prompt's"
     return (f"dsrun: grpo: {micro_batch} prompts x {task.generations} completions per micro-batch, up to "
-            f"{task.max_completion_tokens} new tokens each, sampled at temperature {task.temperature} by the "
-            f"engine on the training weights; rewards: {', '.join(task.rewards)}")
+            f"{length} new tokens each, sampled at temperature {task.temperature} by the engine on the training "
+            f"weights; rewards: {', '.join(task.rewards)}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -102,7 +103,7 @@ def build_fabric(cfg: Any):
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
     precision = FABRIC_PRECISION[cfg.precision.mode]
-    strategy = STRATEGIES[cfg.parallel.strategy](cfg, backend, timeout)  # validate() knows every strategy
+    strategy = STRATEGIES[cfg.parallel.strategy].build(cfg, backend, timeout)  # validate() knows every strategy
     if isinstance(strategy, ModelParallelStrategy) and precision in ("bf16-mixed", "16-mixed"):
         precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
     return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
@@ -126,7 +127,7 @@ def _model_parallel(cfg: Any, backend: str, timeout: timedelta) -> Any:
 
     from dsrun.parallelize import parallelize
 
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
+    tp = cfg.parallel.tensor_parallel_size if STRATEGIES[cfg.parallel.strategy].tensor_parallel else 1
     return ModelParallelStrategy(
         parallelize_fn=lambda model, mesh: parallelize(model, parallel=cfg.parallel, precision=cfg.precision,
                                                        compile=cfg.train.compile, mesh=mesh),
@@ -140,11 +141,60 @@ def _deepspeed(cfg: Any, backend: str, timeout: timedelta) -> Any:
     return DeepSpeedStrategy(config=deepspeed_config(cfg), process_group_backend=backend, timeout=timeout)
 
 
-# The parallel.strategy registry: name -> (cfg, process-group backend, collective timeout) -> Fabric's strategy.
-# Adding a strategy: conf/parallel/<option>.yaml and one entry here (setup order, micro-step sync and the optimizer
-# step below branch on the strategy object, not its name).
-STRATEGIES: dict[str, Callable[[Any, str, timedelta], Any]] = {
-    "single": _single, "ddp": _ddp, "fsdp": _model_parallel, "deepspeed": _deepspeed, "tp": _model_parallel}
+STATE = ("weights", "gradients", "optimizer")
+
+
+def _none(parallel: Any) -> frozenset[str]:
+    return frozenset()
+
+
+def _all(parallel: Any) -> frozenset[str]:
+    return frozenset(STATE)
+
+
+def _zero_stage(parallel: Any) -> frozenset[str]:
+    """ZeRO stage 1 shards the optimizer state, 2 the gradients too, 3 the weights too."""
+    return frozenset(STATE[len(STATE) - parallel.zero_stage:]) if parallel.zero_stage else frozenset()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One parallel.strategy: how Fabric runs it, and the facts the planner, validate() and the tasks ask of it
+    (never its name)."""
+
+    build: Callable[[Any, str, timedelta], Any]  # (cfg, process-group backend, collective timeout) -> Fabric's
+    shards: Callable[[Any], frozenset[str]] = _none  # parallel -> which of STATE are split over data-parallel ranks
+    # every rank holds the whole model as one plain module (torch autocast, the host-memory embedding, offloaded
+    # activations, quantized bases and any optimizer work there)
+    whole_model: bool = False
+    tensor_parallel: bool = False  # each block's matmuls split over parallel.tensor_parallel_size ranks
+    # DeepSpeed ZeRO: 16-bit weights and gradients with the fp32 master inside its optimizer, communication buckets
+    # allocated up front, its own optimizer step and precision
+    zero: bool = False
+    offloads: bool = False  # parallel.offload moves its sharded state to host RAM (FSDP's CPU offload, ZeRO-Offload)
+    # task=dpo/grpo: every rank scores (and samples) its own rows with the model's weights (FSDP gathers them)
+    preference: bool = False
+
+    def gathers(self, parallel: Any) -> bool:
+        """Shards the weights and gathers them block by block (FSDP, its TP mesh, ZeRO-3)."""
+        return "weights" in self.shards(parallel)
+
+
+# The parallel.strategy registry. Adding a strategy: conf/parallel/<option>.yaml and one entry here with its facts
+# (setup order, micro-step sync and the optimizer step below branch on the strategy object, not its name).
+STRATEGIES: dict[str, Strategy] = {
+    "single": Strategy(_single, whole_model=True, preference=True),
+    "ddp": Strategy(_ddp, whole_model=True, preference=True),
+    "fsdp": Strategy(_model_parallel, shards=_all, offloads=True, preference=True),
+    "deepspeed": Strategy(_deepspeed, shards=_zero_stage, zero=True, offloads=True),
+    "tp": Strategy(_model_parallel, shards=_all, tensor_parallel=True),
+}
+
+
+def preference_strategies() -> str:
+    """The strategies task=dpo/grpo run under, for a message."""
+    names = [name for name, strategy in STRATEGIES.items() if strategy.preference]
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
 
 
 def is_deepspeed(fabric: Any) -> bool:

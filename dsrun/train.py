@@ -33,7 +33,7 @@ from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_data, reference_logps
 from dsrun.profiling import StepProfiler
-from dsrun.reinforce import GroupPolicy, describe_rollouts, prompt_data
+from dsrun.reinforce import GroupPolicy, describe_rollouts, prompt_budget, prompt_data
 from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
@@ -143,8 +143,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     if dpo:  # [pairs, 2, seq_len]: a micro-batch of N pairs runs 2N sequences
         rows, eval_rows, data_line = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     elif grpo:  # prompts: a micro-batch of N prompts runs N x task.generations completions
-        rows, data_line = prompt_data(cfg.data, tokenizer, tr.seq_len - cfg.task.max_completion_tokens,
-                                      arch.vocab_size)
+        rows, data_line = prompt_data(cfg.data, tokenizer, prompt_budget(cfg.task, tr.seq_len), arch.vocab_size)
         eval_rows = None
     else:
         rows, eval_rows, data_line = build_datasets(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)

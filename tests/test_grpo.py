@@ -20,7 +20,8 @@ from tests.conftest import FAST, assert_user_error, dsrun, model_cfg, read_metri
 # a random-init tiny model never closes a </think>: the runs below reward the completion's length (varied, so the
 # groups' advantages are not all zero and the weights move)
 GRPO = [*FAST, "task=grpo", "adapter=lora", "train.seq_len=48", "train.micro_batch=2", "task.generations=3",
-        "task.max_completion_tokens=12", "task.rewards=[tests.test_grpo.length_reward]", "train.lr=3e-3"]
+        "task.max_completion_tokens=12", "task.rewards=[tests.test_grpo.length_reward]", "train.lr=3e-3",
+        "task.beta=0.04"]
 
 
 def test_chunked_token_log_probs_equal_the_whole_logits_in_value_and_gradient():
@@ -132,13 +133,14 @@ def letter_questions(path, n: int, seed: int, chats: bool):
 @pytest.mark.slow
 def test_grpo_raises_the_exact_answer_reward(tmp_path):
     """The tiny model fine-tuned for 160 steps on letter-count chats answers about 4 in 10 right at temperature 1;
-    30 GRPO steps with the exact-answer reward alone (a full fine-tune, no reference) raise that to 6 in 10."""
+    30 GRPO steps with the exact-answer reward alone (a full fine-tune: task.beta=0, the default, no reference)
+    raise that to 6 in 10."""
     sft = dsrun(*FAST, "train.max_steps=160", "train.micro_batch=16", "train.seq_len=64", "data=jsonl",
                 f"data.path={letter_questions(tmp_path / 'chats.jsonl', 3000, 3, chats=True)}", run_dir=tmp_path / "sft")
     assert sft.returncode == 0, sft.stderr[-2000:]
     proc = dsrun(*FAST, "task=grpo", "model.init=pretrained", f"model.path={tmp_path / 'sft' / 'model'}",
                  "train.max_steps=30", "train.micro_batch=4", "task.generations=4", "task.max_completion_tokens=40",
-                 "train.seq_len=64", "adapter=none", "task.beta=0", "train.lr=1e-3", "task.rewards=[exact_answer]",
+                 "train.seq_len=64", "adapter=none", "train.lr=1e-3", "task.rewards=[exact_answer]",
                  "data=jsonl", f"data.path={letter_questions(tmp_path / 'prompts.jsonl', 3000, 7, chats=False)}",
                  run_dir=tmp_path / "grpo", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -193,7 +195,7 @@ def test_a_run_without_any_reward_says_why(tmp_path):
     ("task.temperature=0", "must be > 0 (a group's completions must differ)"),
     ("parallel=zero2", "task=grpo with parallel=zero2: runs under parallel=single, ddp or fsdp"),
     ("task.compile=true parallel=fsdp", "task.compile=true with parallel=fsdp"),
-    ("adapter=none", "task.beta=0.04 needs adapter=lora"),
+    ("adapter=none", "task=grpo with task.beta=0.04 needs adapter=lora"),
     ("data.eval_split=0.1", "task=grpo does not evaluate on held-out prompts yet"),
     ("task.loss=ipo", "task.loss"),
 ])

@@ -11,13 +11,18 @@ from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
 from dsrun.plan.shape import Shape
+from dsrun.strategy import STATE, STRATEGIES, Strategy
+
+
+def strategy(cfg: Any) -> Strategy:
+    return STRATEGIES[cfg.parallel.strategy]
 
 
 def bytes_per_param(cfg: Any) -> dict[str, float]:
     """Bytes per trainable parameter before sharding: weights, gradients, optimizer states (master copy included).
     Mixed precision here means fp32 weights under autocast (16: 4 + 4 + 4 x 2 Adam moments)."""
     mode, states = cfg.precision.mode, moments(cfg)
-    if cfg.parallel.strategy == "deepspeed" and mode != "32-true":
+    if strategy(cfg).zero and mode != "32-true":
         # ZeRO's layout: 16-bit weights and gradients, the fp32 master copy inside the optimizer
         return {"weights": 2, "gradients": 2, "optimizer": 4 + 4 * states}
     width = 2 if mode == "bf16-true" or frozen_16bit(cfg) else 4
@@ -36,14 +41,8 @@ def state_bytes(cfg: Any, width: float) -> float:
 
 def shard_counts(cfg: Any) -> dict[str, int]:
     """Into how many pieces weights, gradients and optimizer states are split across the processes."""
-    strategy, n = cfg.parallel.strategy, data_parallel_size(cfg)
-    if strategy in ("fsdp", "tp"):
-        return {"weights": n, "gradients": n, "optimizer": n}
-    if strategy == "deepspeed":
-        stage = cfg.parallel.zero_stage
-        return {"weights": n if stage >= 3 else 1, "gradients": n if stage >= 2 else 1,
-                "optimizer": n if stage >= 1 else 1}
-    return {"weights": 1, "gradients": 1, "optimizer": 1}
+    sharded, n = strategy(cfg).shards(cfg.parallel), data_parallel_size(cfg)
+    return {key: n if key in sharded else 1 for key in STATE}
 
 
 def quant_bytes(quant: Any) -> tuple[float, float]:
@@ -69,7 +68,7 @@ def frozen_16bit(cfg: Any) -> bool:
 
 def dtypes(cfg: Any) -> Dtypes:
     mode = cfg.precision.mode
-    autocast = mode in MIXED and cfg.parallel.strategy in ("single", "ddp") and not frozen_16bit(cfg)
+    autocast = mode in MIXED and strategy(cfg).whole_model and not frozen_16bit(cfg)
     compute = 4 if mode == "32-true" else 2
     return Dtypes(compute, 4 if autocast or mode == "32-true" else compute, autocast)
 
@@ -110,7 +109,7 @@ def activation_bytes_per_token(cfg: Any, shape: Shape, lora_per_block: list[floa
     d = dtypes(cfg)
     if d not in shape.cache:
         shape.cache[d] = [block_activations(shape.model.config, moe, d) for moe in shape.moe_blocks]
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
+    tp = cfg.parallel.tensor_parallel_size if strategy(cfg).tensor_parallel else 1
     blocks = [rep + split / tp + lora for (rep, split), lora in zip(shape.cache[d], lora_per_block)]
     h = shape.model.config.hidden_size
     final = _norm(h, d)
@@ -142,14 +141,14 @@ def lora_sizes(cfg: Any, shape: Shape) -> tuple[int, list[float]]:
 def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
     """Bytes per device at the step's peak, and bytes per node of host RAM (offloaded state)."""
     d, b, div = dtypes(cfg), bytes_per_param(cfg), shard_counts(cfg)
-    strategy, tr = cfg.parallel.strategy, cfg.train
+    run_by, tr = strategy(cfg), cfg.train
     lora_params, lora_act = lora_sizes(cfg, shape)
     # fp32 whatever the base's dtype
     adapter_bytes = {"weights": 4, "gradients": 4, "optimizer": state_bytes(cfg, 4) * moments(cfg)}
     trainable = 0 if lora_params else shape.total
     quantized = shape.matmul if cfg.quant.method != "none" else 0
     q_weight, q_const = quant_bytes(cfg.quant)
-    tp = cfg.parallel.tensor_parallel_size if strategy == "tp" else 1
+    tp = cfg.parallel.tensor_parallel_size if run_by.tensor_parallel else 1
     spread = 1 - shape.tp * (1 - 1 / tp) / shape.total  # share of the weights one tensor-parallel rank holds
     tokens = tr.micro_batch * tr.seq_len * sequences_per_row(cfg)
     m = {
@@ -165,7 +164,7 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         "optimizer_states": trainable * b["optimizer"] * spread / div["optimizer"],
         "lora": lora_params * sum(adapter_bytes[k] / div[k] for k in adapter_bytes),
         "comm_buffers": DEEPSPEED_BUCKET_ELEMENTS * 2 * (1 if cfg.parallel.zero_stage == 3 else 2)
-        if strategy == "deepspeed" else 0.0,
+        if run_by.zero else 0.0,
         "activations": tokens * activation_bytes_per_token(cfg, shape, lora_act),
         "logits_loss": logits_loss_bytes(cfg, shape, tokens, d),
     }
@@ -179,17 +178,17 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
         host["activations"] = tokens * len(shape.moe_blocks) * shape.model.config.hidden_size * d.wide * \
             cfg.hardware.devices
-    if cfg.parallel.offload and strategy in ("fsdp", "deepspeed") and spec is not None:
-        params_too = strategy == "fsdp" or cfg.parallel.zero_stage == 3
+    if cfg.parallel.offload and run_by.offloads and spec is not None:
+        params_too = run_by.gathers(cfg.parallel)
         for key in ("optimizer_states", "gradients") + (("weights", "quant_constants", "lora") if params_too else ()):
             host[key], m[key] = m[key] * cfg.hardware.devices, 0.0
     # gradients are allocated during backward as saved activations are freed; DeepSpeed's buffers are permanent
-    if tr.accumulation == 1 and strategy != "deepspeed":
+    if tr.accumulation == 1 and not run_by.zero:
         m["backward_overlap"] = -min(m["gradients"], m["activations"] + m["logits_loss"])
     if spec is not None:
         m["cuda_context"] = (CUDA_CONTEXT_GIB + (NCCL_GIB if world_size(cfg) > 1 else 0)) * GIB
     m["allocator"] = ALLOCATOR_FRACTION * sum(m.get(k, 0) for k in TRANSIENT)
-    if cfg.parallel.offload and strategy == "fsdp":
+    if cfg.parallel.offload and run_by.offloads and not run_by.zero:  # FSDP's offload copies gathered weights
         m["allocator"] += OFFLOAD_GATHERED_COPIES * m["gathered"]
     return m, host
 
@@ -201,7 +200,7 @@ def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
     from dsrun.loss import chunk_tokens
 
     vocab, h = shape.model.config.vocab_size, shape.model.config.hidden_size
-    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+    if strategy(cfg).zero and strategy(cfg).gathers(cfg.parallel):
         return tokens * vocab * ((4 if d.compute == 4 else 2) + 12)
     chunk = min(tokens, chunk_tokens(vocab, h, trains_head=cfg.adapter.method == "none"))
     return chunk * vocab * (4 + 2 * d.compute) + tokens * h * (d.wide + 4)
@@ -209,14 +208,13 @@ def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
 
 def gathers(cfg: Any) -> bool:
     """Whether the strategy shards weights and gathers them block by block (FSDP, its TP mesh, ZeRO-3)."""
-    strategy = cfg.parallel.strategy
-    return strategy in ("fsdp", "tp") or (strategy == "deepspeed" and cfg.parallel.zero_stage == 3)
+    return strategy(cfg).gathers(cfg.parallel)
 
 
 def gather_bytes(cfg: Any, params: int, matmul: int) -> float:
     """Bytes of `params` weights (`matmul` of them quantizable) once gathered: the compute dtype, or quantized."""
     width = 4 if cfg.precision.mode == "32-true" else 2
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
+    tp = cfg.parallel.tensor_parallel_size if strategy(cfg).tensor_parallel else 1
     per_weight = sum(quant_bytes(cfg.quant)) if cfg.quant.method != "none" else width
     return (matmul * per_weight + (params - matmul) * width) / tp
 
