@@ -167,6 +167,7 @@ class Strategy:
     # every rank holds the whole model as one plain module (torch autocast, the host-memory embedding, offloaded
     # activations, quantized bases and any optimizer work there)
     whole_model: bool = False
+    all_reduces: bool = False  # gradients all-reduced once per optimizer step (DDP)
     tensor_parallel: bool = False  # each block's matmuls split over parallel.tensor_parallel_size ranks
     # DeepSpeed ZeRO: 16-bit weights and gradients with the fp32 master inside its optimizer, communication buckets
     # allocated up front, its own optimizer step and precision
@@ -184,7 +185,7 @@ class Strategy:
 # (setup order, micro-step sync and the optimizer step below branch on the strategy object, not its name).
 STRATEGIES: dict[str, Strategy] = {
     "single": Strategy(_single, whole_model=True, preference=True),
-    "ddp": Strategy(_ddp, whole_model=True, preference=True),
+    "ddp": Strategy(_ddp, whole_model=True, all_reduces=True, preference=True),
     "fsdp": Strategy(_model_parallel, shards=_all, offloads=True, preference=True),
     "deepspeed": Strategy(_deepspeed, shards=_zero_stage, zero=True, offloads=True),
     "tp": Strategy(_model_parallel, shards=_all, tensor_parallel=True),

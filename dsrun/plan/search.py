@@ -22,6 +22,7 @@ from dsrun.plan import Plan, Suggestion, plan
 from dsrun.plan.assumptions import GIB
 from dsrun.plan.overrides import Box, apply_overrides, boxed
 from dsrun.plan.shape import model_shape
+from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
 
 CARD_COUNTS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -67,10 +68,10 @@ def _software_changes(cfg: Box) -> list[tuple[str, list[str]]]:
         if cuda and not par.offload:
             changes.append(("weights that do not fit stay in host RAM (device_map=auto)", ["parallel.offload=true"]))
         return changes
-    if cfg.precision.mode in ("bf16-mixed", "16-mixed") and par.strategy != "deepspeed":
+    if cfg.precision.mode in ("bf16-mixed", "16-mixed") and not STRATEGIES[par.strategy].zero:
         changes.append(("bf16 weights and optimizer states (half the bytes, less exact updates)",
                         ["precision=bf16_true"]))
-    if world_size(cfg) > 1 and par.strategy in ("single", "ddp"):
+    if world_size(cfg) > 1 and STRATEGIES[par.strategy].whole_model:
         changes.append(("shard weights, gradients and states (FSDP2)", ["parallel=fsdp", *keep]))
         if cuda:
             changes.append(("shard gradients and states (ZeRO-2)", ["parallel=zero2", *keep]))
@@ -195,7 +196,7 @@ def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[st
     if cfg.precision.name == "auto" and cfg.precision.mode == "32-true":  # auto picks bf16 on GPUs
         extra.append("precision=bf16")
     n = devices * nodes
-    if n > 1 and cfg.parallel.strategy in ("single", "ddp") and cfg.plan.mode != "inference":
+    if n > 1 and STRATEGIES[cfg.parallel.strategy].whole_model and cfg.plan.mode != "inference":
         extra.append("parallel=fsdp")
         if cfg.parallel.activation_checkpointing:
             extra.append("parallel.activation_checkpointing=true")

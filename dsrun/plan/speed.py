@@ -19,6 +19,7 @@ from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CP
                                     MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY, STEP_BANDWIDTH_EFFICIENCY)
 from dsrun.plan.memory import bytes_per_param, dtypes, gather_bytes, gathers, lora_sizes, shard_counts
 from dsrun.plan.shape import Shape
+from dsrun.strategy import STRATEGIES
 
 
 def measured_bandwidth(cfg: Any) -> dict[str, dict[str, Any]]:
@@ -86,7 +87,7 @@ def flops_per_token(shape: Shape, seq_len: int) -> float:
 
 
 def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
-    tr, strategy, d = cfg.train, cfg.parallel.strategy, dtypes(cfg)
+    tr, run_by, d = cfg.train, STRATEGIES[cfg.parallel.strategy], dtypes(cfg)
     lora = cfg.adapter.method == "lora"
     # forward 2, input gradients 2, weight gradients 2 (none for frozen weights), recomputed forward 2
     # task=dpo/grpo under LoRA: the reference's forward (adapters off) beside each step, 2 more
@@ -104,18 +105,18 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
 
     bandwidth, ring = _bandwidth(cfg, spec), (n - 1) / n
     trainable_bytes = (lora_sizes(cfg, shape)[0] if lora else shape.total) * bytes_per_param(cfg)["gradients"]
-    if strategy == "ddp":
+    if run_by.all_reduces:
         overlapped = all_reduce_seconds(trainable_bytes, n, bandwidth)
     elif gathers(cfg):  # weights all-gathered for forward and backward of every micro-batch, gradients
         # reduce-scattered once
         gathered = gather_bytes(cfg, shape.total, shape.matmul if cfg.quant.method != "none" else 0)
         overlapped = ring * (2 * tr.accumulation * gathered + trainable_bytes) / bandwidth
-    elif strategy == "deepspeed":
+    elif run_by.zero:  # ZeRO-1/2: gradients reduce-scattered per micro-batch, weights gathered after the step
         overlapped = ring * (tr.accumulation + 1) * trainable_bytes / bandwidth
     else:
         overlapped = 0.0
     blocking = 0.0
-    if strategy == "tp" and cfg.parallel.tensor_parallel_size > 1:  # 4 activation all-reduces per block
+    if run_by.tensor_parallel and cfg.parallel.tensor_parallel_size > 1:  # 4 activation all-reduces per block
         t = cfg.parallel.tensor_parallel_size
         config = shape.model.config
         blocking += 4 * config.num_hidden_layers * 2 * (t - 1) / t * tr.micro_batch * tr.seq_len * \
@@ -130,7 +131,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
         b = bytes_per_param(cfg)
         blocking += (lora_sizes(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] * \
-            (b["weights"] + b["gradients"] + b["optimizer"]) / HOST_OPTIMIZER_BYTES_PER_S[strategy]
+            (b["weights"] + b["gradients"] + b["optimizer"]) / HOST_OPTIMIZER_BYTES_PER_S[cfg.parallel.strategy]
     gpu = compute + max(0.0, overlapped - 2 / 3 * compute)  # collectives hide under backward
     step = max(gpu, host_time(cfg, shape, spec)) + optimizer_time(cfg, shape, spec, host) + blocking
     return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
@@ -158,7 +159,7 @@ def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> flo
     b, div = bytes_per_param(cfg), shard_counts(cfg)
     trainable = lora_sizes(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
     clips_in_kernel = (cfg.optim.name == "adamw" and cfg.precision.mode != "16-mixed"
-                       and cfg.parallel.strategy != "deepspeed")  # strategy.optimizer_step
+                       and not STRATEGIES[cfg.parallel.strategy].zero)  # strategy.optimizer_step
     per_param = 2 * (b["weights"] + b["optimizer"]) + (2 if clips_in_kernel else 4) * b["gradients"]
     return trainable / div["optimizer"] * per_param / (spec["mem_bandwidth_gbs"] * 1e9 * STEP_BANDWIDTH_EFFICIENCY)
 
