@@ -42,7 +42,7 @@ from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.resolve import resolve
 from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
 from dsrun.safe_read import read_yaml_mapping
-from dsrun.run_folder import check_folder, claim, refuse_foreign, refuse_run_as_sweep_dir
+from dsrun.run_folder import SWEEP_LOCK, check_folder, claim, lock, refuse_foreign, refuse_run_as_sweep_dir
 from dsrun.runs import rank_zero, run_dir
 from dsrun.scratch import SCRATCH_RUN_DIR, discard_scratch_folder
 from dsrun.task_table import TASKS
@@ -189,9 +189,10 @@ def claim_run_dir(args: Any, composed: list[dict[str, Any]], configs: list[DictC
         if args.multirun:
             base = Path(pins[0].split("=", 1)[1])
             refuse_run_as_sweep_dir(base)
+            check_run_dir(base, "hydra.sweep.dir")
+            lock(base, SWEEP_LOCK, "hydra.sweep.dir")  # one sweep at a time writes its trials here
             for folder, cfg in zip(folders, composed):
                 check_folder(folder, cfg)
-            check_run_dir(base, "hydra.sweep.dir")
             return pins
         refuse_foreign(folders[0])
         check_run_dir(folders[0], "hydra.run.dir")

@@ -365,12 +365,13 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     world_size = hw.devices * hw.num_nodes
     inference_plan = cfg.task.name == "plan" and cfg.plan.mode == "inference"  # weights split, no strategy runs
-    if par.strategy == "single" and world_size > 1 and not inference_plan:
+    run_by = STRATEGIES.get(par.strategy)  # None: an unknown name, reported above
+    if run_by is not None and run_by.one_process and world_size > 1 and not inference_plan:
         p.append(f"parallel=single with {world_size} processes (hardware.devices x hardware.num_nodes): "
                  "use parallel=ddp or fsdp, or set hardware.devices=1")
-    if par.strategy == "deepspeed" and hw.accelerator == "cpu":
+    if run_by is not None and run_by.needs_cuda and hw.accelerator == "cpu":
         p.append("parallel=" + par.name + ": DeepSpeed needs CUDA GPUs; on CPU use parallel=ddp or parallel=fsdp")
-    if par.strategy == "tp":
+    if run_by is not None and run_by.tensor_parallel:
         heads = cfg.model.fields.get("num_attention_heads")
         kv = cfg.model.fields.get("num_key_value_heads") or heads
         tp = par.tensor_parallel_size
@@ -385,7 +386,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
 
     if hw.accelerator == "cpu" and prec.mode == "16-mixed":
         p.append("precision=fp16 on CPU: fp16 autocast needs a GPU; use precision=bf16 or precision=fp32")
-    if prec.mode == "16-mixed" and par.strategy in ("fsdp", "tp"):
+    if prec.mode == "16-mixed" and run_by is not None and run_by.fsdp2:
         p.append(f"precision=fp16 with parallel={par.name}: FSDP2 has no sharded loss scaler here; use precision=bf16")
     if prec.mode == "fp8":
         if hw.accelerator == "cpu":
@@ -405,7 +406,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "unsharded models; use parallel=single or ddp, or turn it off")
     if par.reduce_dtype not in ("fp32", "bf16"):
         p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
-    elif par.reduce_dtype == "bf16" and (par.strategy not in ("fsdp", "tp") or prec.mode != "bf16-mixed"):
+    elif par.reduce_dtype == "bf16" and (not getattr(STRATEGIES.get(par.strategy), "fsdp2", True)
+                                         or prec.mode != "bf16-mixed"):
         p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
                  "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
                  "set parallel.reduce_dtype=fp32")
@@ -683,7 +685,7 @@ def grpo_problems(cfg: Any) -> list[str]:
             p += exc.problems
     if str(t.compile).lower() not in ("auto", "true", "false"):
         p.append(f"task.compile={t.compile}: choose auto, true or false")
-    elif str(t.compile).lower() == "true" and cfg.parallel.strategy == "fsdp":
+    elif str(t.compile).lower() == "true" and STRATEGIES[cfg.parallel.strategy].gathers(cfg.parallel):
         p.append("task.compile=true with parallel=fsdp: the rollout engine runs eagerly there (FSDP's gathered weights "
                  "move at every gather; a CUDA graph reads fixed addresses); leave task.compile=auto")
     if cfg.data.source not in ("reasoning", "jsonl"):

@@ -32,6 +32,7 @@ from dsrun.runs import git_commit
 from dsrun.safe_read import read_yaml_mapping
 
 LOCK = ".dsrun.lock"
+SWEEP_LOCK = ".dsrun-sweep.lock"  # held by a sweep's parent for the whole sweep: a second sweep into it is refused
 RESUMES = "resumes.jsonl"
 SNAPSHOT = Path(".hydra") / "config.yaml"
 # What a run leaves in its folder besides Hydra's snapshot: present means the folder holds a run, not just a plan
@@ -252,20 +253,21 @@ def replace(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The lock
 
-def lock(folder: Path) -> dict[str, Any] | None:
+def lock(folder: Path, name: str = LOCK, key: str = "hydra.run.dir") -> dict[str, Any] | None:
     """Hold `<folder>/.dsrun.lock` until this process ends (the kernel drops an flock when its holder dies, so a
-    killed run never blocks the next). Returns the owner record a dead holder left behind, if any."""
+    killed run never blocks the next). Returns the owner record a dead holder left behind, if any. A sweep's parent
+    holds `.dsrun-sweep.lock` in the sweep folder the same way (`name`, `key`)."""
     if _held:
         return None  # this process already holds one (a run folder is claimed once per process)
-    path = folder / LOCK
+    path = folder / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise UserError(f"{path}: cannot create the run folder's lock ({exc.strerror}); choose a writable "
-                        "hydra.run.dir") from None
+        raise UserError(f"{path}: cannot create the folder's lock ({exc.strerror}); choose a writable {key}") \
+            from None
     if who := _flock_or_holder(fd, fcntl.LOCK_EX):
-        raise UserError(f"{folder} is in use by {who} (lock {path}); wait for that run to end or stop it, or choose "
-                        "another hydra.run.dir")
+        raise UserError(f"{folder} is in use by {who} (lock {path}); wait for that {what_locks(key)} to end or stop "
+                        f"it, or choose another {key}")
     stale = _owner(fd) or None
     me = {"pid": os.getpid(), "host": platform.node(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
@@ -273,11 +275,15 @@ def lock(folder: Path) -> dict[str, Any] | None:
         os.pwrite(fd, json.dumps(me).encode(), 0)
     except OSError as exc:
         os.close(fd)
-        raise UserError(f"{path}: cannot write the run folder's lock ({exc.strerror}); free disk space or choose "
-                        "another hydra.run.dir") from None
+        raise UserError(f"{path}: cannot write the folder's lock ({exc.strerror}); free disk space or choose "
+                        f"another {key}") from None
     _held.append(fd)
     atexit.register(_release, fd)
     return stale
+
+
+def what_locks(key: str) -> str:
+    return "sweep" if key == "hydra.sweep.dir" else "run"
 
 
 def read_lock(folder: Path) -> None:

@@ -167,6 +167,9 @@ class Strategy:
     # every rank holds the whole model as one plain module (torch autocast, the host-memory embedding, offloaded
     # activations, quantized bases and any optimizer work there)
     whole_model: bool = False
+    one_process: bool = False  # runs in one process only
+    needs_cuda: bool = False  # no CPU (gloo) implementation
+    fsdp2: bool = False  # fully_shard (parallelize.py): its own mixed-precision policy and gradient reduce dtype
     all_reduces: bool = False  # gradients all-reduced once per optimizer step (DDP)
     tensor_parallel: bool = False  # each block's matmuls split over parallel.tensor_parallel_size ranks
     # DeepSpeed ZeRO: 16-bit weights and gradients with the fp32 master inside its optimizer, communication buckets
@@ -184,11 +187,11 @@ class Strategy:
 # The parallel.strategy registry. Adding a strategy: conf/parallel/<option>.yaml and one entry here with its facts
 # (setup order, micro-step sync and the optimizer step below branch on the strategy object, not its name).
 STRATEGIES: dict[str, Strategy] = {
-    "single": Strategy(_single, whole_model=True, preference=True),
+    "single": Strategy(_single, one_process=True, whole_model=True, preference=True),
     "ddp": Strategy(_ddp, whole_model=True, all_reduces=True, preference=True),
-    "fsdp": Strategy(_model_parallel, shards=_all, offloads=True, preference=True),
-    "deepspeed": Strategy(_deepspeed, shards=_zero_stage, zero=True, offloads=True),
-    "tp": Strategy(_model_parallel, shards=_all, tensor_parallel=True),
+    "fsdp": Strategy(_model_parallel, shards=_all, fsdp2=True, offloads=True, preference=True),
+    "deepspeed": Strategy(_deepspeed, shards=_zero_stage, needs_cuda=True, zero=True, offloads=True),
+    "tp": Strategy(_model_parallel, shards=_all, fsdp2=True, tensor_parallel=True),
 }
 
 

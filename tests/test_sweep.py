@@ -381,3 +381,21 @@ def test_a_stopped_sweep_names_the_checkpoint_its_trial_left(tmp_path):
     checkpoint = Path(named.group(1))
     assert checkpoint.is_dir() and not checkpoint.name.endswith(".incomplete") and any(checkpoint.iterdir())
     assert not (folder / "1").exists(), "no trial starts after the stop"
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_a_running_sweeps_folder_is_refused(tmp_path):
+    """The sweep's parent holds the sweep folder for the whole sweep (issue #28): between two trials no child holds
+    a trial folder, and a second sweep there would write into the trials the first has not reached."""
+    sweep = tmp_path / "S"
+    proc = start("-m", *FAST, "train.max_steps=400", "train.seq_len=32", "train.micro_batch=1,2",
+                 f"hydra.sweep.dir={sweep}")
+    deadline = time.time() + 120
+    while not (sweep / "0" / "metrics.jsonl").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the first sweep did not start its trial"
+        time.sleep(0.05)
+    second = dsrun("-m", *FAST, "train.max_steps=2", "train.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}")
+    assert_user_error(second, f"{sweep} is in use by pid", "wait for that sweep to end", "hydra.sweep.dir")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not (sweep / "1").exists(), "the first sweep stopped before its second trial"
