@@ -16,6 +16,7 @@ completions the uninterrupted one drew.
 
 from __future__ import annotations
 
+import queue
 import sys
 import time
 from contextlib import contextmanager
@@ -216,7 +217,7 @@ class GroupPolicy:
         sequences, rewards, completion_lengths, stopped = [], [], [], 0
         for prompt_ids, request, answer in requests:
             completion = []
-            while (event := request.events.get())[0] != "done":
+            while (event := self._next_event(request))[0] != "done":
                 if event[0] == "error":
                     raise RuntimeError(f"a GRPO rollout failed: {event[1]}")
                 completion += event[1]
@@ -227,6 +228,15 @@ class GroupPolicy:
             sequences.append((prompt_ids, completion))
             completion_lengths.append(len(completion))
         return sequences, rewards, completion_lengths, stopped
+
+    def _next_event(self, request: Request) -> tuple[str, Any]:
+        """The request's next event; an engine whose thread has ended fails the rollout instead of hanging it."""
+        while True:
+            try:
+                return request.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self.engine.thread.is_alive():
+                    raise RuntimeError("the rollout engine stopped before the completions were done") from None
 
     def _rows(self, sequences: list[tuple[list[int], list[int]]], rewards: list[list[float]],
               completion_lengths: list[int], stopped: int) -> tuple[torch.Tensor, ...]:
