@@ -72,6 +72,7 @@ def case_dsrun(steps: int, emulate: bool, out: Path) -> dict:
            f"hydra.run.dir={run_dir}", *(["hardware.emulate=true"] if emulate else ["hardware=auto"])]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (out / "dsrun.err").write_text(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"dsrun exit {proc.returncode}: {proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/bench"))
+    out.mkdir(parents=True, exist_ok=True)
     if args.case == "trl":
         print(json.dumps(case_trl(args.trl_steps, out)))
         return
@@ -180,6 +182,7 @@ def main() -> None:
             else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
                 proc = subprocess.run([sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)],
                                       capture_output=True, text=True)
+                (out / "trl.err").write_text(proc.stderr)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr[-3000:])
                 results[case] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,6 +22,7 @@ TASK_LINES = {
     "dry_run": "print the whole resolved config and the batch arithmetic; start nothing",
     "plan": "memory, speed and cost per GPU, and the cheapest fixes when it does not fit (no GPU needed)",
     "dpo": "preference fine-tuning (DPO/IPO) on chosen/rejected pairs; the reference free under LoRA",
+    "grpo": "GRPO with verifiable rewards: completions sampled by the engine on the training weights, rewarded",
     "smoke": "a short run whose checks (finite, falling loss) mark it good for `dsrun rollback`",
     "generate": "answer task.source's model (as `dsrun generate`)",
     "serve": "serve task.source's model (as `dsrun serve`)",
