@@ -20,10 +20,24 @@ if TYPE_CHECKING:
     from dsrun.config import QuantConfig
 
 
+def _no_constants(quant: Any) -> float:
+    return 0.0
+
+
+def _nf4_constants(quant: Any) -> float:
+    """One absmax per 64 weights: fp32, or with double quantization 8-bit plus one fp32 per 256 of those."""
+    return (1 / 64 + 4 / (64 * 256)) if quant.double_quant else 4 / 64
+
+
 @dataclass(frozen=True)
 class Method:
+    """One quant.method: how its layers are built and loaded, and the sizes the planner counts."""
+
     layer: Callable[..., Any]  # (nn.Linear, quant config, compute dtype) -> its bitsandbytes layer, on meta
     loading: Callable[..., Any]  # (quant config, compute dtype) -> transformers' BitsAndBytesConfig
+    weight_bytes: float  # bytes per quantized weight
+    constant_bytes: Callable[[Any], float] = _no_constants  # quant config -> constants' bytes per weight
+    row_constant_bytes: float = 0.0  # constants' bytes per output row (int8: one fp32 scale a row)
 
 
 def _nf4_layer(child: nn.Linear, quant: QuantConfig, compute_dtype: torch.dtype) -> nn.Module:
@@ -60,8 +74,11 @@ def _int8_loading(quant: QuantConfig, compute_dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-QUANT_METHODS: dict[str, Method | None] = {"none": None, "int8": Method(_int8_layer, _int8_loading),
-                                           "nf4": Method(_nf4_layer, _nf4_loading)}
+QUANT_METHODS: dict[str, Method | None] = {
+    "none": None,
+    "int8": Method(_int8_layer, _int8_loading, weight_bytes=1.0, row_constant_bytes=4.0),
+    "nf4": Method(_nf4_layer, _nf4_loading, weight_bytes=0.5, constant_bytes=_nf4_constants),
+}
 
 
 def quantize_linears(module: nn.Module, quant_cfg: QuantConfig, compute_dtype: torch.dtype) -> None:

@@ -11,6 +11,7 @@ from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
 from dsrun.plan.shape import Shape
+from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STATE, STRATEGIES, Strategy
 
 
@@ -46,11 +47,17 @@ def shard_counts(cfg: Any) -> dict[str, int]:
 
 
 def quant_bytes(quant: Any) -> tuple[float, float]:
-    """(bytes per quantized weight, bytes of quantization constants per weight; int8's are per row)."""
-    if quant.method == "nf4":
-        # one absmax per 64 weights: fp32, or with double quantization 8-bit plus one fp32 per 256 of those
-        return 0.5, (1 / 64 + 4 / (64 * 256)) if quant.double_quant else 4 / 64
-    return (1.0, 0.0) if quant.method == "int8" else (0.0, 0.0)
+    """(bytes per quantized weight, bytes of quantization constants per weight; per-row ones: quant_constants)."""
+    method = QUANT_METHODS[quant.method]
+    return (method.weight_bytes, method.constant_bytes(quant)) if method is not None else (0.0, 0.0)
+
+
+def quant_constants(quant: Any, shape: Shape) -> float:
+    """Bytes of every quantization constant of the quantizable weights: per weight and per output row."""
+    method = QUANT_METHODS[quant.method]
+    if method is None:
+        return 0.0
+    return shape.matmul * method.constant_bytes(quant) + shape.matmul_rows * method.row_constant_bytes
 
 
 @dataclass(frozen=True)
@@ -147,14 +154,13 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     adapter_bytes = {"weights": 4, "gradients": 4, "optimizer": state_bytes(cfg, 4) * moments(cfg)}
     trainable = 0 if lora_params else shape.total
     quantized = shape.matmul if cfg.quant.method != "none" else 0
-    q_weight, q_const = quant_bytes(cfg.quant)
+    q_weight, _ = quant_bytes(cfg.quant)
     tp = cfg.parallel.tensor_parallel_size if run_by.tensor_parallel else 1
     spread = 1 - shape.tp * (1 - 1 / tp) / shape.total  # share of the weights one tensor-parallel rank holds
     tokens = tr.micro_batch * tr.seq_len * sequences_per_row(cfg)
     m = {
         "weights": ((shape.total - quantized) * b["weights"] + quantized * q_weight) * spread / div["weights"],
-        "quant_constants": (shape.matmul_rows * 4 if cfg.quant.method == "int8" else quantized * q_const)
-        * spread / div["weights"],
+        "quant_constants": quant_constants(cfg.quant, shape) * spread / div["weights"],
         # autocast's low-precision weight copies live until backward has used them (bnb dequantizes on the fly);
         # a tied head multiplies with the embedding
         "compute_copy": (1 if cfg.precision.mode == "fp8" else 2) * (
@@ -232,8 +238,8 @@ def inference_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[st
     config, pl = shape.model.config, cfg.plan
     c, n = (4 if cfg.precision.mode == "32-true" else 2), world_size(cfg)
     if cfg.quant.method != "none":
-        per_weight, constant = quant_bytes(cfg.quant)
-        constants = shape.matmul_rows * 4 if cfg.quant.method == "int8" else shape.matmul * constant
+        per_weight, _ = quant_bytes(cfg.quant)
+        constants = quant_constants(cfg.quant, shape)
     elif cfg.precision.mode == "fp8":  # e4m3 weights with one fp32 scale per 128 x 128 block (DeepSeek's layout)
         per_weight, constants = 1.0, shape.matmul * 4 / 128**2
     else:

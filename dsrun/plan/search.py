@@ -22,6 +22,7 @@ from dsrun.plan import Plan, Suggestion, plan
 from dsrun.plan.assumptions import GIB
 from dsrun.plan.overrides import Box, apply_overrides, boxed
 from dsrun.plan.shape import model_shape
+from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
 
@@ -173,7 +174,8 @@ def _floor_gib(cfg: Box) -> float:
     """A lower bound of what any card count must hold in total (weights alone, as quantized), to skip hopeless
     counts quickly."""
     shape = model_shape(cfg.model)
-    bytes_per_weight = {"int8": 1.0, "nf4": 0.5}.get(cfg.quant.method, 2.0)
+    method = QUANT_METHODS[cfg.quant.method]
+    bytes_per_weight = method.weight_bytes if method is not None else 2.0
     return shape.total * bytes_per_weight / GIB
 
 
