@@ -113,6 +113,13 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], kept: list[int], wher
     return text, start
 
 
+def check_vocabulary(ids: list[int], vocab_size: int, where: str) -> None:
+    """A record's token ids must be the model's: a tokenizer of another family gives ids beyond its vocabulary."""
+    if ids and max(ids) >= vocab_size:
+        raise DataError(f"{where}: a token id is outside the model's vocabulary of {vocab_size}; use the "
+                        "tokenizer that ships with the weights (model.tokenizer=auto)")
+
+
 def tokenize(rendered: list[Rendered], tokenizer: Any) -> list[Document]:
     """Token ids and loss masks: a token is trained when it starts at or after its document's trained offset."""
     if not rendered:

@@ -163,10 +163,11 @@ class TaskConfig:
     steps: Optional[int] = None  # task=smoke: run at most this many steps (conf/task/smoke.yaml: 100)
     source: Optional[str] = None  # generate/serve/bench_infer: a run or model folder; null: the model option
     out: Optional[str] = None  # task=export: a new folder for the Hugging Face model
-    beta: Optional[float] = None  # task=dpo/grpo: how far from the reference the policy may move (dpo: 0.1, grpo: KL's weight)
+    # task=dpo/grpo: how far from the reference the policy may move (dpo: 0.1; grpo: the KL's weight, 0: none)
+    beta: Optional[float] = None
     loss: Optional[str] = None  # task=dpo: sigmoid (DPO) | ipo (dsrun/preference.py)
     generations: Optional[int] = None  # task=grpo: completions sampled per prompt, the group (dsrun/reinforce.py)
-    max_completion_tokens: Optional[int] = None  # task=grpo: new tokens per completion at most (null: what seq_len leaves)
+    max_completion_tokens: Optional[int] = None  # task=grpo: new tokens a completion at most; null: what seq_len leaves
     temperature: Optional[float] = None  # task=grpo: sampling temperature of the rollouts
     epsilon: Optional[float] = None  # task=grpo: the clip range of the policy ratio
     rewards: Optional[List[str]] = None  # task=grpo: exact_answer | format | package.module.function, summed
@@ -396,8 +397,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
         p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
 
-    # an unknown strategy is reported above; the rules below read the facts of a known one
-    whole_model = getattr(STRATEGIES.get(par.strategy), "whole_model", True)
+    whole_model = run_by is None or run_by.whole_model  # an unknown strategy: reported above, no rule of its own
     if par.offload_activations and not par.activation_checkpointing:
         p.append("parallel.offload_activations=true: offloads the inputs activation checkpointing keeps; set "
                  "parallel.activation_checkpointing=true too")
@@ -406,8 +406,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "unsharded models; use parallel=single or ddp, or turn it off")
     if par.reduce_dtype not in ("fp32", "bf16"):
         p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
-    elif par.reduce_dtype == "bf16" and (not getattr(STRATEGIES.get(par.strategy), "fsdp2", True)
-                                         or prec.mode != "bf16-mixed"):
+    elif par.reduce_dtype == "bf16" and ((run_by is not None and not run_by.fsdp2) or prec.mode != "bf16-mixed"):
         p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
                  "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
                  "set parallel.reduce_dtype=fp32")
@@ -647,9 +646,15 @@ def preference_problems(cfg: Any) -> list[str]:
     if cfg.data.source not in ("reasoning", "jsonl"):
         p.append(f"task=dpo with data={cfg.data.name}: preference pairs come from data=jsonl (prompt/chosen/rejected) "
                  "or data=reasoning (built-in pairs)")
-    if not getattr(STRATEGIES.get(cfg.parallel.strategy), "preference", True):
+    if not preference_ready(cfg.parallel):
         p.append(f"task=dpo with parallel={cfg.parallel.name}: runs under parallel={preference_strategies()}")
     return p
+
+
+def preference_ready(parallel: Any) -> bool:
+    """Whether task=dpo/grpo run under this strategy (an unknown one is reported by its own check)."""
+    run_by = STRATEGIES.get(parallel.strategy)
+    return run_by is None or run_by.preference
 
 
 def grpo_problems(cfg: Any) -> list[str]:
@@ -685,16 +690,18 @@ def grpo_problems(cfg: Any) -> list[str]:
             p += exc.problems
     if str(t.compile).lower() not in ("auto", "true", "false"):
         p.append(f"task.compile={t.compile}: choose auto, true or false")
-    elif str(t.compile).lower() == "true" and STRATEGIES[cfg.parallel.strategy].gathers(cfg.parallel):
-        p.append("task.compile=true with parallel=fsdp: the rollout engine runs eagerly there (FSDP's gathered weights "
-                 "move at every gather; a CUDA graph reads fixed addresses); leave task.compile=auto")
+    elif str(t.compile).lower() == "true" and (run_by := STRATEGIES.get(cfg.parallel.strategy)) is not None \
+            and run_by.gathers(cfg.parallel):
+        p.append(f"task.compile=true with parallel={cfg.parallel.name}: the rollout engine runs eagerly there "
+                 "(FSDP's gathered weights move at every gather; a CUDA graph reads fixed addresses); leave "
+                 "task.compile=auto")
     if cfg.data.source not in ("reasoning", "jsonl"):
         p.append(f"task=grpo with data={cfg.data.name}: prompts come from data=jsonl (prompt/answer) or "
                  "data=reasoning (the built-in arithmetic questions)")
     if cfg.data.eval_split is not None or cfg.data.eval_path:
         p.append("task=grpo does not evaluate on held-out prompts yet: unset data.eval_split / data.eval_path (the "
                  "log's reward is measured on the training prompts' fresh completions)")
-    if not getattr(STRATEGIES.get(cfg.parallel.strategy), "preference", True):
+    if not preference_ready(cfg.parallel):
         p.append(f"task=grpo with parallel={cfg.parallel.name}: runs under parallel={preference_strategies()}")
     if cfg.parallel.offload_embedding:
         p.append("task=grpo with parallel.offload_embedding=true: the rollout engine reads the embedding on the GPU; "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dsrun.chat import render, tokenize
+from dsrun.chat import check_vocabulary, render, tokenize
 from dsrun.errors import DataError
 from dsrun.evaluate import Evaluator
 from dsrun.model_inputs import model_inputs
@@ -72,9 +72,7 @@ def preference_blocks(records: list[tuple[Any, str]], tokenizer: Any, seq_len: i
             if not docs:
                 raise DataError(f"{where}: the chosen and rejected replies must end with an assistant message")
             sides.append(docs[0])
-        if max(max(d.ids) for d in sides) >= vocab_size:
-            raise DataError(f"{where}: a token id is outside the model's vocabulary of {vocab_size}; use the "
-                            "tokenizer that ships with the weights (model.tokenizer=auto)")
+        check_vocabulary([i for d in sides for i in d.ids], vocab_size, where)
         pair_inputs, pair_labels = [], []
         for doc in sides:
             ids = doc.ids[: seq_len + 1]

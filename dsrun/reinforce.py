@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from dsrun.errors import DataError
+from dsrun.chat import check_vocabulary
 from dsrun.grpo import final_answer, group_advantages, grpo_loss, reward_function
 from dsrun.inference.chat import render, stop_ids
 from dsrun.inference.engine import Engine, Request, compile_wanted
@@ -83,9 +84,7 @@ def prompt_data(data_cfg: Any, tokenizer: Any, max_prompt: int, vocab_size: int)
     ids, answers, dropped = [], [], 0
     for (messages, answer), where in pairs:
         tokens = render(tokenizer, messages)
-        if max(tokens) >= vocab_size:
-            raise DataError(f"{where}: a token id is outside the model's vocabulary of {vocab_size}; use the "
-                            "tokenizer that ships with the weights (model.tokenizer=auto)")
+        check_vocabulary(tokens, vocab_size, where)
         if len(tokens) > max_prompt:
             dropped += 1
             continue
@@ -208,10 +207,10 @@ class GroupPolicy:
         requests = []
         for row, prompt in enumerate(index.tolist()):
             prompt_ids = ids[row, :lengths[row]].tolist()
+            budget = completion_budget(self.task, self.max_len, len(prompt_ids))
             for g in range(self.generations):
-                budget = completion_budget(self.task, self.max_len, len(prompt_ids))
-                request = Request(ids=prompt_ids, max_new_tokens=budget, temperature=self.task.temperature, top_p=1.0, stop=self.stop,
-                                  seed=completion_seed(self.seed, step, prompt, g))
+                request = Request(ids=prompt_ids, max_new_tokens=budget, temperature=self.task.temperature, top_p=1.0,
+                                  stop=self.stop, seed=completion_seed(self.seed, step, prompt, g))
                 self.engine.submit(request)
                 requests.append((prompt_ids, request, self.prompts.answers[prompt]))
         sequences, rewards, completion_lengths, stopped = [], [], [], 0

@@ -206,7 +206,7 @@ def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
     from dsrun.loss import chunk_tokens
 
     vocab, h = shape.model.config.vocab_size, shape.model.config.hidden_size
-    if strategy(cfg).zero and strategy(cfg).gathers(cfg.parallel):
+    if (run_by := strategy(cfg)).zero and run_by.gathers(cfg.parallel):
         return tokens * vocab * ((4 if d.compute == 4 else 2) + 12)
     chunk = min(tokens, chunk_tokens(vocab, h, trains_head=cfg.adapter.method == "none"))
     return chunk * vocab * (4 + 2 * d.compute) + tokens * h * (d.wide + 4)
