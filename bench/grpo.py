@@ -57,7 +57,7 @@ def save_model() -> None:
     config = Qwen2Config(**fields, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -6,18 +6,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from dsrun.errors import UserError
+from dsrun.lm import CausalLM
 
 if TYPE_CHECKING:
-    import torch
+    from transformers import PreTrainedModel
 
     from dsrun.config import AdapterConfig
 
 
-def _none(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+def _none(model: PreTrainedModel, adapter_cfg: AdapterConfig) -> CausalLM:
     return model
 
 
-def _lora(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+def _lora(model: PreTrainedModel, adapter_cfg: AdapterConfig) -> CausalLM:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -35,8 +36,8 @@ def _lora(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module
     return get_peft_model(model, lora, autocast_adapter_dtype=True)
 
 
-ADAPTERS: dict[str, Callable[..., torch.nn.Module]] = {"none": _none, "lora": _lora}
+ADAPTERS: dict[str, Callable[..., CausalLM]] = {"none": _none, "lora": _lora}
 
 
-def add_adapters(model: torch.nn.Module, adapter_cfg: AdapterConfig) -> torch.nn.Module:
+def add_adapters(model: PreTrainedModel, adapter_cfg: AdapterConfig) -> CausalLM:
     return ADAPTERS[adapter_cfg.method](model, adapter_cfg)

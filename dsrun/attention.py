@@ -14,10 +14,13 @@ model builds no mask of its own (and does not look for packed sequences in the p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NAME = "dsrun_varlen"
 _KERNEL: Any | None = None  # the varlen flash kernel (_varlen), looked up once when registered
@@ -106,7 +109,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
-def use_varlen_attention(model: torch.nn.Module) -> None:
+def use_varlen_attention(model: PreTrainedModel) -> None:
     """Route the model's attention through `varlen_attention` (registered once with transformers)."""
     from transformers import AttentionInterface
 

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 # Growable allocator segments instead of fixed blocks: what one step frees serves the next one's other sizes (a 7B
 # QLoRA step held 0.4 GiB more reserved than allocated without). Read when CUDA first allocates: set before torch.
@@ -153,7 +153,7 @@ def precheck(argv: list[str]) -> list[str]:
         configs, folders, pins = _compose_all(args)
         if args.config_path or args.config_dir:  # a snapshot carries no schema: type-check it against the current one
             try:
-                configs = [OmegaConf.merge(OmegaConf.structured(RunConfig), cfg) for cfg in configs]
+                configs = [cast(DictConfig, OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)) for cfg in configs]
             except OmegaConfBaseException as exc:
                 first = str(getattr(exc, "msg", exc)).strip().splitlines()[0]
                 fail(f"{getattr(exc, 'full_key', '') or 'the snapshot'}: {first}")
@@ -161,7 +161,7 @@ def precheck(argv: list[str]) -> list[str]:
         fail(str(exc))
     except Exception as exc:  # Hydra/OmegaConf composition errors are user errors here
         fail(one_line(exc))
-    composed = [OmegaConf.to_container(cfg) for cfg in configs]  # as composed, before resolve() fills `auto`
+    composed = [cast(dict[str, Any], OmegaConf.to_container(cfg)) for cfg in configs]  # as composed, before resolve() fills `auto`
     for cfg in configs:
         try:
             resolve(cfg)

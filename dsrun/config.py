@@ -8,7 +8,7 @@ every problem into one `ConfigError`; nothing downstream re-validates.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -269,7 +269,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # type: ignore[valid-type]  # made from MONITORS
     plan: PlanConfig = field(default_factory=PlanConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -286,14 +286,14 @@ def register_configs() -> None:
 
 # An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
-VALUES = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
+VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
           "plan.mode": ("train", "dpo", "grpo", "inference"), "serve.engine": ("dsrun", "vllm"),
           "serve.reasoning": ("split", "inline"),
           "generate.show_thinking": ("dim", "show", "hide"), "generate.compile": ("auto", "true", "false"),
           "serve.compile": ("auto", "true", "false"), "bench_infer.compile": ("auto", "true", "false"),
           "data.train_on": TRAIN_ON}
-REGISTRIES = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
+REGISTRIES: dict[str, Mapping[str, Any]] = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
               "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
               "optim.schedule": SCHEDULES, "task.name": TASKS}
 
@@ -607,7 +607,7 @@ def value_problems(cfg: Any) -> list[str]:
     if opt.grad_clip is not None and _finite(opt.grad_clip) and opt.grad_clip < 0:
         p.append(f"optim.grad_clip={opt.grad_clip}: must be >= 0 (0 turns clipping off, null takes the precision's)")
     if opt.name == "adamw":
-        betas = list(opt.betas) if not isinstance(opt.betas, (str, int, float)) else [opt.betas]
+        betas: list[Any] = list(opt.betas) if not isinstance(opt.betas, (str, int, float)) else [opt.betas]
         if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
             p.append(f"optim.betas={betas}: AdamW takes two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]")
     if opt.name == "sgd" and not (_finite(opt.momentum) and 0 <= opt.momentum < 1):

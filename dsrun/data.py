@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TypeGuard
 
 import torch
 
@@ -18,7 +18,7 @@ from dsrun.chat import r1_template, render, tokenize
 from dsrun.constants import AUTO
 from dsrun.errors import DataError, UserError
 from dsrun.packing import Blocks, pack
-from dsrun.sources import SOURCES, read_records, split_eval
+from dsrun.sources import SOURCES, read_records, source_records, split_eval
 
 if TYPE_CHECKING:
     from dsrun.config import DataConfig, ModelConfig
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def has_tokenizer(folder: str | Path | None) -> bool:
-    return bool(folder) and any((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES)
+def has_tokenizer(folder: str | Path | None) -> TypeGuard[str | Path]:
+    return bool(folder and any((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES))
 
 
 def tokenizer_choice(model_cfg: Any) -> str:
@@ -114,7 +114,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
         if data_cfg.eval_path:
             held = _rows(read_records(data_cfg.eval_path, "data.eval_path"), data_cfg, tokenizer, seq_len, vocab_size)
         return train, held, f"dsrun: data: {len(train)} rows of {seq_len} random tokens" + _eval_note(held)
-    records, held_records, note = held_out(source.records(data_cfg), data_cfg)
+    records, held_records, note = held_out(source_records(data_cfg), data_cfg)
     train = _rows(records, data_cfg, tokenizer, seq_len, vocab_size)
     held = _rows(held_records, data_cfg, tokenizer, seq_len, vocab_size) if held_records is not None else None
     return train, held, describe(train, data_cfg, seq_len) + note + _eval_note(held)
@@ -155,13 +155,13 @@ def _rows(records: list[tuple[Any, str]], data_cfg: Any, tokenizer: Any, seq_len
     if skipped and len(skipped) == len(records):
         raise DataError(f"{skipped[0]}: a chat with no assistant turn, and so are all {len(records)} records; "
                         "add the assistant replies to train on (role: assistant)")
-    docs = tokenize(rendered, tokenizer)
-    top = max((max(d.ids) for d in docs if d.ids), default=0)
+    documents = tokenize(rendered, tokenizer)
+    top = max((max(d.ids) for d in documents if d.ids), default=0)
     if top >= vocab_size:
         raise DataError(f"tokenizer/model mismatch: token id {top} is outside the model's vocabulary of "
                         f"{vocab_size}; use the tokenizer that ships with the weights (model.tokenizer=model)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    blocks = pack(docs, seq_len, pad, packing=data_cfg.packing, document_mask=data_cfg.document_mask)
+    blocks = pack(documents, seq_len, pad, packing=data_cfg.packing, document_mask=data_cfg.document_mask)
     if len(blocks) == 0:
         raise DataError(f"data={data_cfg.name}: the records hold no token to train on; add data")
     blocks.stats.update(records=len(records), skipped=len(skipped))

@@ -114,7 +114,7 @@ def doctor_task(cfg: Any) -> dict[str, Any] | None:
     found = readings(cfg.hardware) if rank_zero() else None
     apply_environment(cfg.hardware)  # measure with the NCCL/Gloo settings training would use
     result = summarise(sweep(cfg, found["cuda"]["devices"] if found else 0))
-    if not rank_zero():
+    if found is None:  # not rank zero
         return None
     result = measured_device(result, found["cuda"])
     found["allreduce"] = result

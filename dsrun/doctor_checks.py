@@ -99,7 +99,7 @@ def gpu_findings(gpus: list[dict[str, Any]], compat: dict[str, Any]) -> list[dic
                                               "the slot allows (riser, seating, a shared slot); host and P2P copies "
                                               f"run at {width / widest:.0%} speed"))
         card_lanes = int(spec["pcie"].split(" x")[1]) if spec else None
-        if widest and card_lanes and widest < card_lanes:
+        if spec and widest and card_lanes and widest < card_lanes:
             out.append(finding("warn", "gpu", f"{who}: in an x{widest} slot; the card has x{card_lanes} "
                                               f"({pcie_gbs(spec) * widest / card_lanes:.1f} instead of "
                                               f"{pcie_gbs(spec):.1f} GB/s each way)"))

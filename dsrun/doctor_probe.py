@@ -55,7 +55,7 @@ def _optional(read: Callable[[], Any]) -> Any:
 def _gpu(nv: Any, index: int) -> dict[str, Any]:
     h = nv.nvmlDeviceGetHandleByIndex(index)
     name = nv.nvmlDeviceGetName(h)
-    links = [_optional(lambda i=i: nv.nvmlDeviceGetNvLinkState(h, i)) for i in range(nv.NVML_NVLINK_MAX_LINKS)]
+    links = [_optional(lambda: nv.nvmlDeviceGetNvLinkState(h, i)) for i in range(nv.NVML_NVLINK_MAX_LINKS)]
     ecc = _optional(lambda: nv.nvmlDeviceGetEccMode(h))  # (current, pending)
     limit = _optional(lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h))
     default = _optional(lambda: nv.nvmlDeviceGetPowerManagementDefaultLimit(h))
@@ -106,7 +106,7 @@ def cuda_view() -> dict[str, Any]:
     n = torch.cuda.device_count()
     pairs = [{"from": i, "to": j, "access": torch.cuda.can_device_access_peer(i, j)}
              for i in range(n) for j in range(n) if i != j]
-    uuids = [_optional(lambda i=i: str(torch.cuda.get_device_properties(i).uuid)) for i in range(n)]
+    uuids = [_optional(lambda: str(torch.cuda.get_device_properties(i).uuid)) for i in range(n)]
     return {"devices": n, "names": [torch.cuda.get_device_name(i) for i in range(n)], "p2p": pairs, "uuids": uuids}
 
 

@@ -4,6 +4,7 @@ one line naming the closest one."""
 from __future__ import annotations
 
 import difflib
+from typing import Collection
 
 VERB_LINES = {
     "resume": "RUN_DIR [overrides]  continue a run from its latest checkpoint (train.max_steps=N trains further)",
@@ -35,7 +36,7 @@ SYNONYMS = {"merge": "export", "continue": "resume", "ls": "runs", "list": "runs
             "check": "doctor", "chat": "generate", "compare": "diff"}
 
 
-def usage(verbs: list[str], tasks: tuple[str, ...]) -> str:
+def usage(verbs: list[str], tasks: Collection[str]) -> str:
     width = max(map(len, verbs))
     lines = ["usage: dsrun [VERB ARGS...] | dsrun [group=option ...] [key=value ...]  (also: python -m dsrun ...)",
              "", "Verbs:"]

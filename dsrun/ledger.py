@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from dsrun.errors import Interrupted, TrainingDiverged, UserError
 from dsrun.quiet import console
@@ -237,7 +237,8 @@ def query(status: str | None = None, limit: int = 20, good: bool | None = None,
         raise UserError(f"the ledger {path} is not a file; {fix}")
     if not path.is_file():
         return []
-    where, args = [], []
+    where: list[str] = []
+    args: list[str | int] = []
     if status:
         where.append("(status = ? OR status LIKE ?)")
         args += [status, f"{status}:%"]
@@ -288,7 +289,7 @@ def runs_command(args: list[str]) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one `dsrun: error:` line, exit 2, like every user error
+    def error(self, message: str) -> NoReturn:  # one `dsrun: error:` line, exit 2, like every user error
         raise UserError(f"{self.prog}: {message}")
 
 

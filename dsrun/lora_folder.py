@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from dsrun.errors import UserError
 
 
-def is_adapter_folder(path: str | Path | None) -> bool:
-    return bool(path) and (Path(path).expanduser() / "adapter_config.json").is_file()
+def is_adapter_folder(path: str | Path | None) -> TypeGuard[str | Path]:
+    return bool(path and (Path(path).expanduser() / "adapter_config.json").is_file())
 
 
 def base_path(folder: Path) -> str | None:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100  # labels of positions that carry no loss (prompts, padding)
 # what the decoder is given besides the tokens (dsrun/model_inputs.py: embedding rows from host memory, packed
@@ -103,12 +106,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden_rows[start:start + chunk].to(dtype)
             part, grad = elementwise(h @ w.T, labels[start:start + chunk])
             total += part
-            if want_hidden:
+            if grad_rows is not None:
                 grad_rows[start:start + chunk] = (grad @ w).to(hidden.dtype)
-            if want_weight:
+            if grad_weight is not None:
                 grad_weight.add_(grad.T @ h)  # fp32 sum of the chunks' products
         grad_hidden = grad_rows
-        if want_hidden and gathered:  # unlabelled rows get no gradient from the loss
+        if grad_rows is not None and gathered:  # unlabelled rows get no gradient from the loss
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, rows, grad_rows)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
         ctx.wants = (want_hidden, want_weight)
@@ -157,11 +160,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
             grad = -probs * grad_out[start:start + ctx.chunk, None]
             grad.scatter_add_(1, labels[start:start + ctx.chunk, None], grad_out[start:start + ctx.chunk, None])
             grad = grad.to(dtype)
-            if want_hidden:
+            if grad_hidden is not None:
                 grad_hidden[start:start + ctx.chunk] = (grad @ w).to(hidden.dtype)
-            if want_weight:
+            if grad_weight is not None:
                 grad_weight.add_(grad.T.float() @ h.float())
-        return grad_hidden, grad_weight.to(weight.dtype) if want_weight else None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
 
 
 def token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,7 @@ def full_cross_entropy(head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
+def attach_chunked_loss(model: PreTrainedModel, chunked: bool = True) -> PreTrainedModel:
     """Make `model(input_ids=..., labels=...)` return (loss sum, labelled tokens) computed inside its forward.
     `model` is a transformers causal LM (before adapters or wrappers, which call its forward)."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
@@ -212,6 +215,7 @@ def attach_chunked_loss(model: nn.Module, chunked: bool = True) -> nn.Module:
                 **kwargs: Any):
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in MODEL_KWARGS}
         hidden = decoder(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+        assert labels is not None, "a model with dsrun's loss attached is called with labels"
         if per_token:  # task=grpo: each labelled token's log-probability, 0 elsewhere: [rows, tokens]
             return token_logps(hidden.flatten(0, 1), labels.flatten()).view(labels.shape), None
         if per_row:  # task=dpo: one loss sum per sequence, each through the chunked head on its own

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 
 from dsrun.checkpoint import last_checkpoint_note
 from dsrun.errors import Interrupted, UserError
+from dsrun.lm import CausalLM
 from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
 from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
@@ -18,6 +19,7 @@ from dsrun.safe_read import check_safetensors, read_json_object
 
 if TYPE_CHECKING:
     from dsrun.config import ModelConfig, QuantConfig
+    from transformers import PreTrainedModel
 
 
 def architecture(model_cfg: ModelConfig) -> Any:
@@ -70,7 +72,7 @@ def _weights_source(model_cfg: Any) -> str:
 
 def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dtype = torch.float32,
                 quant_cfg: QuantConfig | None = None, compute_dtype: torch.dtype = torch.float32,
-                device: Any = None) -> torch.nn.Module:
+                device: Any = None) -> PreTrainedModel:
     """The causal LM of `config` (from architecture()): random weights (seeded, identical on every rank) or the
     real ones from safetensors, created in `dtype`, the dtype its weights train in (weight_dtype()).
 
@@ -78,7 +80,7 @@ def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dty
     are quantized one by one as transformers loads them, random ones block by block as they are created."""
     from transformers import AutoModelForCausalLM
 
-    quantized = quant_cfg is not None and quant_cfg.method != "none"
+    quant = quant_cfg if quant_cfg is not None and quant_cfg.method != "none" else None  # None: 16/32-bit weights
     if model_cfg.init == "pretrained" and is_adapter_folder(model_cfg.path):  # a LoRA run's model/: base + adapter
         return merged(Path(model_cfg.path).expanduser(), dtype, quant_cfg)
     if model_cfg.init == "pretrained":
@@ -87,21 +89,21 @@ def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dty
             raise UserError(f"model.path={source}: no *.safetensors weights in it (dsrun does not unpickle .bin files)")
         if model_cfg.path:
             check_safetensors(Path(source))
-        extra = {"quantization_config": bnb_config(quant_cfg, compute_dtype), "device_map": {"": device}} \
-            if quantized else {}
+        extra = {"quantization_config": bnb_config(quant, compute_dtype), "device_map": {"": device}} \
+            if quant is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
             dtype=dtype, **extra)
-        return freeze(model) if quantized else model
+        return freeze(model) if quant is not None else model
     torch.manual_seed(seed)
-    if not quantized:
+    if quant is None:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return freeze(materialize_quantized(model, quant_cfg, compute_dtype, torch.device(device or "cpu")))
+    return freeze(materialize_quantized(model, quant, compute_dtype, torch.device(device or "cpu")))
 
 
-def build_run_model(cfg: Any, config: Any, device: Any) -> torch.nn.Module:
+def build_run_model(cfg: Any, config: Any, device: Any) -> PreTrainedModel:
     """The base model of a run as training builds it (train.fit; export and inference rebuild a LoRA run's base
     with it): a frozen base under adapters in the compute dtype, quantized if the run quantizes."""
     mode, frozen = cfg.precision.mode, cfg.adapter.method != "none"
@@ -116,7 +118,7 @@ def base_architecture(folder: Path) -> Any:
     return architecture(run_snapshot(folder).model)
 
 
-def merged(folder: Path, dtype: Any, quant_cfg: Any) -> Any:
+def merged(folder: Path, dtype: Any, quant_cfg: Any) -> PreTrainedModel:
     """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
     if quant_cfg is not None and quant_cfg.method != "none":
         raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
@@ -150,7 +152,7 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             if not isinstance(child, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
                 continue
             state = getattr(child.weight, "quant_state", None) or getattr(child, "state", None)
-            weight = dequantize_bnb_weight(child.weight, state=state).to(dtype)
+            weight = dequantize_bnb_weight(cast(torch.nn.Parameter, child.weight), state=state).to(dtype)
             linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                                      device=weight.device, dtype=dtype)
             linear.weight.data.copy_(weight)
@@ -160,7 +162,7 @@ def dequantize(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any = None) -> tuple[torch.nn.Module, Any]:
+def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any = None) -> tuple[PreTrainedModel, Any]:
     """The run's final model in `dtype` with any LoRA adapter merged, and the run's config (`snap`: that config
     with its base path made absolute, dsrun/lora_folder.py). The base is rebuilt as training built it (same seed,
     dtype, device type and, for a quantized base, the same block-by-block creation), so random-init runs load too."""
@@ -188,8 +190,8 @@ def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any =
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def materialize_quantized(model: torch.nn.Module, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
-                          device: torch.device) -> torch.nn.Module:
+def materialize_quantized(model: PreTrainedModel, quant_cfg: QuantConfig, compute_dtype: torch.dtype,
+                          device: torch.device) -> PreTrainedModel:
     """A model built on the meta device, given storage on `device` and initialised part by part: embeddings,
     head, norms and rotary buffers first, then each decoder block, quantized before the next one is created, so
     the device holds at most one block in 16 bits."""
@@ -210,7 +212,7 @@ def materialize_quantized(model: torch.nn.Module, quant_cfg: QuantConfig, comput
     return model
 
 
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """A quantized base is frozen: only adapters added afterwards train."""
     for param in model.parameters():
         param.requires_grad_(False)
@@ -250,19 +252,19 @@ def millions(count: int) -> str:
     return f"{count / 1e6:,.1f} M" if count >= 10**6 else f"{count:,}"
 
 
-def active_matmul_params(model: torch.nn.Module) -> int:
+def active_matmul_params(model: CausalLM) -> int:
     """Parameters one token passes through, less the input embedding (a lookup, not a matmul): for MoE only
     num_experts_per_tok of the routed experts count."""
     config = model.config
     total = sum(numel(p) for p in model.parameters())
-    embedding = numel(model.get_input_embeddings().weight)
+    embedding = sum(numel(p) for p in model.get_input_embeddings().parameters())
     routed = sum(numel(p) for n, p in model.named_parameters() if ".mlp.experts." in n)
     n_routed = getattr(config, "n_routed_experts", None) or 0
     inactive = routed * (n_routed - config.num_experts_per_tok) / n_routed if n_routed else 0
     return int(total - embedding - inactive)
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+def flops_per_token(model: CausalLM, seq_len: int) -> float:
     """Training FLOPs per token, the anchors' formula (nanoGPT's estimate_mfu, PaLM appendix B):
     6 x active non-embedding params + 12 x layers x hidden x seq_len."""
     config = model.config
@@ -301,7 +303,7 @@ def readable(folder: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
-def save_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
+def save_weights(model: CausalLM, state: dict[str, torch.Tensor], folder: Path, tokenizer: Any) -> None:
     """Final weights as safetensors (+ config.json) and the tokenizer files (chat template included), loadable with
     model.init=pretrained model.path=<folder>; a LoRA run's folder holds the adapter (`dsrun export` merges it)."""
     from safetensors import SafetensorError

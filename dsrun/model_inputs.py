@@ -15,6 +15,7 @@ from torch import nn
 
 from dsrun.attention import batch_kwargs
 from dsrun.errors import ConfigError
+from dsrun.lm import CausalLM
 from dsrun.loss import label_rows
 
 
@@ -43,7 +44,7 @@ class _InHostMemory(nn.Module):
                            "inputs_embeds from dsrun.model_inputs.model_inputs")
 
 
-def offload_embedding(model: nn.Module) -> HostEmbedding:
+def offload_embedding(model: CausalLM) -> HostEmbedding:
     """Move a frozen, untied input embedding out of `model` (adapters already added) into host memory."""
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()

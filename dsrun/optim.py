@@ -34,7 +34,7 @@ def _sgd(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused:
 def _adamw(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, fused: bool) -> torch.optim.Optimizer:
     import torch
 
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+    return torch.optim.AdamW(params, lr=lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=fused)
 
 
@@ -43,7 +43,7 @@ def _adamw8bit(optim: OptimConfig, params: list[torch.nn.Parameter], lr: float, 
 
     # bitsandbytes' block-wise 8-bit moments: 2 bytes of state per parameter instead of 8 (tensors under 4,096
     # elements keep fp32 states, as bitsandbytes decides)
-    return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(optim.betas), eps=optim.eps,
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=(optim.betas[0], optim.betas[1]), eps=optim.eps,
                                weight_decay=optim.weight_decay)
 
 

@@ -29,7 +29,7 @@ class Blocks:
     inputs: torch.Tensor  # [rows, seq_len] int64
     labels: torch.Tensor  # [rows, seq_len] int64, IGNORE_INDEX where no loss
     positions: torch.Tensor | None = None
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # counts, and the first skipped record's name
     reference: torch.Tensor | None = None  # task=dpo without adapters: [pairs, 2] reference log-probabilities
 
     def __len__(self) -> int:
@@ -85,13 +85,16 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack(docs: list[Document], seq_len: int, pad_id: int, packing: bool = True,
          document_mask: bool = True) -> Blocks:
     """Rows of seq_len pairs; `stats` counts documents, split documents, rows and padding for the summary line."""
-    parts, split = [], 0
+    parts: list[tuple[list[int], list[int]]] = []
+    split = 0
     for doc in docs:
         cut = pieces(doc, seq_len)
         split += len(cut) > 1
         parts.extend(p for p in cut if p[0])
     rows = best_fit([len(p[0]) for p in parts], seq_len) if packing else [[i] for i in range(len(parts))]
-    inputs, labels, positions = [], [], []  # flat lists, one tensor each at the end: fast for 100k documents
+    # flat lists, one tensor each at the end: fast for 100k documents
+    flat: tuple[list[int], list[int], list[int]] = ([], [], [])
+    inputs, labels, positions = flat
     for members in rows:
         at = 0
         for i in members:
@@ -103,9 +106,7 @@ def pack(docs: list[Document], seq_len: int, pad_id: int, packing: bool = True,
         inputs += [pad_id] * (seq_len - at)
         labels += [IGNORE_INDEX] * (seq_len - at)
         positions += range(seq_len - at)  # the padding is a document of its own
-    inputs, labels, positions = (torch.tensor(x, dtype=torch.long).view(len(rows), seq_len)
-                                 for x in (inputs, labels, positions))
-    masked = packing and document_mask
+    tensors = [torch.tensor(x, dtype=torch.long).view(len(rows), seq_len) for x in flat]
     stats = {"documents": len(docs), "split": split, "rows": len(rows),
-             "padding": int(sum(seq_len - sum(len(parts[i][0]) for i in m) for m in rows))}
-    return Blocks(inputs, labels, positions if masked else None, stats)
+             "padding": sum(seq_len - sum(len(parts[i][0]) for i in m) for m in rows)}
+    return Blocks(tensors[0], tensors[1], tensors[2] if packing and document_mask else None, stats)

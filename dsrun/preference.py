@@ -145,9 +145,9 @@ def preference_data(data_cfg: Any, tokenizer: Any, seq_len: int,
     """The pairs of `data` (a JSONL of preference records, or the built-in reasoning chats as pairs), the held-out
     pairs (data.eval_split, after dropping exact duplicates, or data.eval_path) and the console's data line."""
     from dsrun.data import held_out
-    from dsrun.sources import SOURCES
+    from dsrun.sources import source_records
 
-    records, held, note = held_out(SOURCES[data_cfg.source].records(data_cfg), data_cfg)
+    records, held, note = held_out(source_records(data_cfg), data_cfg)
     if data_cfg.source == "reasoning":
         records = [(reasoning_pair(record), where) for record, where in records]
         held = [(reasoning_pair(record), where) for record, where in held] if held is not None else None

@@ -117,7 +117,8 @@ def device_time(trace: Path) -> tuple[float, float, float]:
     union over streams — below ~90 % of the wall time the GPU waits for the host to issue work; communication: NCCL's
     kernels; exposed: the part of that during which no other kernel ran — what a multi-GPU step loses to its
     collectives, however well the rest overlaps)."""
-    comm, other = [], []
+    comm: list[tuple[float, float]] = []
+    other: list[tuple[float, float]] = []
     for e in json.loads(trace.read_text())["traceEvents"]:
         if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
             (comm if "nccl" in e.get("name", "").lower() else other).append((e["ts"], e["ts"] + e["dur"]))

@@ -86,6 +86,7 @@ def quantize_linears(module: nn.Module, quant_cfg: QuantConfig, compute_dtype: t
     from torch import nn
 
     method = QUANT_METHODS[quant_cfg.method]
+    assert method is not None, "quant.method=none quantizes no layer"
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear:
@@ -99,4 +100,6 @@ def quantize_linears(module: nn.Module, quant_cfg: QuantConfig, compute_dtype: t
 def bnb_config(quant_cfg: QuantConfig, compute_dtype: torch.dtype) -> Any:
     """transformers' bitsandbytes settings for loading real weights: the same layers quantize_linears makes,
     quantized as each weight is loaded."""
-    return QUANT_METHODS[quant_cfg.method].loading(quant_cfg, compute_dtype)
+    method = QUANT_METHODS[quant_cfg.method]
+    assert method is not None, "quant.method=none loads the weights as they are"
+    return method.loading(quant_cfg, compute_dtype)

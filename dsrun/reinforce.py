@@ -73,9 +73,9 @@ def reasoning_prompt(record: dict[str, Any]) -> tuple[list[dict[str, str]], str]
 def prompt_data(data_cfg: Any, tokenizer: Any, max_prompt: int, vocab_size: int) -> tuple[Prompts, str]:
     """The prompts of `data` (JSONL records with prompt/answer, or the built-in arithmetic questions), rendered by
     the chat template up to where the assistant speaks; the console's data line."""
-    from dsrun.sources import SOURCES
+    from dsrun.sources import source_records
 
-    records = SOURCES[data_cfg.source].records(data_cfg)
+    records = source_records(data_cfg)
     if data_cfg.source == "reasoning":
         found = [reasoning_prompt(record) for record, _ in records]
         pairs = [(p, where) for p, (_, where) in zip(found, records) if p is not None]

@@ -150,11 +150,11 @@ def winner_yaml(trial: dict[str, Any], sweep_dir: Path, standalone: bool) -> str
 
     defaults: list[Any] = ["config"] if standalone else []
     values: dict[str, Any] = {}
-    skipped = []
+    skipped: list[str] = []
     for o in OverridesParser.create().parse_overrides(list(trial.get("overrides") or [])):
         key = o.key_or_group
         if o.is_delete() or o.package:
-            skipped.append(o.input_line)
+            skipped.append(o.input_line or key)
         elif (CONF_DIR / key).is_dir():
             defaults.append({("" if o.is_add() else "override ") + f"/{key}": o.value()})
         else:

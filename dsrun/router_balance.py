@@ -26,7 +26,8 @@ class RouterBalance:
         self.rate = rate
         # only routers that train: under an adapter the base (routers included) is frozen, and an adapter folder
         # could not carry a changed bias to the exported or served model
-        self.routers = [m for m in model.modules() if isinstance(getattr(m, BIAS, None), torch.Tensor)
+        # routers carry a plain attribute dsrun_load (below): Any, not nn.Module
+        self.routers: list[Any] = [m for m in model.modules() if isinstance(getattr(m, BIAS, None), torch.Tensor)
                         and getattr(m, "weight", None) is not None and m.weight.requires_grad] if rate > 0 else []
         for router in self.routers:
             # a plain attribute, not a buffer: DDP would overwrite every rank's counts with rank 0's each forward
@@ -46,7 +47,7 @@ class RouterBalance:
                 router.dsrun_load.zero_()
 
 
-def _count(router: nn.Module, inputs: Any, output: Any) -> None:
+def _count(router: Any, inputs: Any, output: Any) -> None:
     """Forward hook: add this forward's expert choices (the router's last output) to its counts. Training forwards
     only: eval passes run under no_grad; an activation-checkpointing recompute counts a layer twice over, which
     scales its counts and leaves the signs of the update as they were."""

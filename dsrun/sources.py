@@ -33,7 +33,7 @@ def _reasoning(data: DataConfig) -> list[tuple[Any, str]]:
 
 
 def _jsonl(data: DataConfig) -> list[tuple[Any, str]]:
-    return read_records(data.path)
+    return read_records(data.path or "")  # validation refused data=jsonl without a path
 
 
 def _synthetic_tokens(data: DataConfig, seq_len: int, vocab_size: int) -> Any:
@@ -169,3 +169,12 @@ def check_data_file(path: Path, key: str = "data.path") -> None:
         if head.startswith(magic):
             raise DataError(f"{key}={path}: a {name}-compressed file; decompress it first ({tool} {path}) and "
                             "point {key} at the .jsonl")
+
+
+def source_records(data: DataConfig) -> list[tuple[Any, str]]:
+    """The records of `data.source` as (record, where it came from); a source of token rows has none."""
+    read = SOURCES[data.source].records
+    if read is None:
+        raise DataError(f"data.source={data.source} makes token rows, not records; choose data=reasoning or "
+                        "data=jsonl data.path=<file>")
+    return read(data)

@@ -102,7 +102,7 @@ def build_fabric(cfg: Any):
     accelerator = "cuda" if cfg.hardware.accelerator == "cuda" else "cpu"
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    precision = FABRIC_PRECISION[cfg.precision.mode]
+    precision: Any = FABRIC_PRECISION[cfg.precision.mode]  # one of Fabric's precision literals
     strategy = STRATEGIES[cfg.parallel.strategy].build(cfg, backend, timeout)  # validate() knows every strategy
     if isinstance(strategy, ModelParallelStrategy) and precision in ("bf16-mixed", "16-mixed"):
         precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)

@@ -52,7 +52,7 @@ def run_trial(cfg: Any) -> dict[str, Any]:
     else:
         main = next(s for s in hc.runtime.config_sources if s.provider == "main")
         config_path = main.path if main.schema == "file" else f"{main.schema}://{main.path}"
-        argv = [sys.executable, "-m", "dsrun", "--config-path", config_path, "--config-name", hc.job.config_name,
+        argv = [sys.executable, "-m", "dsrun", "--config-path", config_path, "--config-name", hc.job.config_name or "config",
                 *hc.overrides.task, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null"]
         for stale in ("record.json", "summary.json"):  # a sweep folder used again must not report the old trial
             (job_dir / stale).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from dsrun.task_table import RUNNABLE_TASKS, TASKS
 def config_tree(cfg: DictConfig) -> Tree:
     tree = Tree("[bold]dsrun config")
     for group, node in cfg.items():
-        branch = tree.add(f"[bold cyan]{group}")
+        branch = tree.add(f"[bold cyan]{group!s}")
         branch.add(OmegaConf.to_yaml(node, resolve=True).rstrip() if OmegaConf.is_config(node) else str(node))
     return tree
 

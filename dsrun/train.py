@@ -26,6 +26,7 @@ from dsrun import hardware
 from dsrun.hardware import emulate_memory, gpu_catalog
 from dsrun.attention import use_varlen_attention
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
+from dsrun.lm import CausalLM
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_run_model, flops_per_token, millions, parameter_counts, save_weights
 from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
@@ -33,7 +34,7 @@ from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_data, reference_logps
 from dsrun.profiling import StepProfiler
-from dsrun.reinforce import GroupPolicy, describe_rollouts, prompt_budget, prompt_data
+from dsrun.reinforce import GroupPolicy, Prompts, describe_rollouts, prompt_budget, prompt_data
 from dsrun.router_balance import RouterBalance
 from dsrun.runs import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
@@ -229,6 +230,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         if rank_zero:
             print(describe_rollouts(cfg.task, tr.micro_batch), file=sys.stderr)
+        assert isinstance(rows, Prompts)
         run.objective = GroupPolicy(cfg.task, tr.seed, inner, model, tokenizer, rows, tr.micro_batch, tr.seq_len + 1,
                                     off, rank_zero)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
@@ -271,7 +273,8 @@ def train_step(run: Run, step: int) -> Any:
     fabric, model, optimizer, tr = run.fabric, run.model, run.optimizer, run.cfg.train
     for group in optimizer.param_groups:  # set directly: DeepSpeed's ZeRO optimizers are no torch Optimizer
         group["lr"] = run.lr * run.lr_at(step - 1)
-    drawn = [next(run.batches) for _ in range(tr.accumulation)]
+    # a Batch each; task=grpo turns them into its rollouts, task=dpo's objective reads them as pairs
+    drawn: list[Any] = [next(run.batches) for _ in range(tr.accumulation)]
     if isinstance(run.objective, GroupPolicy):  # prompts -> completions, rewards, advantages; then the updates
         drawn = [run.objective.rollout(model, batch, step) for batch in drawn]
     dp = data_parallel_size(run.cfg)
@@ -282,7 +285,7 @@ def train_step(run: Run, step: int) -> Any:
 
     # task=dpo/grpo: rows stay on the host, the objective makes their sequences (dsrun/preference.py, reinforce.py)
     objective = run.objective
-    micro_batches = drawn if objective is not None else [to_inputs(*batch) for batch in drawn]
+    micro_batches: list[Any] = drawn if objective is not None else [to_inputs(*batch) for batch in drawn]
     # task=dpo/grpo: the step's loss is the mean over the global batch's pairs / completions
     rows = tr.micro_batch * tr.accumulation * dp * (objective.per_row if objective is not None else 1)
     # the step's loss is its token losses over every labelled token of the global batch (torchtune's
@@ -336,7 +339,7 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
                "elapsed_s": now - run.started, "last_checkpoint_time": run.last_checkpoint_time}
     if run.objective is not None:  # dpo: rewards, margin, accuracy of the pairs; grpo: rewards, lengths, KL
         metrics.update(run.objective.metrics(all_reduce_))
-    if evaluating:
+    if evaluating and run.evaluator is not None:
         metrics.update(run.evaluator(run.model, fabric, run.host_embedding))
         if tr.keep_best and metrics["eval_loss"] < run.best_eval["loss"]:
             run.best_eval = {"loss": metrics["eval_loss"], "step": step}
@@ -541,7 +544,7 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
     return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB: peak RSS
 
 
-def fabric_unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def fabric_unwrap(model: torch.nn.Module) -> CausalLM:
     """The transformers model inside Fabric's wrapper (and DDP's): save_pretrained lives there."""
     module = getattr(model, "module", model)
     return getattr(module, "module", module)

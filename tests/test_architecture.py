@@ -19,7 +19,7 @@ from tests.conftest import REPO
 # Lowest first. A module may import modules of its own layer and of the layers below; a package (monitor/) covers
 # its modules.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["dsrun", "errors", "constants", "task_table", "signals"]),
+    ("foundation", ["dsrun", "errors", "constants", "task_table", "signals", "lm"]),
     ("tools", ["hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
                "allreduce", "chat", "loss", "grpo", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
     ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "preference", "model",

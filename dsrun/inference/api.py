@@ -76,11 +76,12 @@ class Api:
         _integer(body, "n", 1, 1, "one completion per request")
         stream, include_usage = _streaming(body)
         top_k = _integer(body, "top_k", -1, None, "-1 or 0: no cut")
-        sampling = {"temperature": _number(body, "temperature", self.srv.temperature, 0, 2),
-                    "top_p": _number(body, "top_p", self.srv.top_p, 0, 1, open_low=True),
-                    "top_k": max(top_k or 0, 0), "seed": _integer(body, "seed", 0, MAX_SEED)}
+        temperature = _number(body, "temperature", self.srv.temperature, 0, 2)
+        top_p = _number(body, "top_p", self.srv.top_p, 0, 1, open_low=True)
+        seed = _integer(body, "seed", 0, MAX_SEED)
         ids = self._prompt(body, chat)
-        request = Request(ids=ids, max_new_tokens=self._max_tokens(body, len(ids), chat), stop=self.stop, **sampling)
+        request = Request(ids=ids, max_new_tokens=self._max_tokens(body, len(ids), chat), stop=self.stop,
+                          temperature=temperature, top_p=top_p, top_k=max(top_k or 0, 0), seed=seed)
         return Plan(request=request, chat=chat, stream=stream, include_usage=include_usage,
                     opens_thinking=chat and opens_thinking(self.loaded.tokenizer, ids))
 

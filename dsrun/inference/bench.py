@@ -56,7 +56,7 @@ def bench_model(loaded: Any, bench: Any, quant: str) -> list[dict[str, Any]]:
         submit(engine, prompts(vocab, batch, bench.prompt_tokens), bench.new_tokens)  # warm-up: allocator, graphs
         reset_peak(device)
         requests, started, wall = submit(engine, prompts(vocab, batch, bench.prompt_tokens), bench.new_tokens)
-        first = max(r.first_token_at for r in requests)
+        first = max(map(first_token, requests))
         finished = started + wall
         rows.append(row("dsrun_engine", quant, batch, bench, first - started,
                         batch * (bench.new_tokens - 1) / max(finished - first, 1e-9), device))
@@ -127,6 +127,12 @@ def submit(engine: Engine, ids: torch.Tensor, new_tokens: int) -> tuple[list[Req
     return requests, started, time.perf_counter() - started
 
 
+def first_token(request: Request) -> float:
+    """When a finished request's first token came (every request here asks for at least one)."""
+    assert request.first_token_at is not None, "a finished request without a first token"
+    return request.first_token_at
+
+
 def concurrent_row(engine: Engine, loaded: Any, bench: Any, quant: str, vocab: int) -> dict[str, Any]:
     """`concurrent` requests submitted at once: aggregate tokens/s over the wall time, mean TTFT, the largest
     number of slots decoded together."""
@@ -134,7 +140,7 @@ def concurrent_row(engine: Engine, loaded: Any, bench: Any, quant: str, vocab: i
     seen = len(engine.batch_sizes)
     requests, _, wall = submit(engine, prompts(vocab, bench.concurrent, bench.prompt_tokens), bench.new_tokens)
     result = row("dsrun_engine_concurrent", quant, bench.concurrent, bench,
-                 sum(r.first_token_at - r.arrived for r in requests) / len(requests),
+                 sum(first_token(r) - r.arrived for r in requests) / len(requests),
                  sum(r.generated for r in requests) / wall, loaded.device)
     return {**result, "max_batch_seen": max(engine.batch_sizes[seen:], default=0)}
 

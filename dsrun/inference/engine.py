@@ -157,12 +157,12 @@ class Engine:
         self.batch_sizes: list[int] = []  # every decode step's occupied slots (the last 10,000)
         self.draining = threading.Event()
         self._allocate_cache()
-        self.step = self._decode
+        self.step: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = self._decode
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # dynamic: one compile for every row count and cache length; CUDA graphs are still recorded per shape,
             # which costs one step, not a compile
-            mode = {"mode": "reduce-overhead"} if self.device.type == "cuda" and backend == "inductor" else {}
+            mode: dict[str, Any] = {"mode": "reduce-overhead"} if self.device.type == "cuda" and backend == "inductor" else {}
             self.step = torch.compile(self._decode, dynamic=True, fullgraph=False, backend=backend, **mode)
         self.thread = threading.Thread(target=self._loop, name="dsrun-engine", daemon=True)
         self.thread.start()
@@ -377,7 +377,7 @@ class Engine:
         at least `min_rows`, at most the cache's rows."""
         return min(max(pow2_at_least(leading), self.min_rows), self.cache.slots)
 
-    def _step_inputs(self, rows: int) -> tuple[torch.Tensor, ...]:
+    def _step_inputs(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokens[:rows], self.positions[:rows]
 
     def _next_tokens(self, logits: torch.Tensor, rows: int, sampled: bool, truncate: bool) -> torch.Tensor:

@@ -27,8 +27,8 @@ def generate_task(cfg: Any) -> None:
     engine = _engine(loaded, gen)
     history: list[dict[str, str]] = []
     interactive = prompts is None
-    labelled = not interactive and len(prompts) > 1  # a file or a pipe of prompts: each answer says whose it is
-    for number, prompt in enumerate(_interactive() if interactive else prompts):
+    labelled = prompts is not None and len(prompts) > 1  # a file or a pipe of prompts: each answer says whose it is
+    for number, prompt in enumerate(_interactive() if prompts is None else prompts):
         messages = [*history, {"role": "user", "content": prompt}] if interactive else [
             {"role": "user", "content": prompt}]
         if labelled:

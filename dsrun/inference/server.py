@@ -97,7 +97,7 @@ def bind(host: str, port: int) -> socket.socket:
 def _uvicorn_logs_to_file() -> None:
     """uvicorn's records, and the event loop's, go to the run's log file only: their errors (a client gone
     mid-reply, a bug's traceback) would pass the console's filter (dsrun/quiet.py), which lets every error through."""
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    files: list[logging.Handler] = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     for name in ("uvicorn", "asyncio"):
         logger = logging.getLogger(name)
         logger.handlers = files or [logging.NullHandler()]  # NullHandler: not Python's last-resort stderr handler
@@ -145,7 +145,8 @@ class Job:
 
     def __init__(self, engine: Engine, request: Request):
         self.engine, self.request, self.done = engine, request, False
-        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def listener(event: tuple[str, Any]) -> None:  # called in the engine's thread
             with contextlib.suppress(RuntimeError):  # the loop has closed (the server stopped): nobody waits

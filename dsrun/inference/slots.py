@@ -13,10 +13,13 @@ row, so a step reads what the running sequences hold, not the whole preallocated
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ATTENTION = "dsrun_slots"
 
@@ -83,7 +86,7 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
-def use_slot_attention(model: torch.nn.Module) -> None:
+def use_slot_attention(model: PreTrainedModel) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, slot_attention)

@@ -107,12 +107,12 @@ class RunCollector:
         network = host_network()
         if network:
             for index, direction in enumerate(("receive", "transmit")):
-                family = CounterMetricFamily(f"dsrun_host_network_{direction}_bytes",
-                                             f"Bytes {direction}d by the host since boot; rate() gives bytes/s",
-                                             labels=["run", "interface"])
+                counter = CounterMetricFamily(f"dsrun_host_network_{direction}_bytes",
+                                              f"Bytes {direction}d by the host since boot; rate() gives bytes/s",
+                                              labels=["run", "interface"])
                 for interface, counts in network.items():
-                    family.add_metric([run, interface], counts[index])
-                yield family
+                    counter.add_metric([run, interface], counts[index])
+                yield counter
 
 
 class PrometheusMonitor(Monitor):

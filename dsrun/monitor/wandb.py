@@ -19,7 +19,7 @@ class WandbMonitor(Monitor):
     """One W&B run per dsrun run, named after the run folder; opened at construction so that a missing package or
     a refused login stops the job before training."""
 
-    def __init__(self, cfg: Any, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, cfg: Any, run_dir: Path, config: Any):  # the resolved run config, as plain containers
         try:
             import wandb
         except ImportError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import yaml
@@ -38,7 +38,7 @@ def boxed(value: Any) -> Any:
 @functools.cache
 def option_file(group: str, option: str) -> dict[str, Any]:
     """conf/<group>/<option>.yaml over the group's schema defaults, as Hydra composes it."""
-    schema = {f.name: f.default_factory for f in fields(RunConfig)}[group]()
+    schema = getattr(RunConfig(), group)
     return {**asdict(schema), **(yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {})}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -118,8 +118,10 @@ def _speed_table(p: Plan) -> Table:
 
 def _suggestion_table(p: Plan) -> Table:
     table = Table(title="changes that make it fit, each planned again (cheapest first)", title_justify="left")
-    for name, justify in (("#", "right"), ("change [dim](overrides)", "left"), ("GiB/GPU", "right"),
-                          ("tokens/s", "right"), ("$/1M tok", "right"), ("to buy", "right"), ("note", "left")):
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("#", "right"), ("change [dim](overrides)", "left"), ("GiB/GPU", "right"), ("tokens/s", "right"),
+        ("$/1M tok", "right"), ("to buy", "right"), ("note", "left"))
+    for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
     for i, s in enumerate(p.suggestions, 1):
         note = "" if s.fits else "[red]still does not fit[/]"

@@ -37,15 +37,14 @@ def model_shape(model_cfg: Any) -> Shape:
 
 @functools.lru_cache(maxsize=16)
 def _shape(key: str) -> Shape:
-    from types import SimpleNamespace
-
     import torch
     from transformers import AutoModelForCausalLM
 
+    from dsrun.config import ModelConfig
     from dsrun.model import active_matmul_params, architecture
     from dsrun.parallelize import decoder_blocks
 
-    spec = SimpleNamespace(**json.loads(key), experts_implementation=None)
+    spec = ModelConfig(name="planned", **json.loads(key))
     try:
         config = architecture(spec)
     except OSError as exc:

@@ -125,7 +125,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     # block compute, and an embedding in host memory sends only a batch's rows (14 MiB per 2,048 tokens of a 7B):
     # not counted
     host = {k: v for k, v in host.items() if k not in ("activations", "embedding")}
-    if host:  # offloaded weights come in per micro-batch, gradients go out once, the host runs the optimizer
+    if host and spec:  # offloaded weights come in per micro-batch, gradients go out once, the host runs the optimizer
         per_process = {k: v / cfg.hardware.devices for k, v in host.items()}
         link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
@@ -174,7 +174,7 @@ def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: di
     bandwidth = (spec["mem_bandwidth_gbs"] if spec else CPU_MEMORY_GBS) * 1e9 * DECODE_BANDWIDTH_EFFICIENCY
     rate, mfu = _rate(cfg, spec, shape)
     forward = flops_per_token(shape, pl.context) / 3  # 2 x active params + attention over the context
-    streamed = host.get("weights", 0) / cfg.hardware.devices / (pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY) if host else 0
+    streamed = host.get("weights", 0) / cfg.hardware.devices / (pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY) if host and spec else 0
     step = max(read / (n * bandwidth), pl.batch * forward / (n * rate)) + streamed + \
         2 * config.num_hidden_layers * _latency(cfg)
     first = pl.batch * pl.context * forward / (n * rate) + streamed
