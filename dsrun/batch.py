@@ -16,8 +16,8 @@ def world_size(cfg: Any) -> int:
 
 
 def data_parallel_size(cfg: Any) -> int:
-    tp = cfg.parallel.tensor_parallel_size if cfg.parallel.strategy == "tp" else 1
-    return world_size(cfg) // tp
+    # validate() refuses a tensor-parallel size other than 1 under a strategy that does not split the matmuls
+    return world_size(cfg) // cfg.parallel.tensor_parallel_size
 
 
 def data_parallel_rank(global_rank: int, cfg: Any) -> int:

@@ -372,6 +372,9 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "use parallel=ddp or fsdp, or set hardware.devices=1")
     if run_by is not None and run_by.needs_cuda and hw.accelerator == "cpu":
         p.append("parallel=" + par.name + ": DeepSpeed needs CUDA GPUs; on CPU use parallel=ddp or parallel=fsdp")
+    if run_by is not None and not run_by.tensor_parallel and par.tensor_parallel_size != 1:
+        p.append(f"parallel.tensor_parallel_size={par.tensor_parallel_size} with parallel={par.name}: only a "
+                 "tensor-parallel strategy splits the matmuls; use parallel=tp or leave the size at 1")
     if run_by is not None and run_by.tensor_parallel:
         heads = cfg.model.fields.get("num_attention_heads")
         kv = cfg.model.fields.get("num_key_value_heads") or heads

@@ -31,7 +31,7 @@ def parallelize(model: nn.Module, *, parallel: ParallelConfig, precision: Precis
     par = parallel
     if precision.mode == "fp8":
         apply_float8(model)
-    if mesh is not None and par.strategy == "tp" and mesh["tensor_parallel"].size() > 1:
+    if mesh is not None and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
     blocks = decoder_blocks(model)
     offload = par.activation_checkpointing and par.offload_activations

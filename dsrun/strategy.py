@@ -127,7 +127,7 @@ def _model_parallel(cfg: Any, backend: str, timeout: timedelta) -> Any:
 
     from dsrun.parallelize import parallelize
 
-    tp = cfg.parallel.tensor_parallel_size if STRATEGIES[cfg.parallel.strategy].tensor_parallel else 1
+    tp = cfg.parallel.tensor_parallel_size  # 1 under FSDP alone (validate())
     return ModelParallelStrategy(
         parallelize_fn=lambda model, mesh: parallelize(model, parallel=cfg.parallel, precision=cfg.precision,
                                                        compile=cfg.train.compile, mesh=mesh),
@@ -178,6 +178,14 @@ class Strategy:
     offloads: bool = False  # parallel.offload moves its sharded state to host RAM (FSDP's CPU offload, ZeRO-Offload)
     # task=dpo/grpo: every rank scores (and samples) its own rows with the model's weights (FSDP gathers them)
     preference: bool = False
+    # with parallel.offload: the host optimizer's streaming rate, bytes/s per process (the planner's step time;
+    # 16-core H100 host, torch AdamW under FSDP2: 8.4 s a step for 1.78B fp32-state parameters, 20 s for 7.6B bf16
+    # ones; DeepSpeed's CPU Adam under ZeRO-3: 3.2 s for 1.78B)
+    host_optimizer_bytes_per_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.offloads and self.host_optimizer_bytes_per_s <= 0:
+            raise ValueError("a strategy that offloads (offloads=True) names its host optimizer's bytes/s")
 
     def gathers(self, parallel: Any) -> bool:
         """Shards the weights and gathers them block by block (FSDP, its TP mesh, ZeRO-3)."""
@@ -189,8 +197,10 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {
     "single": Strategy(_single, one_process=True, whole_model=True, preference=True),
     "ddp": Strategy(_ddp, whole_model=True, all_reduces=True, preference=True),
-    "fsdp": Strategy(_model_parallel, shards=_all, fsdp2=True, offloads=True, preference=True),
-    "deepspeed": Strategy(_deepspeed, shards=_zero_stage, needs_cuda=True, zero=True, offloads=True),
+    "fsdp": Strategy(_model_parallel, shards=_all, fsdp2=True, offloads=True, preference=True,
+                     host_optimizer_bytes_per_s=3.5e9),
+    "deepspeed": Strategy(_deepspeed, shards=_zero_stage, needs_cuda=True, zero=True, offloads=True,
+                          host_optimizer_bytes_per_s=8.8e9),
     "tp": Strategy(_model_parallel, shards=_all, fsdp2=True, tensor_parallel=True),
 }
 

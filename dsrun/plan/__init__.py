@@ -16,11 +16,12 @@ from typing import Any
 from dsrun.batch import global_batch, world_size
 from dsrun.errors import UserError
 from dsrun.hardware import cpu_cores, gpu_catalog, host_memory_gib, measured_path
-from dsrun.plan.assumptions import CPU_FLOPS_PER_CORE, CPU_MFU, GIB, HOST_POWER_FACTOR, MFU
+from dsrun.plan.assumptions import CPU_FLOPS_PER_CORE, CPU_MFU, FP8_EFFICIENCY, GIB, HOST_POWER_FACTOR, MFU, MOE_EFFICIENCY
 from dsrun.plan.memory import inference_memory, lora_sizes, training_memory
 from dsrun.plan.overrides import boxed
 from dsrun.plan.shape import model_shape
 from dsrun.plan.speed import cost, inference_speed, measured_bandwidth, training_speed
+from dsrun.quantize import QUANT_METHODS
 
 
 @dataclass
@@ -143,7 +144,9 @@ def assumptions(cfg: Any, spec: dict | None) -> list[str]:
     items = [f"MFU {pl.mfu or (MFU[spec['class']] if spec else CPU_MFU):.0%} of the "
              + (f"dense {rate} rate" if spec else "CPU's fp32 peak")
              + (f" ({spec['class']} GPUs)" if spec and not pl.mfu else "")
-             + "; x0.25 for MoE, x0.3 int8 / x0.4 nf4, fp8 at 0.6 of its peak's share"]
+             + f"; x{MOE_EFFICIENCY} for MoE, " + " / ".join(f"x{m.compute_efficiency} {name}" for name, m in
+                                                          QUANT_METHODS.items() if m is not None)
+             + f", fp8 at {FP8_EFFICIENCY} of its peak's share"]
     if spec:
         items.append(f"cost: {spec['name']} at ${pl.gpu_price_usd or spec['price_usd']:,.0f} "
                      f"({'your price' if pl.gpu_price_usd else spec['price_source']}) amortised over "

@@ -7,7 +7,6 @@ GIB = 2**30
 
 MFU = {"consumer": 0.30, "datacenter": 0.32}  # H100 anchor: 31.6 % eager (dense 1.5B, bf16 autocast)
 MOE_EFFICIENCY = 0.25  # H100 anchor: MoE 7.9 % MFU on active parameters vs 31.6 % dense
-QUANT_EFFICIENCY = {"none": 1.0, "int8": 0.3, "nf4": 0.4}  # H100 anchor: stock QLoRA 12 % MFU
 FP8_EFFICIENCY = 0.6  # fp8 reaches 1.2x bf16's throughput, not 2x (scaling and casts)
 CPU_FLOPS_PER_CORE, CPU_MFU, CPU_MEMORY_GBS = 160e9, 0.4, 50.0  # AVX-512 FMA at 2.5 GHz; DDR4/5 dual channel
 CUDA_CONTEXT_GIB, NCCL_GIB = 0.5, 0.25
@@ -21,9 +20,6 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.7
 HOST_BLOCK_FORWARD_S, HOST_AUTOCAST_FACTOR, HOST_LORA_BLOCK_S = 3.8e-3, 1.2, 1.8e-3
 HOST_MOE_FACTOR, HOST_COMPILED_FACTOR = 2.0, 0.3
 STEP_BANDWIDTH_EFFICIENCY = 0.7  # of HBM bandwidth, in the optimizer step's and the norm's streaming kernels
-# torch AdamW on the host streams weights, gradients and states: bytes/s per process (16-core H100 host: FSDP2
-# 8.4 s a step for 1.78B fp32-state parameters, 20 s for 7.6B bf16 ones; DeepSpeed ZeRO-3 3.2 s for 1.78B)
-HOST_OPTIMIZER_BYTES_PER_S = {"fsdp": 3.5e9, "deepspeed": 8.8e9}
 # FSDP2 offload copies every block's weights in from host RAM on a side stream; the caching allocator reuses those
 # buffers only after a sync, so it holds one more gathered working set (7B bf16 on a 24 GB cap: 4.7 GiB allocated,
 # 11.2 reserved; 1.5B mixed: 9.3 allocated, 14.5 reserved)

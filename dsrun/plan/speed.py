@@ -15,10 +15,11 @@ from dsrun.hardware import cpu_cores, measured_links, pcie_gbs
 from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU,
                                     DECODE_BANDWIDTH_EFFICIENCY, FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR,
                                     HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR, HOST_LORA_BLOCK_S, HOST_MOE_FACTOR,
-                                    HOST_OPTIMIZER_BYTES_PER_S, HOST_POWER_FACTOR, LINK_EFFICIENCY, MFU,
-                                    MOE_EFFICIENCY, NETWORK_GBPS, QUANT_EFFICIENCY, STEP_BANDWIDTH_EFFICIENCY)
-from dsrun.plan.memory import bytes_per_param, dtypes, gather_bytes, gathers, lora_sizes, shard_counts
+                                    HOST_POWER_FACTOR, LINK_EFFICIENCY, MFU, MOE_EFFICIENCY, NETWORK_GBPS,
+                                    STEP_BANDWIDTH_EFFICIENCY)
+from dsrun.plan.memory import bytes_per_param, dtypes, gather_bytes, gathers, lora_sizes, shard_counts, strategy
 from dsrun.plan.shape import Shape
+from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 
 
@@ -39,7 +40,8 @@ def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) ->
     mode = mode or cfg.precision.mode
     mfu = cfg.plan.mfu or MFU[spec["class"]]
     peak = spec["fp32_tflops"] if mode == "32-true" else spec["fp8_tflops"] if mode == "fp8" else spec["bf16_tflops"]
-    efficiency = (FP8_EFFICIENCY if mode == "fp8" else 1) * QUANT_EFFICIENCY[cfg.quant.method] * \
+    method = QUANT_METHODS[cfg.quant.method]
+    efficiency = (FP8_EFFICIENCY if mode == "fp8" else 1) * (method.compute_efficiency if method else 1.0) * \
         (MOE_EFFICIENCY if shape.routed else 1)
     return peak * 1e12 * mfu * efficiency, mfu
 
@@ -131,7 +133,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
         b = bytes_per_param(cfg)
         blocking += (lora_sizes(cfg, shape)[0] if lora else shape.total) / shard_counts(cfg)["optimizer"] * \
-            (b["weights"] + b["gradients"] + b["optimizer"]) / HOST_OPTIMIZER_BYTES_PER_S[cfg.parallel.strategy]
+            (b["weights"] + b["gradients"] + b["optimizer"]) / strategy(cfg).host_optimizer_bytes_per_s
     gpu = compute + max(0.0, overlapped - 2 / 3 * compute)  # collectives hide under backward
     step = max(gpu, host_time(cfg, shape, spec)) + optimizer_time(cfg, shape, spec, host) + blocking
     return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
