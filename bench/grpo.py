@@ -140,7 +140,7 @@ def case_trl(steps: int, out: Path) -> dict:
                         temperature=1.0, beta=0.04, loss_type="grpo", learning_rate=r["train"]["lr"],
                         max_steps=steps, logging_steps=1, bf16=gpu, use_cpu=not gpu, gradient_checkpointing=True, report_to=[],
                         save_strategy="no", seed=0,
-                        model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"})
+                        model_init_kwargs={"dtype": "bfloat16" if gpu else "float32", "use_kernels": False})
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=MODEL_DIR, reward_funcs=[exact, fmt], args=config, train_dataset=data,
                           peft_config=peft)

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+# transformers >= 5.2x swaps layers for Hugging Face Hub kernels when loading weights unless told not to: fetched
+# from the Hub on first use (dsrun runs offline), and a ValueError where the `kernels` package is missing
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def architecture(model_cfg: ModelConfig) -> Any:
     """The transformers config of a model option, offline: from its fields, or the config.json of its weights."""
     from omegaconf import OmegaConf
@@ -93,7 +98,7 @@ def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dty
             if quant is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
-            dtype=dtype, **extra)
+            dtype=dtype, **NO_HUB_KERNELS, **extra)
         return freeze(model) if quant is not None else model
     torch.manual_seed(seed)
     if quant is None:
@@ -172,7 +177,8 @@ def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any =
     weights = run_dir / "model"
     if not (weights / "adapter_config.json").is_file():
         try:
-            return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, use_safetensors=True), snap
+            return AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, use_safetensors=True,
+                                                        **NO_HUB_KERNELS), snap
         except (OSError, ValueError) as exc:
             raise UserError(f"{weights}: cannot load the run's weights: {str(exc).splitlines()[0]}") from None
     from peft import PeftModel

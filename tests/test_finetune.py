@@ -276,3 +276,23 @@ def test_resume_restores_the_eval_history_and_the_best_checkpoint_stays_the_best
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_eval_step"] == best["step"] and summary["best_eval_loss"] == best["eval_loss"]
     assert (run_dir / "checkpoints/best/COMPLETE").read_text().strip() == str(best["step"])
+
+
+def test_pretrained_weights_load_without_hub_kernels(tmp_path, monkeypatch):
+    """transformers 5.25 swaps in Hugging Face Hub kernels by default when loading weights, and raised "Kernels are
+    not available" on a GPU image without the `kernels` package (the 1.5B GRPO benchmark stopped there): dsrun loads
+    with its own layers, offline, whether or not `kernels` is installed."""
+    import transformers.modeling_utils
+
+    from dsrun.model import architecture, build_model
+    from tests.conftest import model_cfg
+
+    cfg = model_cfg("tiny_qwen2")
+    model = build_model(cfg, architecture(cfg), seed=0)
+    model.save_pretrained(tmp_path / "weights")
+    monkeypatch.setattr(transformers.modeling_utils, "is_kernels_available", lambda: False)
+    cfg.init, cfg.path = "pretrained", str(tmp_path / "weights")
+    loaded = build_model(cfg, architecture(cfg), seed=1)
+    assert not loaded.use_kernels
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -16,7 +16,7 @@ import torch
 from dsrun.data import has_tokenizer, load_tokenizer
 from dsrun.errors import UserError
 from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
-from dsrun.model import architecture, build_model, freeze, merged_model
+from dsrun.model import NO_HUB_KERNELS, architecture, build_model, freeze, merged_model
 from dsrun.parallelize import decoder_blocks
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.run_folder import read_lock
@@ -120,7 +120,7 @@ def _from_folder(folder: Path, cfg: Any, dtype: torch.dtype, device: torch.devic
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = max_memory(cfg)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(folder, **NO_HUB_KERNELS, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"task.source={folder}: cannot load it: {str(exc).splitlines()[0]}") from None
 
