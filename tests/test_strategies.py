@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import FAST, REPO, dsrun, read_metrics, start
 
-STEPS = 20
+STEPS = 10
 PARITY = [*FAST, "model=tiny_qwen2", "optim=sgd", f"train.max_steps={STEPS}", "optim.warmup_steps=2",
           "train.lr=0.05", "train.seq_len=64"]
 # (processes, micro-batch per process): global batch 4 in every case; tp's two ranks read the same data.
