@@ -141,7 +141,19 @@ def _compose_all(args: Any) -> tuple[list[DictConfig], list[Path], list[str]]:
 
 def precheck(argv: list[str]) -> list[str]:
     """Compose, resolve and validate every job before Hydra runs anything; then claim the run folder. Returns the
-    Hydra overrides the claim adds (dsrun/run_folder.py)."""
+    Hydra overrides the claim adds (dsrun/run_folder.py). Hydra's global config is put back as it was: composing
+    sets it (for `${hydra:...}`), and a caller in the same process (a test, a notebook) must not inherit a
+    half-filled one whose runtime.output_dir is missing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    before = HydraConfig.instance().cfg
+    try:
+        return _precheck(argv)
+    finally:
+        HydraConfig.instance().cfg = before
+
+
+def _precheck(argv: list[str]) -> list[str]:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)

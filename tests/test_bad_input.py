@@ -391,6 +391,18 @@ def checked_in_process(args: list[str], run_dir: Path | None) -> subprocess.Comp
     raise AssertionError(f"precheck returned without claiming the run folder: {argv}")
 
 
+def test_start_up_checks_leave_hydras_global_config_as_they_found_it(tmp_path):
+    """Composing sets Hydra's global config for `${hydra:...}`; left behind, a half-filled one (no
+    runtime.output_dir) broke the next in-process task that asks Hydra for its run folder (the planner)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    assert not HydraConfig.initialized()
+    passing = ["hardware=cpu", "monitor=none", "train.max_steps=1"]
+    assert checked_in_process(passing, tmp_path / "run") is None, "the command passes the start-up checks"
+    assert checked_in_process([*passing, "train.lr=-1"], tmp_path / "run").returncode != 0
+    assert not HydraConfig.initialized()
+
+
 @pytest.mark.parametrize("case", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_catalog(case, tmp_path, saved):
     name, category, arguments, fragments = case
