@@ -3,7 +3,8 @@ conf/adapter/<option>.yaml and one entry there. peft and torch load only when an
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, List
 
 from dsrun.errors import UserError
 from dsrun.lm import CausalLM
@@ -11,7 +12,15 @@ from dsrun.lm import CausalLM
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from dsrun.config import AdapterConfig
+
+@dataclass
+class AdapterConfig:
+    name: str = "none"
+    method: str = "none"  # none | lora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
 
 
 def _none(model: PreTrainedModel, adapter_cfg: AdapterConfig) -> CausalLM:

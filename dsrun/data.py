@@ -18,10 +18,10 @@ from dsrun.chat import r1_template, render, tokenize
 from dsrun.constants import AUTO
 from dsrun.errors import DataError, UserError
 from dsrun.packing import Blocks, pack
-from dsrun.sources import SOURCES, read_records, source_records, split_eval
+from dsrun.sources import SOURCES, DataConfig, read_records, source_records, split_eval
 
 if TYPE_CHECKING:
-    from dsrun.config import DataConfig, ModelConfig
+    from dsrun.families import ModelConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer

@@ -7,12 +7,25 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import yaml
 
-if TYPE_CHECKING:
-    from dsrun.config import HardwareConfig
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    accelerator: str = "cpu"  # cpu | cuda | auto (detect)
+    gpu: Optional[str] = None  # key into dsrun/gpus.yaml
+    devices: Optional[int] = 1  # processes per node (CPU processes on accelerator=cpu); null: every GPU found
+    # (hardware=auto's default)
+    num_nodes: int = 1
+    interconnect: str = "none"  # within a node: none | pcie | nvlink
+    network: str = "none"  # between nodes: none | ethernet | infiniband
+    env: Dict[str, str] = field(default_factory=dict)  # NCCL/Gloo variables applied before the process group starts
+    emulate: bool = False  # cap a bigger GPU to this profile's VRAM
+    memory_cap_gib: Optional[float] = None  # cap what training may allocate per process (GPU allocator; CPU heap)
+
 
 CATALOG_PATH = Path(__file__).with_name("gpus.yaml")
 

@@ -18,8 +18,10 @@ from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.safe_read import check_safetensors, read_json_object
 
 if TYPE_CHECKING:
-    from dsrun.config import ModelConfig, QuantConfig
     from transformers import PreTrainedModel
+
+    from dsrun.families import ModelConfig
+    from dsrun.quantize import QuantConfig
 
 
 # transformers >= 5.2x swaps layers for Hugging Face Hub kernels when loading weights unless told not to: fetched

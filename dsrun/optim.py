@@ -6,13 +6,28 @@ reads, so the pre-check refuses them under another optimizer instead of ignoring
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 if TYPE_CHECKING:
     import torch
 
-    from dsrun.config import OptimConfig
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd only
+    warmup_steps: Optional[int] = None  # null: 10, or a tenth of a shorter run (dsrun/schedule.py)
+    min_lr_ratio: float = 0.1  # cosine, linear and wsd decay to lr * min_lr_ratio
+    grad_clip: Optional[float] = None  # null: the precision's default; 0 turns clipping off
+    scale_lr_with_data_parallel: bool = False  # lr x data-parallel size (the linear scaling rule for a
+    # global batch that grows with the processes)
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay): dsrun/schedule.py
+    decay_fraction: float = 0.2  # wsd: the share of the run its decay tail takes
+    router_bias_rate: float = 1e-3  # DeepSeek-V3 routers' load-balancing bias step per step (dsrun/router_balance.py)
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,34 @@ memory) -> per-block compile -> FSDP2 (blocks, then root)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads with the first model, not with the config schema that reads the dataclasses below
+    from torch import nn
 
-from dsrun.activation_offload import offload_checkpointing
 
-if TYPE_CHECKING:
-    from dsrun.config import ParallelConfig, PrecisionConfig
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    strategy: str = "single"  # single | ddp | fsdp | deepspeed | tp
+    zero_stage: int = 0
+    offload: bool = False
+    reshard_after_forward: bool = True
+    reduce_dtype: str = "fp32"  # fsdp/tp under bf16 mixed precision: gradients reduce-scattered in fp32 | bf16
+    activation_checkpointing: bool = False
+    offload_activations: bool = False  # with checkpointing: block inputs wait in pinned host memory (single/ddp)
+    offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch
+    tensor_parallel_size: int = 1
+    timeout_s: int = 1800  # collective timeout before the job aborts
 
-LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    mode: str = "32-true"  # auto | 32-true | 16-mixed | bf16-mixed | bf16-true | fp8
+    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16: 0.5, a tighter
+    # bound while the loss scale is still settling)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -28,6 +45,8 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def parallelize(model: nn.Module, *, parallel: ParallelConfig, precision: PrecisionConfig, compile: bool,
                 mesh: Any = None) -> nn.Module:
     """mesh is Fabric's ("data_parallel", "tensor_parallel") DeviceMesh for fsdp/tp, None for single/ddp."""
+    from dsrun.activation_offload import offload_checkpointing
+
     par = parallel
     if precision.mode == "fp8":
         apply_float8(model)
@@ -57,11 +76,12 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module]) ->
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, *, parallel: ParallelConfig,
                precision: PrecisionConfig) -> None:
+    import torch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     # Fabric's precision flag does not reach FSDP2 (its ModelParallelStrategy ignores it for the sharded
     # parameters): mixed precision is FSDP's own policy, as in lightning's examples/fabric/tensor_parallel
-    compute = LOW_PRECISION.get(precision.mode)
+    compute = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision.mode)
     reduce = torch.bfloat16 if parallel.reduce_dtype == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce) if compute else MixedPrecisionPolicy()
     options = {"mesh": dp_mesh, "mp_policy": policy,
@@ -89,6 +109,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
 def apply_float8(model: nn.Module) -> None:
     """torchao float8 training (dynamic tensorwise scaling) on every block linear whose dims fp8 GEMMs accept;
     the output head stays bf16 (its softmax is precision-sensitive)."""
+    from torch import nn
     from torchao.float8 import convert_to_float8_training
 
     def eligible(module: nn.Module, name: str) -> bool:

@@ -17,7 +17,12 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from dsrun.config import QuantConfig
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    method: str = "none"  # none | int8 | nf4
+    double_quant: bool = True
 
 
 def _no_constants(quant: Any) -> float:

@@ -11,14 +11,24 @@ from __future__ import annotations
 import json
 import random
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Optional
 
 from dsrun.errors import DataError
 
-if TYPE_CHECKING:
-    from dsrun.config import DataConfig
+@dataclass
+class DataConfig:
+    name: str = "reasoning"
+    source: str = "reasoning"  # reasoning | jsonl | synthetic_tokens
+    path: Optional[str] = None
+    num_samples: int = 4000
+    seed: int = 1234
+    train_on: str = "assistant"  # assistant (chats and instructions: loss on the replies only) | all
+    packing: bool = True  # several documents per row; false: one document per row, padded
+    document_mask: bool = True  # packed documents see only themselves (positions restart); false: one sequence
+    eval_split: Optional[float] = None  # fraction of the records held out for eval loss (by data.seed)
+    eval_path: Optional[str] = None  # a second JSONL as the eval set
 
 
 @dataclass(frozen=True)

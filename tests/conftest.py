@@ -84,7 +84,7 @@ def model_cfg(name: str):
     """A model option as the run composes it (schema defaults under the option's file)."""
     from omegaconf import OmegaConf
 
-    from dsrun.config import ModelConfig
+    from dsrun.families import ModelConfig
 
     return OmegaConf.merge(OmegaConf.structured(ModelConfig),
                            OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), {"experts_implementation": "eager"})

@@ -20,7 +20,7 @@ from tests.conftest import FAST, REPO, dsrun, read_metrics
 def tokenizer():
     from omegaconf import OmegaConf
 
-    from dsrun.config import ModelConfig
+    from dsrun.families import ModelConfig
     from dsrun.data import load_tokenizer
 
     return load_tokenizer(OmegaConf.structured(ModelConfig(name="tiny", arch="deepseek_v3")))
@@ -250,7 +250,7 @@ def test_two_epochs_take_exactly_the_steps_two_epochs_need(tmp_path):
 def test_chats_without_an_assistant_turn_are_skipped_with_a_count(tokenizer, tmp_path):
     from omegaconf import OmegaConf
 
-    from dsrun.config import DataConfig
+    from dsrun.sources import DataConfig
     from dsrun.data import build_datasets
 
     path = chats(tmp_path / "mixed.jsonl", n=4)

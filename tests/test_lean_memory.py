@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from dsrun import loss as loss_module
-from dsrun.config import AdapterConfig, ParallelConfig, QuantConfig
+from dsrun.adapters import AdapterConfig
+from dsrun.parallelize import ParallelConfig
+from dsrun.quantize import QuantConfig
 from dsrun.errors import UserError
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss, chunked_cross_entropy, label_rows
 from dsrun.adapters import add_adapters

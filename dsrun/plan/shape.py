@@ -40,7 +40,7 @@ def _shape(key: str) -> Shape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dsrun.config import ModelConfig
+    from dsrun.families import ModelConfig
     from dsrun.model import active_matmul_params, architecture
     from dsrun.parallelize import decoder_blocks
 
