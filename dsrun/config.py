@@ -22,11 +22,12 @@ from dsrun.families import FAMILIES, ModelConfig
 from dsrun.hardware import HardwareConfig
 from dsrun.monitor import MONITORS
 from dsrun.optim import OPTIMIZERS, OptimConfig
-from dsrun.parallelize import ParallelConfig, PrecisionConfig
+from dsrun.parallelize import ParallelConfig
+from dsrun.precision import PRECISIONS, PrecisionConfig
 from dsrun.quantize import QUANT_METHODS, QuantConfig
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
 from dsrun.sources import SOURCES, DataConfig
-from dsrun.strategy import FABRIC_PRECISION, STRATEGIES, preference_strategies
+from dsrun.strategy import STRATEGIES, preference_strategies
 from dsrun.task_table import DPO_LOSSES, GRPO_KEYS, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
 
 
@@ -189,7 +190,7 @@ VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"),
           "generate.show_thinking": ("dim", "show", "hide"), "generate.compile": ("auto", "true", "false"),
           "serve.compile": ("auto", "true", "false"), "bench_infer.compile": ("auto", "true", "false"),
           "data.train_on": TRAIN_ON}
-REGISTRIES: dict[str, Mapping[str, Any]] = {"parallel.strategy": STRATEGIES, "precision.mode": FABRIC_PRECISION, "quant.method": QUANT_METHODS,
+REGISTRIES: dict[str, Mapping[str, Any]] = {"parallel.strategy": STRATEGIES, "precision.mode": PRECISIONS, "quant.method": QUANT_METHODS,
               "adapter.method": ADAPTERS, "data.source": SOURCES, "optim.name": OPTIMIZERS,
               "optim.schedule": SCHEDULES, "task.name": TASKS, "model.arch": FAMILIES}
 

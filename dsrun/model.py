@@ -14,6 +14,7 @@ from dsrun.errors import Interrupted, UserError
 from dsrun.lm import CausalLM
 from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot
 from dsrun.parallelize import decoder_blocks
+from dsrun.precision import PRECISIONS
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.safe_read import check_safetensors, read_json_object
 
@@ -227,19 +228,14 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-FROZEN_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "fp8": torch.bfloat16,
-                "16-mixed": torch.float16}
-
-
 def weight_dtype(precision_mode: str, frozen: bool = False) -> torch.dtype:
     """The dtype the base weights are created in. A frozen base (adapters train, it does not) is stored in the
     compute dtype: no optimizer ever reads an fp32 copy of it, and autocast would only cast it down again
     (peft's prepare_model_for_kbit_training upcasts embedding and head to fp32: 4.4 GB for a 7B, not done here).
     bf16-true weights are created in bf16: building them in fp32 and casting afterwards peaks at 1.5x the weights
     (a 1.5B model reached 7.1 GiB on an 8 GB card before its first step)."""
-    if frozen:
-        return FROZEN_DTYPE.get(precision_mode, torch.float32)
-    return torch.bfloat16 if precision_mode == "bf16-true" else torch.float32
+    precision = PRECISIONS[precision_mode]
+    return getattr(torch, precision.compute if frozen else precision.weights)
 
 
 def numel(p: torch.Tensor) -> int:

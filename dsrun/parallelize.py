@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # torch loads with the first model, not with the config schema that reads the dataclasses below
+from dsrun.precision import PRECISIONS, PrecisionConfig
+
+if TYPE_CHECKING:  # torch loads with the first model, not with the config schema that reads the dataclass below
     from torch import nn
 
 
@@ -24,14 +26,6 @@ class ParallelConfig:
     offload_embedding: bool = False  # a frozen input embedding stays in host memory; its rows travel with the batch
     tensor_parallel_size: int = 1
     timeout_s: int = 1800  # collective timeout before the job aborts
-
-
-@dataclass
-class PrecisionConfig:
-    name: str = "fp32"
-    mode: str = "32-true"  # auto | 32-true | 16-mixed | bf16-mixed | bf16-true | fp8
-    default_grad_clip: float = 1.0  # used when optim.grad_clip is null (fp16: 0.5, a tighter
-    # bound while the loss scale is still settling)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -81,7 +75,9 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, *, paral
 
     # Fabric's precision flag does not reach FSDP2 (its ModelParallelStrategy ignores it for the sharded
     # parameters): mixed precision is FSDP's own policy, as in lightning's examples/fabric/tensor_parallel
-    compute = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision.mode)
+    # (fp8: torchao's float8 linears cast their own inputs; the rest stays in fp32 under FSDP2)
+    record = PRECISIONS[precision.mode]
+    compute = getattr(torch, record.compute) if record.autocast and not record.fp8 else None
     reduce = torch.bfloat16 if parallel.reduce_dtype == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce) if compute else MixedPrecisionPolicy()
     options = {"mesh": dp_mesh, "mp_policy": policy,

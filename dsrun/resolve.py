@@ -15,6 +15,7 @@ from dsrun.data import tokenizer_choice
 from dsrun.errors import ConfigError
 from dsrun import hardware
 from dsrun.hardware import gpu_catalog
+from dsrun.precision import PRECISIONS
 
 
 def resolve(cfg: Any) -> None:
@@ -43,7 +44,8 @@ def resolve(cfg: Any) -> None:
     cfg.model.tokenizer = tokenizer_choice(cfg.model)  # auto: model.path's own tokenizer, else DeepSeek's
     if cfg.model.experts_implementation is None:
         # transformers' grouped_mm experts kernel is bf16-only and CUDA-fast; eager runs everywhere
-        bf16 = cfg.precision.mode in ("bf16-mixed", "bf16-true")
+        precision = PRECISIONS[cfg.precision.mode]
+        bf16 = precision.compute == "bfloat16" and not precision.fp8
         cfg.model.experts_implementation = "grouped_mm" if hw.accelerator == "cuda" and bf16 else "eager"
     if cfg.train.micro_batch == AUTO and auto_problem(cfg) is None:  # after parallel (data-parallel size)
         cfg.train.micro_batch = planned_micro_batch(cfg)  # the probe before training may still change it

@@ -11,11 +11,8 @@ from typing import Any, Callable, Iterator
 from dsrun.batch import world_size
 from dsrun.errors import UserError
 from dsrun.hardware import cuda_devices_present
+from dsrun.precision import PRECISIONS
 
-# The precision.mode registry: each mode and the precision Fabric runs it with (fp8 is bf16 autocast around
-# torchao's float8 linears: parallelize.apply_float8). A new mode: conf/precision/<option>.yaml and one entry here.
-FABRIC_PRECISION = {"32-true": "32-true", "16-mixed": "16-mixed", "bf16-mixed": "bf16-mixed",
-                    "bf16-true": "bf16-true", "fp8": "bf16-mixed"}
 
 
 def apply_environment(hardware_cfg: Any) -> None:
@@ -62,7 +59,7 @@ def all_reduce_(tensor: Any, op: str = "sum") -> Any:
 def deepspeed_config(cfg: Any) -> dict[str, Any]:
     """The DeepSpeed JSON, generated from the composed config (saved in the run folder as deepspeed.json).
     Clipping lives here, not in the loop: ZeRO keeps gradients partitioned inside its optimizer."""
-    par, mode = cfg.parallel, cfg.precision.mode
+    par, precision = cfg.parallel, PRECISIONS[cfg.precision.mode]
     zero: dict[str, Any] = {"stage": par.zero_stage, "overlap_comm": True, "contiguous_gradients": True,
                             "reduce_bucket_size": 5e8}
     if par.offload:
@@ -79,8 +76,8 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
         "managed_gradient_accumulation": False,
         "gradient_clipping": grad_clip(cfg),
         "zero_optimization": zero,
-        "bf16": {"enabled": mode in ("bf16-mixed", "bf16-true", "fp8")},
-        "fp16": {"enabled": mode == "16-mixed", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision.compute == "bfloat16"},
+        "fp16": {"enabled": precision.compute == "float16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         # offload runs torch's AdamW on the host: no JIT-built DeepSpeedCPUAdam needed (slower, always available)
         "zero_force_ds_cpu_optimizer": False,
@@ -102,9 +99,10 @@ def build_fabric(cfg: Any):
     accelerator = "cuda" if cfg.hardware.accelerator == "cuda" else "cpu"
     backend = "nccl" if accelerator == "cuda" else "gloo"
     timeout = timedelta(seconds=cfg.parallel.timeout_s)
-    precision: Any = FABRIC_PRECISION[cfg.precision.mode]  # one of Fabric's precision literals
+    record = PRECISIONS[cfg.precision.mode]
+    precision: Any = record.fabric  # one of Fabric's precision literals
     strategy = STRATEGIES[cfg.parallel.strategy].build(cfg, backend, timeout)  # validate() knows every strategy
-    if isinstance(strategy, ModelParallelStrategy) and precision in ("bf16-mixed", "16-mixed"):
+    if isinstance(strategy, ModelParallelStrategy) and record.autocast:
         precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
     return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
                     strategy=strategy, precision=precision)

@@ -30,6 +30,7 @@ from dsrun.lm import CausalLM
 from dsrun.adapters import add_adapters
 from dsrun.model import architecture, build_run_model, flops_per_token, millions, parameter_counts, save_weights
 from dsrun.model_inputs import HostEmbedding, model_inputs, offload_embedding
+from dsrun.precision import PRECISIONS
 from dsrun.monitor import build_monitors
 from dsrun.optim import build_optimizer
 from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_data, reference_logps
@@ -404,7 +405,7 @@ def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, g
     """What went non-finite, and the advice that fits this precision and what is on disk (one host sync, on the
     way out)."""
     what = "the loss" if not torch.isfinite(loss_sum).item() else f"the gradient norm ({float(grad_norm)})"
-    if cfg.precision.mode == "16-mixed":
+    if PRECISIONS[cfg.precision.mode].loss_scaling:
         return (f"{what} was not finite for {streak} steps in a row (step {step}); those steps were skipped and no "
                 f"weights with NaN/Inf were saved; {last_checkpoint_note(run_dir)}. fp16 overflows: train in a new "
                 "folder with precision=bf16 (hydra.run.dir=...), and keep clipping on")

@@ -20,7 +20,7 @@ from tests.conftest import REPO
 # its modules.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dsrun", "errors", "constants", "task_table", "signals", "lm"]),
-    ("tools", ["families", "hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
+    ("tools", ["families", "precision", "hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
                "allreduce", "chat", "loss", "grpo", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
     ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "preference", "model",
                     "lora_folder", "checkpoint", "evaluate", "monitor/"]),

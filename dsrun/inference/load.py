@@ -18,11 +18,10 @@ from dsrun.errors import UserError
 from dsrun.hardware import emulate_memory, gpu_catalog, host_memory_gib
 from dsrun.model import NO_HUB_KERNELS, architecture, build_model, freeze, merged_model
 from dsrun.parallelize import decoder_blocks
+from dsrun.precision import PRECISIONS
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.run_folder import read_lock
 
-COMPUTE_DTYPE = {"32-true": torch.float32, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16,
-                 "bf16-true": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 @dataclass
@@ -37,7 +36,7 @@ class Loaded:
 
 def compute_dtype(precision_mode: str) -> torch.dtype:
     """Inference runs in the training precision's compute dtype: fp32, or bf16/fp16 weights for mixed modes."""
-    return COMPUTE_DTYPE[precision_mode]
+    return getattr(torch, PRECISIONS[precision_mode].compute)
 
 
 def describe(source: str | None) -> str:

@@ -20,6 +20,7 @@ from dsrun.plan.assumptions import CPU_FLOPS_PER_CORE, CPU_MFU, FP8_EFFICIENCY, 
 from dsrun.plan.memory import inference_memory, lora_sizes, training_memory
 from dsrun.plan.overrides import boxed
 from dsrun.plan.shape import model_shape
+from dsrun.precision import PRECISIONS
 from dsrun.plan.speed import cost, inference_speed, measured_bandwidth, training_speed
 from dsrun.quantize import QUANT_METHODS
 
@@ -140,7 +141,8 @@ def _verdict(p: Plan, cfg: Any, spec: dict | None) -> str:
 
 def assumptions(cfg: Any, spec: dict | None) -> list[str]:
     pl = cfg.plan
-    rate = {"32-true": "fp32 CUDA-core", "fp8": "fp8 tensor"}.get(cfg.precision.mode, "bf16/fp16 tensor")
+    rate = {"fp32_tflops": "fp32 CUDA-core", "fp8_tflops": "fp8 tensor"}.get(PRECISIONS[cfg.precision.mode].peak,
+                                                                             "bf16/fp16 tensor")
     items = [f"MFU {pl.mfu or (MFU[spec['class']] if spec else CPU_MFU):.0%} of the "
              + (f"dense {rate} rate" if spec else "CPU's fp32 peak")
              + (f" ({spec['class']} GPUs)" if spec and not pl.mfu else "")

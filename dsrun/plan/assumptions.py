@@ -28,6 +28,5 @@ HOST_POWER_FACTOR = 1.3  # wall power of the box per watt of GPU TDP (CPU, fans,
 NETWORK_GBPS = {"ethernet": 2.5, "infiniband": 400.0}  # a consumer cluster's 2.5 GbE switch; one NDR port per GPU
 COLLECTIVE_LATENCY_S = {"nvlink": 10e-6, "pcie": 30e-6, "network": 100e-6}
 DEEPSPEED_BUCKET_ELEMENTS = 5e8  # reduce_bucket_size (strategy.deepspeed_config); allgather bucket: DeepSpeed default
-MIXED = ("16-mixed", "bf16-mixed", "fp8")
 TP_PROJECTIONS = tuple(f"{m}.{p}_proj" for m, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
                        for p in ps)

@@ -8,9 +8,10 @@ from typing import Any
 
 from dsrun.batch import data_parallel_size, group_rollouts, sequences_per_row, world_size
 from dsrun.optim import OPTIMIZERS
-from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB, MIXED,
+from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
 from dsrun.plan.shape import Shape
+from dsrun.precision import PRECISIONS, Precision
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STATE, STRATEGIES, Strategy
 
@@ -19,14 +20,18 @@ def strategy(cfg: Any) -> Strategy:
     return STRATEGIES[cfg.parallel.strategy]
 
 
+def precision(cfg: Any) -> Precision:
+    return PRECISIONS[cfg.precision.mode]
+
+
 def bytes_per_param(cfg: Any) -> dict[str, float]:
     """Bytes per trainable parameter before sharding: weights, gradients, optimizer states (master copy included).
     Mixed precision here means fp32 weights under autocast (16: 4 + 4 + 4 x 2 Adam moments)."""
-    mode, states = cfg.precision.mode, moments(cfg)
-    if strategy(cfg).zero and mode != "32-true":
+    states = moments(cfg)
+    if strategy(cfg).zero and precision(cfg).compute_bytes == 2:
         # ZeRO's layout: 16-bit weights and gradients, the fp32 master copy inside the optimizer
         return {"weights": 2, "gradients": 2, "optimizer": 4 + 4 * states}
-    width = 2 if mode == "bf16-true" or frozen_16bit(cfg) else 4
+    width = 2 if frozen_16bit(cfg) else precision(cfg).weight_bytes
     return {"weights": width, "gradients": width, "optimizer": state_bytes(cfg, width) * states}
 
 
@@ -70,14 +75,13 @@ class Dtypes:
 def frozen_16bit(cfg: Any) -> bool:
     """A frozen base under adapters is stored in the compute dtype (model.weight_dtype): no fp32 weights for
     autocast to cast, and a 16-bit residual stream."""
-    return cfg.adapter.method != "none" and cfg.precision.mode != "32-true"
+    return cfg.adapter.method != "none" and precision(cfg).compute_bytes == 2
 
 
 def dtypes(cfg: Any) -> Dtypes:
-    mode = cfg.precision.mode
-    autocast = mode in MIXED and strategy(cfg).whole_model and not frozen_16bit(cfg)
-    compute = 4 if mode == "32-true" else 2
-    return Dtypes(compute, 4 if autocast or mode == "32-true" else compute, autocast)
+    autocast = precision(cfg).autocast and strategy(cfg).whole_model and not frozen_16bit(cfg)
+    compute = precision(cfg).compute_bytes
+    return Dtypes(compute, 4 if autocast else compute, autocast)
 
 
 def _norm(width: int, d: Dtypes, consumers: int = 1, inner: bool = False) -> float:
@@ -163,7 +167,7 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         "quant_constants": quant_constants(cfg.quant, shape) * spread / div["weights"],
         # autocast's low-precision weight copies live until backward has used them (bnb dequantizes on the fly);
         # a tied head multiplies with the embedding
-        "compute_copy": (1 if cfg.precision.mode == "fp8" else 2) * (
+        "compute_copy": (1 if precision(cfg).fp8 else 2) * (
             shape.matmul + (shape.head or shape.embedding) - quantized) if d.autocast else 0.0,
         "gathered": gathered_bytes(cfg, shape, lora_params) if gathers(cfg) else 0.0,
         "gradients": trainable * b["gradients"] * spread / div["gradients"],
@@ -219,7 +223,7 @@ def gathers(cfg: Any) -> bool:
 
 def gather_bytes(cfg: Any, params: int, matmul: int) -> float:
     """Bytes of `params` weights (`matmul` of them quantizable) once gathered: the compute dtype, or quantized."""
-    width = 4 if cfg.precision.mode == "32-true" else 2
+    width = precision(cfg).compute_bytes
     tp = cfg.parallel.tensor_parallel_size if strategy(cfg).tensor_parallel else 1
     per_weight = sum(quant_bytes(cfg.quant)) if cfg.quant.method != "none" else width
     return (matmul * per_weight + (params - matmul) * width) / tp
@@ -228,7 +232,7 @@ def gather_bytes(cfg: Any, params: int, matmul: int) -> float:
 def gathered_bytes(cfg: Any, shape: Shape, lora_params: int) -> float:
     """FSDP / ZeRO-3 working set: the root's embedding and head (kept gathered), two blocks (the one computing
     and the one prefetched) in the compute dtype, and one block's unsharded gradients before the reduce-scatter."""
-    width = 4 if cfg.precision.mode == "32-true" else 2
+    width = precision(cfg).compute_bytes
     trainable = lora_params / len(shape.moe_blocks) if lora_params else gather_bytes(cfg, shape.block, 0) / width
     return (shape.embedding + shape.head) * width + 2 * gather_bytes(cfg, shape.block, shape.block_matmul) + \
         trainable * (width + 4)
@@ -236,11 +240,11 @@ def gathered_bytes(cfg: Any, shape: Shape, lora_params: int) -> float:
 
 def inference_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
     config, pl = shape.model.config, cfg.plan
-    c, n = (4 if cfg.precision.mode == "32-true" else 2), world_size(cfg)
+    c, n = precision(cfg).compute_bytes, world_size(cfg)
     if cfg.quant.method != "none":
         per_weight, _ = quant_bytes(cfg.quant)
         constants = quant_constants(cfg.quant, shape)
-    elif cfg.precision.mode == "fp8":  # e4m3 weights with one fp32 scale per 128 x 128 block (DeepSeek's layout)
+    elif precision(cfg).fp8:  # e4m3 weights with one fp32 scale per 128 x 128 block (DeepSeek's layout)
         per_weight, constants = 1.0, shape.matmul * 4 / 128**2
     else:
         per_weight, constants = c, 0.0

@@ -22,6 +22,7 @@ from dsrun.plan import Plan, Suggestion, plan
 from dsrun.plan.assumptions import GIB
 from dsrun.plan.overrides import Box, apply_overrides, boxed
 from dsrun.plan.shape import model_shape
+from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
@@ -63,13 +64,14 @@ def _software_changes(cfg: Box) -> list[tuple[str, list[str]]]:
     keep = ["parallel.activation_checkpointing=true"] if par.activation_checkpointing else []
     changes: list[tuple[str, list[str]]] = [("keep the recipe", [])]
     if inference:
-        if cfg.precision.mode != "fp8" and cfg.quant.method == "none":
+        if not PRECISIONS[cfg.precision.mode].fp8 and cfg.quant.method == "none":
             changes.append(("fp8 weights with block scales (DeepSeek's own checkpoint format)", ["precision=fp8"]))
         changes += [(f"{q} weights", [f"quant={q}"]) for q in ("int8", "nf4") if cfg.quant.method != q]
         if cuda and not par.offload:
             changes.append(("weights that do not fit stay in host RAM (device_map=auto)", ["parallel.offload=true"]))
         return changes
-    if cfg.precision.mode in ("bf16-mixed", "16-mixed") and not STRATEGIES[par.strategy].zero:
+    if PRECISIONS[cfg.precision.mode].autocast and not PRECISIONS[cfg.precision.mode].fp8 and \
+            not STRATEGIES[par.strategy].zero:
         changes.append(("bf16 weights and optimizer states (half the bytes, less exact updates)",
                         ["precision=bf16_true"]))
     if world_size(cfg) > 1 and STRATEGIES[par.strategy].whole_model:
@@ -195,7 +197,7 @@ def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[st
     if gpu != here.gpu and cfg.plan.gpu_price_usd:
         hardware.append("plan.gpu_price_usd=null")
     extra = []
-    if cfg.precision.name == "auto" and cfg.precision.mode == "32-true":  # auto picks bf16 on GPUs
+    if cfg.precision.name == "auto" and PRECISIONS[cfg.precision.mode].compute == "float32":  # auto: bf16 on GPUs
         extra.append("precision=bf16")
     n = devices * nodes
     if n > 1 and STRATEGIES[cfg.parallel.strategy].whole_model and cfg.plan.mode != "inference":

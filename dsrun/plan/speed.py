@@ -19,6 +19,7 @@ from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CP
                                     STEP_BANDWIDTH_EFFICIENCY)
 from dsrun.plan.memory import bytes_per_param, dtypes, gather_bytes, gathers, lora_sizes, shard_counts, strategy
 from dsrun.plan.shape import Shape
+from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 
@@ -39,9 +40,9 @@ def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) ->
         return cpu_cores() / cfg.hardware.devices * CPU_FLOPS_PER_CORE * mfu, mfu
     mode = mode or cfg.precision.mode
     mfu = cfg.plan.mfu or MFU[spec["class"]]
-    peak = spec["fp32_tflops"] if mode == "32-true" else spec["fp8_tflops"] if mode == "fp8" else spec["bf16_tflops"]
+    peak = spec[PRECISIONS[mode].peak]
     method = QUANT_METHODS[cfg.quant.method]
-    efficiency = (FP8_EFFICIENCY if mode == "fp8" else 1) * (method.compute_efficiency if method else 1.0) * \
+    efficiency = (FP8_EFFICIENCY if PRECISIONS[mode].fp8 else 1) * (method.compute_efficiency if method else 1.0) * \
         (MOE_EFFICIENCY if shape.routed else 1)
     return peak * 1e12 * mfu * efficiency, mfu
 
@@ -160,7 +161,7 @@ def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> flo
         return 0.0
     b, div = bytes_per_param(cfg), shard_counts(cfg)
     trainable = lora_sizes(cfg, shape)[0] if cfg.adapter.method == "lora" else shape.total
-    clips_in_kernel = (cfg.optim.name == "adamw" and cfg.precision.mode != "16-mixed"
+    clips_in_kernel = (cfg.optim.name == "adamw" and not PRECISIONS[cfg.precision.mode].loss_scaling
                        and not STRATEGIES[cfg.parallel.strategy].zero)  # strategy.optimizer_step
     per_param = 2 * (b["weights"] + b["optimizer"]) + (2 if clips_in_kernel else 4) * b["gradients"]
     return trainable / div["optimizer"] * per_param / (spec["mem_bandwidth_gbs"] * 1e9 * STEP_BANDWIDTH_EFFICIENCY)
