@@ -183,6 +183,9 @@ def register_configs() -> None:
 
 # An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
 # is its YAML and one entry there. The keys below have no builder of their own, only these values.
+# What a card lacks when the GPU catalog's flag a precision needs (Precision.needs) is false, and the way out.
+GPU_LACKS = {"bf16": "no bf16 support; use precision=fp16", "fp8": "this GPU has no FP8 tensor cores; use precision=bf16"}
+
 VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
           "plan.mode": ("train", "dpo", "grpo", "inference"), "serve.engine": ("dsrun", "vllm"),
@@ -286,17 +289,14 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         if world_size % tp:
             p.append(f"parallel.tensor_parallel_size={tp}: must divide the {world_size} processes")
 
-    if hw.accelerator == "cpu" and prec.mode == "16-mixed":
-        p.append("precision=fp16 on CPU: fp16 autocast needs a GPU; use precision=bf16 or precision=fp32")
-    if prec.mode == "16-mixed" and run_by is not None and run_by.fsdp2:
-        p.append(f"precision=fp16 with parallel={par.name}: FSDP2 has no sharded loss scaler here; use precision=bf16")
-    if prec.mode == "fp8":
-        if hw.accelerator == "cpu":
-            p.append("precision=fp8 on CPU: fp8 needs a Hopper or Ada GPU; use precision=bf16")
-        elif gpu and not gpu.get("fp8", False):
-            p.append(f"precision=fp8 on {gpu.get('name', hw.gpu)}: this GPU has no FP8 tensor cores; use precision=bf16")
-    if prec.mode in ("bf16-mixed", "bf16-true") and gpu and not gpu.get("bf16", True):
-        p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: no bf16 support; use precision=fp16")
+    precision = PRECISIONS.get(prec.mode)  # an unknown mode: reported above
+    if precision is not None and hw.accelerator == "cpu" and precision.gpu_only:
+        p.append(f"precision={prec.name} on CPU: {precision.gpu_only}")
+    elif precision is not None and precision.needs and gpu and not gpu.get(precision.needs):
+        p.append(f"precision={prec.name} on {gpu.get('name', hw.gpu)}: {GPU_LACKS[precision.needs]}")
+    if precision is not None and precision.loss_scaling and run_by is not None and run_by.fsdp2:
+        p.append(f"precision={prec.name} with parallel={par.name}: FSDP2 has no sharded loss scaler here; use "
+                 "precision=bf16")
 
     whole_model = run_by is None or run_by.whole_model  # an unknown strategy: reported above, no rule of its own
     if par.offload_activations and not par.activation_checkpointing:
@@ -307,7 +307,8 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "unsharded models; use parallel=single or ddp, or turn it off")
     if par.reduce_dtype not in ("fp32", "bf16"):
         p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
-    elif par.reduce_dtype == "bf16" and ((run_by is not None and not run_by.fsdp2) or prec.mode != "bf16-mixed"):
+    elif par.reduce_dtype == "bf16" and ((run_by is not None and not run_by.fsdp2) or precision is None
+                                         or not (precision.casts_weights and precision.compute == "bfloat16")):
         p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
                  "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
                  "set parallel.reduce_dtype=fp32")

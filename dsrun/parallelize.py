@@ -75,9 +75,8 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], dp_mesh: Any, *, paral
 
     # Fabric's precision flag does not reach FSDP2 (its ModelParallelStrategy ignores it for the sharded
     # parameters): mixed precision is FSDP's own policy, as in lightning's examples/fabric/tensor_parallel
-    # (fp8: torchao's float8 linears cast their own inputs; the rest stays in fp32 under FSDP2)
     record = PRECISIONS[precision.mode]
-    compute = getattr(torch, record.compute) if record.autocast and not record.fp8 else None
+    compute = getattr(torch, record.compute) if record.casts_weights else None
     reduce = torch.bfloat16 if parallel.reduce_dtype == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce) if compute else MixedPrecisionPolicy()
     options = {"mesh": dp_mesh, "mp_policy": policy,

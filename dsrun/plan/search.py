@@ -70,8 +70,7 @@ def _software_changes(cfg: Box) -> list[tuple[str, list[str]]]:
         if cuda and not par.offload:
             changes.append(("weights that do not fit stay in host RAM (device_map=auto)", ["parallel.offload=true"]))
         return changes
-    if PRECISIONS[cfg.precision.mode].autocast and not PRECISIONS[cfg.precision.mode].fp8 and \
-            not STRATEGIES[par.strategy].zero:
+    if PRECISIONS[cfg.precision.mode].casts_weights and not STRATEGIES[par.strategy].zero:
         changes.append(("bf16 weights and optimizer states (half the bytes, less exact updates)",
                         ["precision=bf16_true"]))
     if world_size(cfg) > 1 and STRATEGIES[par.strategy].whole_model:
