@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.batch import data_parallel_size, divisors
 from dsrun.child import run_child
@@ -28,12 +28,16 @@ from dsrun.errors import UserError
 from dsrun.plan import plan
 from dsrun.plan.overrides import apply_overrides
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 PROBE_STEPS = 2  # the second step is the first with optimizer states allocated: the steady-state peak
 
 
-def planned_micro_batch(cfg: Any) -> int:
+def planned_micro_batch(cfg: RunConfig) -> int:
     """The planner's guess: the largest micro-batch dividing global_batch / data-parallel whose plan fits (1 when
     none does: check_plan then refuses it with the plan's suggestions)."""
+    assert cfg.train.global_batch is not None  # auto_problem() requires it with micro_batch=auto
     per_rank = cfg.train.global_batch // data_parallel_size(cfg)
     for size in divisors(per_rank):
         trial = apply_overrides(cfg, [f"train.micro_batch={size}", f"train.accumulation={per_rank // size}"])
@@ -42,7 +46,7 @@ def planned_micro_batch(cfg: Any) -> int:
     return 1
 
 
-def probe_micro_batch(cfg: Any, run_dir: Path) -> int:
+def probe_micro_batch(cfg: RunConfig, run_dir: Path) -> int:
     """Rank 0, before launch: run short probes from one size above the planner's guess down, keep the first that
     trains, set it (and the accumulation that keeps the global batch) in `cfg` and on the command line."""
     launcher = next((v for v in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID") if v in os.environ), None)
@@ -50,6 +54,7 @@ def probe_micro_batch(cfg: Any, run_dir: Path) -> int:
         raise UserError(f"train.micro_batch=auto probes before Fabric starts its ranks; under an external launcher "
                         f"({launcher}) find the size with a plain one-node run, then set train.micro_batch=<it>")
     tr, dp = cfg.train, data_parallel_size(cfg)
+    assert tr.global_batch is not None  # auto_problem() requires it with micro_batch=auto
     sizes = divisors(tr.global_batch // dp)
     guess = tr.micro_batch
     start = max(0, sizes.index(guess) - 1)  # the plan errs on the safe side: try one size larger first
@@ -86,9 +91,10 @@ def probe_micro_batch(cfg: Any, run_dir: Path) -> int:
     return chosen
 
 
-def probe_overrides(cfg: Any, size: int, dp: int, folder: Path) -> list[str]:
+def probe_overrides(cfg: RunConfig, size: int, dp: int, folder: Path) -> list[str]:
     """The run itself, two optimizer steps long, at `size`, with the accumulation it would really use (up to two
     micro-steps: with accumulation the gradients are alive during the next micro-batch's forward)."""
+    assert cfg.train.global_batch is not None  # auto_problem() requires it with micro_batch=auto
     micro_steps = min(2, cfg.train.global_batch // (size * dp))
     return [f"train.micro_batch={size}", f"train.global_batch={size * dp * micro_steps}",
             f"train.max_steps={PROBE_STEPS}", "train.epochs=null", "train.keep_best=false",

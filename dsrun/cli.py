@@ -30,7 +30,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dsrun.config import RunConfig, ignored_overrides, register_configs, validate
+from dsrun.config import RunConfig, ignored_overrides, register_configs, typed, validate
 from dsrun.constants import CONF_DIR, VERB_OVERRIDES
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 from dsrun.hardware import gpu_catalog
@@ -174,8 +174,9 @@ def _precheck(argv: list[str]) -> list[str]:
     except Exception as exc:  # Hydra/OmegaConf composition errors are user errors here
         fail(one_line(exc))
     composed = [cast(dict[str, Any], OmegaConf.to_container(cfg)) for cfg in configs]  # as composed, before resolve() fills `auto`
-    for cfg in configs:
+    for composed_cfg in configs:
         try:
+            cfg = typed(composed_cfg)
             resolve(cfg)
             validate(cfg, gpu_catalog())
             if problems := ignored_overrides(cfg, args.overrides) + missing_paths(cfg):
@@ -264,8 +265,8 @@ def hydra_main(cfg: DictConfig) -> None:
     try:
         quiet_logging()  # after the imports: Lightning adds its console handler as it loads
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
-        resolve(cfg)
-        run_task(cfg, probe_micro_batch=probe)
+        resolve(typed(cfg))
+        run_task(typed(cfg), probe_micro_batch=probe)
     except UserError as exc:
         fail("\n".join(getattr(exc, "problems", [str(exc)])))
     except Interrupted as exc:

@@ -9,17 +9,19 @@ every problem into one `ConfigError`; nothing downstream re-validates.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, cast
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 from dsrun.adapters import ADAPTERS, AdapterConfig
 from dsrun.batch import auto_problem, global_batch_problem
 from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
 from dsrun.families import FAMILIES, ModelConfig
-from dsrun.hardware import HardwareConfig
+from dsrun.hardware import HardwareConfig, devices_per_node
 from dsrun.monitor import MONITORS
 from dsrun.optim import OPTIMIZERS, OptimConfig
 from dsrun.parallelize import ParallelConfig
@@ -166,7 +168,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # type: ignore[valid-type]  # made from MONITORS
+    if TYPE_CHECKING:  # made from MONITORS at import (above): its fields are not known before the code runs
+        monitor: Any = None
+    else:
+        monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -176,6 +181,22 @@ class RunConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def typed(cfg: DictConfig) -> RunConfig:
+    """A config composed against RunConfig, typed as it: the DictConfig reads like the dataclass (attribute access,
+    the same values), Hydra's structured-config idiom. Where the composed config enters dsrun's typed code."""
+    return cast(RunConfig, cfg)
+
+
+def container(cfg: RunConfig) -> DictConfig:
+    """The DictConfig behind typed(), for what only a container does (walk the groups, print YAML)."""
+    return cast(DictConfig, cfg)
+
+
+def value_at(cfg: RunConfig, key: str) -> Any:
+    """The value at a dotted key ("train.lr"), read attribute by attribute (a DictConfig and the planner's copy alike)."""
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,16 +222,16 @@ REGISTRIES: dict[str, Mapping[str, Any]] = {"parallel.strategy": STRATEGIES, "pr
 PENDING: dict[tuple[str, str], str] = {}
 
 
-def _positive(problems: list[str], cfg: Any, keys: tuple[str, ...], allow_zero: bool = False) -> None:
+def _positive(problems: list[str], cfg: RunConfig, keys: tuple[str, ...], allow_zero: bool = False) -> None:
     for key in keys:
         group, name = key.split(".")
-        value = cfg[group][name]
+        value = value_at(cfg, key)
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else ">= 1"
             problems.append(f"{key}={value}: must be {bound}")
 
 
-def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
+def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
     """Raise ConfigError listing every problem of a composed, auto-resolved config (a DictConfig or RunConfig)."""
     p: list[str] = []
     hw, par, prec, tr = cfg.hardware, cfg.parallel, cfg.precision, cfg.train
@@ -230,7 +251,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
     if tr.checkpoint_every < -1:
         p.append(f"train.checkpoint_every={tr.checkpoint_every}: steps between checkpoints; 0 saves only at the end, "
                  "-1 never")
-    if cfg.task.name == "export" and not (cfg.task.source and cfg.task.get("out")):
+    if cfg.task.name == "export" and not (cfg.task.source and cfg.task.out):
         p.append("task=export needs task.source=RUN_DIR (a finished run) and task.out=OUT_DIR (a new folder), as "
                  "`dsrun export RUN_DIR OUT_DIR`")
     if cfg.task.name == "dpo":
@@ -245,6 +266,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append(problem)
     if hw.memory_cap_gib is not None and hw.memory_cap_gib <= 0:
         p.append(f"hardware.memory_cap_gib={hw.memory_cap_gib}: must be > 0 (GiB a process may allocate)")
+    assert tr.lr is not None  # resolve() fills it
     if tr.lr <= 0:
         p.append(f"train.lr={tr.lr}: must be > 0")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -264,7 +286,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append("hardware.gpu: a cuda hardware option must name its GPU from the catalog")
     gpu = gpu_catalog.get(hw.gpu or "", {})
 
-    world_size = hw.devices * hw.num_nodes
+    world_size = devices_per_node(hw) * hw.num_nodes
     inference_plan = cfg.task.name == "plan" and cfg.plan.mode == "inference"  # weights split, no strategy runs
     run_by = STRATEGIES.get(par.strategy)  # None: an unknown name, reported above
     if run_by is not None and run_by.one_process and world_size > 1 and not inference_plan:
@@ -277,7 +299,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "tensor-parallel strategy splits the matmuls; use parallel=tp or leave the size at 1")
     if run_by is not None and run_by.tensor_parallel:
         heads = cfg.model.fields.get("num_attention_heads")
-        kv = cfg.model.fields.get("num_key_value_heads") or heads
+        kv = cfg.model.fields.get("num_key_value_heads") or heads or 0
         tp = par.tensor_parallel_size
         if heads and (heads % tp or kv % tp):
             p.append(f"parallel.tensor_parallel_size={tp}: must divide the model's {heads} attention heads "
@@ -312,7 +334,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
                  "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
                  "set parallel.reduce_dtype=fp32")
-    if par.offload_embedding and (cfg.model.get("fields") or {}).get("tie_word_embeddings"):
+    if par.offload_embedding and cfg.model.fields.get("tie_word_embeddings"):
         p.append(f"parallel.offload_embedding=true: model={cfg.model.name} ties its input embedding to the output "
                  "head, which the GPU needs every step; set parallel.offload_embedding=false")
     optimizer = OPTIMIZERS.get(cfg.optim.name)  # an unknown name is reported above
@@ -342,6 +364,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
                  "add adapter=lora (QLoRA)")
 
     max_len = cfg.model.max_seq_len
+    assert tr.seq_len is not None  # resolve() fills it
     if tr.seq_len > max_len:
         p.append(f"train.seq_len={tr.seq_len}: above model {cfg.model.name}'s maximum of {max_len}; "
                  f"set train.seq_len<={max_len}")
@@ -371,7 +394,7 @@ def validate(cfg: Any, gpu_catalog: dict[str, Any]) -> None:
         raise ConfigError(p)
 
 
-def inference_problems(cfg: Any) -> list[str]:
+def inference_problems(cfg: RunConfig) -> list[str]:
     """generate/serve/bench_infer keys (they are checked only when one of those tasks runs)."""
     p: list[str] = []
     gen, srv, bench = cfg.generate, cfg.serve, cfg.bench_infer
@@ -384,19 +407,19 @@ def inference_problems(cfg: Any) -> list[str]:
             p.append(f"{key}={value}: must be >= 1")
     if any(b < 1 for b in bench.batches) or not bench.batches:
         p.append(f"bench_infer.batches={list(bench.batches)}: a non-empty list of batch sizes >= 1")
-    for key, value in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
-        if value < 0:
-            p.append(f"{key}={value}: must be >= 0 (0 is greedy)")
-    for key, value in (("generate.top_p", gen.top_p), ("serve.top_p", srv.top_p)):
-        if not 0 < value <= 1:
-            p.append(f"{key}={value}: must be in (0, 1]")
+    for key, temperature in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
+        if temperature < 0:
+            p.append(f"{key}={temperature}: must be >= 0 (0 is greedy)")
+    for key, share in (("generate.top_p", gen.top_p), ("serve.top_p", srv.top_p)):
+        if not 0 < share <= 1:
+            p.append(f"{key}={share}: must be in (0, 1]")
     if not 0 <= srv.port <= 65535:
         p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
     for key in ("serve.engine", "serve.reasoning", "generate.show_thinking", "generate.compile",
                 "serve.compile", "bench_infer.compile"):
         p += choice_problems(cfg, key)
     if unknown := [q for q in bench.quants or [] if q not in QUANT_METHODS]:
-        p.append(f"bench_infer.quants={list(bench.quants)}: unknown {', '.join(map(str, unknown))}; choose from "
+        p.append(f"bench_infer.quants={list(bench.quants or [])}: unknown {', '.join(map(str, unknown))}; choose from "
                  f"{', '.join(QUANT_METHODS)}")
     if bench.quants is not None and cfg.quant.method != "none" and cfg.task.name == "bench_infer":
         p.append(f"quant={cfg.quant.method} and bench_infer.quants={list(bench.quants)}: name the quant options once "
@@ -406,11 +429,9 @@ def inference_problems(cfg: Any) -> list[str]:
     return p
 
 
-def choice_problems(cfg: Any, key: str) -> list[str]:
+def choice_problems(cfg: RunConfig, key: str) -> list[str]:
     """`key`'s value against its registry (or VALUES): one problem naming the choices, or none."""
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
+    value = value_at(cfg, key)
     if key.endswith(".compile"):  # a YAML true is a bool
         value = str(value).lower()
     allowed = list(REGISTRIES[key] if key in REGISTRIES else VALUES[key])
@@ -422,7 +443,7 @@ def choice_problems(cfg: Any, key: str) -> list[str]:
 DEFAULT_MAX_STEPS = 150  # the run's length when neither train.max_steps nor train.epochs is set
 
 
-def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
+def _length_and_eval_problems(p: list[str], cfg: RunConfig) -> None:
     """train.max_steps or train.epochs (one of them); the eval set and what reads it."""
     tr, data = cfg.train, cfg.data
     if tr.max_steps is not None and tr.epochs is not None:
@@ -448,9 +469,9 @@ def _length_and_eval_problems(p: list[str], cfg: Any) -> None:
                  "data.eval_path")
 
 
-def selected(cfg: Any, group: str, option: str) -> bool:
+def selected(cfg: RunConfig, group: str, option: str) -> bool:
     if group == "monitor":
-        return bool(cfg.monitor[option].enabled)
+        return bool(getattr(cfg.monitor, option).enabled)
     if group == "parallel":
         return cfg.parallel.strategy == option
     if group == "precision":
@@ -484,7 +505,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def value_problems(cfg: Any) -> list[str]:
+def value_problems(cfg: RunConfig) -> list[str]:
     """Finite floats, whole numbers where counts belong, and each optimizer's ranges (called by validate())."""
     p: list[str] = []
     tr, opt, hw = cfg.train, cfg.optim, cfg.hardware
@@ -538,7 +559,7 @@ def value_problems(cfg: Any) -> list[str]:
     return p
 
 
-def preference_problems(cfg: Any) -> list[str]:
+def preference_problems(cfg: RunConfig) -> list[str]:
     """task=dpo: its two keys, and what v1 does not do yet (named, never ignored)."""
     p = []
     if not (isinstance(cfg.task.beta, (int, float)) and cfg.task.beta > 0):
@@ -559,7 +580,7 @@ def preference_ready(parallel: Any) -> bool:
     return run_by is None or run_by.preference
 
 
-def grpo_problems(cfg: Any) -> list[str]:
+def grpo_problems(cfg: RunConfig) -> list[str]:
     """task=grpo: its keys, and what v1 does not do yet (named, never ignored)."""
     from dsrun.grpo import check_group_size, reward_function
 
@@ -576,7 +597,7 @@ def grpo_problems(cfg: Any) -> list[str]:
     if t.max_completion_tokens is not None and not (_whole(t.max_completion_tokens) and t.max_completion_tokens >= 1):
         p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be a whole number >= 1, or null (what "
                  "train.seq_len leaves after the prompt)")
-    elif t.max_completion_tokens is not None and t.max_completion_tokens >= cfg.train.seq_len:
+    elif t.max_completion_tokens is not None and t.max_completion_tokens >= (cfg.train.seq_len or 0):
         p.append(f"task.max_completion_tokens={t.max_completion_tokens}: must be below train.seq_len="
                  f"{cfg.train.seq_len} (prompt and completion share it)")
     if not (isinstance(t.temperature, (int, float)) and t.temperature > 0):
@@ -628,7 +649,7 @@ READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMI
                 "optim.router_bias_rate": ("model.arch", tuple(n for n, f in FAMILIES.items() if f.router_bias))}
 
 
-def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
+def ignored_overrides(cfg: RunConfig, overrides: list[str]) -> list[str]:
     """Problems for overrides the chosen option would silently ignore (e.g. optim.momentum under AdamW)."""
     from omegaconf import OmegaConf
 
@@ -637,7 +658,7 @@ def ignored_overrides(cfg: Any, overrides: list[str]) -> list[str]:
         key = override.split("=", 1)[0].lstrip("+~")
         if key in READ_ONLY_BY:
             selector, readers = READ_ONLY_BY[key]
-            chosen = OmegaConf.select(cfg, selector)
+            chosen = value_at(cfg, selector)
             if chosen not in readers:
                 choose = selector.split(".")[0] if selector.endswith((".name", ".source")) else selector
                 p.append(f"{key}: {selector}={chosen} does not use it (only {' or '.join(readers)} does); remove it, "

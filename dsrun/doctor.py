@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -19,12 +19,15 @@ from rich.table import Table
 from dsrun import allreduce, doctor_checks, doctor_probe
 from dsrun.batch import data_parallel_size
 from dsrun.errors import UserError
-from dsrun.hardware import match_gpu, measured_path
+from dsrun.hardware import devices_per_node, match_gpu, measured_path
 from dsrun.plan import plan
 from dsrun.plan.memory import bytes_per_param
 from dsrun.plan.overrides import apply_overrides
 from dsrun.runs import rank_zero, write_json
 from dsrun.strategy import apply_environment
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 CPU_MAX_BYTES, GPU_MAX_BYTES = 4 * 2**20, 256 * 2**20
 COLOURS = {"ok": "green", "note": "cyan", "warn": "yellow", "fail": "red"}
@@ -42,7 +45,7 @@ def readings(hardware: Any) -> dict[str, Any]:
             "env": doctor_probe.environment(dict(hardware.env))}
 
 
-def sweep(cfg: Any, cuda_devices: int) -> dict[str, Any]:
+def sweep(cfg: RunConfig, cuda_devices: int) -> dict[str, Any]:
     """The all-reduce sweep this launch can run: across torchrun's ranks when it started us, else NCCL over the
     local GPUs, else Gloo over CPU processes. A failure is a result to report, not a crash."""
     d, hw = cfg.doctor, cfg.hardware
@@ -56,7 +59,7 @@ def sweep(cfg: Any, cuda_devices: int) -> dict[str, Any]:
         return {**topology, "rows": rows}
     if cuda_devices == 1:
         return {"skipped": "one GPU: no peer to all-reduce with (run on a machine or launch with several)"}
-    asked = hw.devices if hw.accelerator == ("cuda" if gpus else "cpu") else 0
+    asked = devices_per_node(hw) if hw.accelerator == ("cuda" if gpus else "cpu") else 0
     ranks = (asked if 2 <= asked <= cuda_devices else cuda_devices) if gpus else max(2, asked)
     backend = "nccl" if gpus else "gloo"
     print(f"dsrun doctor: all-reduce over {ranks} {'GPUs' if gpus else 'CPU processes'} ({backend}), "
@@ -92,7 +95,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             max(r["busbw_gbs"] for r in rows), "latency_us": rows[0]["time_us"], "message_bytes": rows[-1]["bytes"]}
 
 
-def gradient_sync(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
+def gradient_sync(cfg: RunConfig, result: dict[str, Any]) -> dict[str, Any] | None:
     """What one DDP gradient all-reduce of the chosen model costs at the measured bus bandwidth (the planner
     counts the parameters; not hidden under backward here, so an upper bound per optimizer step)."""
     if not result.get("bus_bandwidth_gbs"):
@@ -110,7 +113,7 @@ def gradient_sync(cfg: Any, result: dict[str, Any]) -> dict[str, Any] | None:
             "ranks": ranks, "seconds": seconds}
 
 
-def doctor_task(cfg: Any) -> dict[str, Any] | None:
+def doctor_task(cfg: RunConfig) -> dict[str, Any] | None:
     found = readings(cfg.hardware) if rank_zero() else None
     apply_environment(cfg.hardware)  # measure with the NCCL/Gloo settings training would use
     result = summarise(sweep(cfg, found["cuda"]["devices"] if found else 0))

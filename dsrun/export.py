@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,6 +22,9 @@ from dsrun.errors import UserError
 from dsrun.model import merged_model, written_whole
 from dsrun.quiet import quiet_warnings
 from dsrun.run_folder import read_lock
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -69,9 +72,10 @@ def trained_dtype(run_dir: Path) -> str | None:
     return found if found in DTYPES else None
 
 
-def export_task(cfg: Any) -> Path:
+def export_task(cfg: RunConfig) -> Path:
     """task=export task.source=RUN_DIR task.out=OUT_DIR (validate() requires both): the verb's work, the folder
     on stdout."""
+    assert cfg.task.source and cfg.task.out  # validate() requires both
     out = export(Path(cfg.task.source), Path(cfg.task.out))
     print(out)
     return out

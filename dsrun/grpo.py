@@ -55,8 +55,8 @@ def reward_function(name: str, key: str = "grpo.rewards") -> Callable[..., float
     return found
 
 
-def check_group_size(generations: int, key: str = "grpo.generations") -> None:
-    if generations < 2:
+def check_group_size(generations: int | None, key: str = "grpo.generations") -> None:
+    if generations is None or generations < 2:
         raise ConfigError([f"{key}={generations}: GRPO compares completions within a group; it needs at least 2 "
                            "per prompt (8 is common)"])
 

@@ -133,3 +133,9 @@ def lift_memory_cap() -> bool:
         return False
     resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
     return True
+
+
+def devices_per_node(hw: HardwareConfig) -> int:
+    """hardware.devices once resolve() has filled it (null in hardware=auto means every GPU found)."""
+    assert hw.devices is not None, "hardware.devices is read before resolve() filled it"
+    return hw.devices

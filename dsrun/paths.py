@@ -4,16 +4,19 @@ is one line before Hydra and Lightning start (and before a run folder exists), n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.errors import UserError
 from dsrun.sources import check_data_file  # reads the first bytes too: compressed and special files are named
 from dsrun.task_table import RUNNABLE_TASKS
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 TOKENIZER_CHOICES = ("auto", "deepseek", "model")  # model.tokenizer values that are not a folder
 
 
-def missing_paths(cfg: Any) -> list[str]:
+def missing_paths(cfg: RunConfig) -> list[str]:
     """One problem per file or folder the job would read and cannot."""
     p: list[str] = []
     data, model = cfg.data, cfg.model

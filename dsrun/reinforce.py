@@ -21,7 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -32,6 +32,10 @@ from dsrun.inference.chat import render, stop_ids
 from dsrun.inference.engine import Engine, Request, compile_wanted
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.packing import IGNORE_INDEX, Blocks
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+    from dsrun.sources import DataConfig
 
 NUMERIC = ("What is ", "Which is larger", "How many times")  # built-in questions answered by a number
 
@@ -70,7 +74,7 @@ def reasoning_prompt(record: dict[str, Any]) -> tuple[list[dict[str, str]], str]
     return (prompt, answer) if answer is not None else None
 
 
-def prompt_data(data_cfg: Any, tokenizer: Any, max_prompt: int, vocab_size: int) -> tuple[Prompts, str]:
+def prompt_data(data_cfg: DataConfig, tokenizer: Any, max_prompt: int, vocab_size: int) -> tuple[Prompts, str]:
     """The prompts of `data` (JSONL records with prompt/answer, or the built-in arithmetic questions), rendered by
     the chat template up to where the assistant speaks; the console's data line."""
     from dsrun.sources import source_records

@@ -5,7 +5,7 @@ planner's guess for `train.micro_batch=auto`. It sits above the schema (dsrun/co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.batch import auto_problem, derive_accumulation
 from dsrun.batch_size import planned_micro_batch
@@ -17,8 +17,11 @@ from dsrun import hardware
 from dsrun.hardware import gpu_catalog
 from dsrun.precision import PRECISIONS
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
-def resolve(cfg: Any) -> None:
+
+def resolve(cfg: RunConfig) -> None:
     """Fill the `auto` choices in place (hardware detection, precision, MoE kernels) so the run folder records
     what really ran. Called once, before validate()."""
     finetune = cfg.model.finetune  # the model option's fine-tuning defaults, where the user set nothing

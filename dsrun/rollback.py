@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -19,6 +19,9 @@ from dsrun.constants import CONF_DIR
 from dsrun.errors import UserError
 from dsrun.ledger import latest_good, ledger_path
 from dsrun.safe_read import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
 SMOKE_MAX_GRAD_NORM = 100.0  # pre-clip norm; healthy runs clipped at 1.0 stay within ~0.1-10
@@ -101,10 +104,13 @@ def rollback_argv(args: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # task=smoke
 
-def prepare_smoke(cfg: Any) -> None:
+def prepare_smoke(cfg: RunConfig) -> None:
     """At most task.steps steps (a recipe's 1000 become 100; train.max_steps=20 stays 20), logged often enough
     for the loss check; the shortened values land in the run's config.yaml."""
     length = cfg.train.max_steps if cfg.train.max_steps is not None else cfg.task.steps  # by epochs: task.steps
+    if length is None:
+        raise UserError("task=smoke with task.steps=null and a run counted in epochs: the check needs a length; set "
+                        "task.steps=100")
     steps = min(length, cfg.task.steps or length)
     cfg.train.epochs = None  # the smoke run's length is in steps
     if steps < SMOKE_MIN_LOGGED:  # refuse before the model costs anything

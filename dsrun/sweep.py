@@ -20,7 +20,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun import ledger
 from dsrun.child import run_child
@@ -28,10 +28,13 @@ from dsrun.plan import plan
 from dsrun.runs import rank_zero
 from dsrun.task_table import RUNNABLE_TASKS
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 ERROR_LINE = re.compile(r"error|exception|fatal|segmentation|killed|abort", re.IGNORECASE)
 
 
-def isolated(cfg: Any) -> bool:
+def isolated(cfg: RunConfig) -> bool:
     """True inside a multirun job that trains: run it as a child process instead."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -39,7 +42,7 @@ def isolated(cfg: Any) -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and cfg.task.name in RUNNABLE_TASKS
 
 
-def run_trial(cfg: Any) -> dict[str, Any]:
+def run_trial(cfg: RunConfig) -> dict[str, Any]:
     """The task function of a sweep job: plan-check, run the child, classify, record, print one line."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -68,7 +71,7 @@ def run_trial(cfg: Any) -> dict[str, Any]:
     return record
 
 
-def outcome(job_dir: Path, cfg: Any, returncode: int) -> dict[str, Any]:
+def outcome(job_dir: Path, cfg: RunConfig, returncode: int) -> dict[str, Any]:
     """The trial's record: its own when it wrote one, else built here from its exit and its log."""
     log = (job_dir / "trial.log").read_text(errors="replace") if (job_dir / "trial.log").is_file() else ""
     own = _read_json(job_dir / "record.json")
@@ -118,7 +121,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def skip_reason(cfg: Any) -> str | None:
+def skip_reason(cfg: RunConfig) -> str | None:
     """A GPU trial the planner says cannot fit is not started (it would only OOM; tasks.check_plan would refuse
     it anyway, after a process start). On CPU nothing is skipped; `train.force=true` starts it anyway."""
     if cfg.hardware.accelerator != "cuda" or cfg.train.force or cfg.hardware.gpu is None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsrun import sweep
 from dsrun.batch import data_parallel_size, global_batch
 from dsrun.batch_size import probe_micro_batch as probe
+from dsrun.config import RunConfig, container
 from dsrun.config_view import folded_config
 from dsrun.errors import UserError
 from dsrun.ledger import recorded
@@ -41,7 +42,7 @@ def dry_run(cfg: DictConfig) -> None:
     out.print("config valid; nothing started (task=dry_run)")
 
 
-def train(cfg: DictConfig, check: Any = None) -> None:
+def train(cfg: RunConfig, check: Any = None) -> None:
     import torch
 
     from dsrun.train import fit
@@ -50,7 +51,7 @@ def train(cfg: DictConfig, check: Any = None) -> None:
     check_plan(cfg)
     if rank_zero() and cfg.monitor.console.enabled:  # folded to groups and overrides unless -v (dsrun/quiet.py)
         if verbose():
-            console(stderr=True).print(config_tree(cfg))
+            console(stderr=True).print(config_tree(container(cfg)))
         else:
             print(folded_config(cfg), file=sys.stderr)
     folder = run_dir()
@@ -73,7 +74,7 @@ def first_line(exc: BaseException) -> str:
 def uncapped_on_failure(fit: Any) -> Any:
     """`fit` with hardware.memory_cap_gib's CPU heap limit lifted as soon as it fails; an allocation that failed
     inside C code under that limit (a SystemError) is the memory error it is."""
-    def run(cfg: DictConfig, folder: Any) -> Any:
+    def run(cfg: RunConfig, folder: Any) -> Any:
         try:
             return fit(cfg, folder)
         except SystemError as exc:
@@ -86,7 +87,7 @@ def uncapped_on_failure(fit: Any) -> Any:
     return run
 
 
-def collective_timeout(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
+def collective_timeout(cfg: RunConfig, folder: Any, exc: BaseException) -> None:
     """A collective outlived parallel.timeout_s (a peer hung in NCCL/Gloo or died): name this rank, end the ranks
     this process launched, exit 4 instead of hanging or dumping a traceback."""
     import os
@@ -118,7 +119,7 @@ def timeout_advice(folder: Any) -> str:
     return f"{note[0].upper()}{note[1:]}: dsrun resume {folder}"
 
 
-def check_plan(cfg: DictConfig) -> None:
+def check_plan(cfg: RunConfig) -> None:
     """Refuse, before anything starts, a GPU recipe the planner says will not fit (train.force=true overrides)."""
     if cfg.hardware.accelerator != "cuda" or cfg.train.force or cfg.hardware.gpu is None:
         return
@@ -131,7 +132,7 @@ def check_plan(cfg: DictConfig) -> None:
                     "See task=plan for details; train.force=true launches anyway")
 
 
-def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
+def diagnose_oom(cfg: RunConfig, folder: Any, exc: BaseException) -> None:
     """A real CUDA OOM: one paragraph (what was in memory, what the plan suggests), the allocator's summary saved
     beside the run, exit code 3 instead of a traceback."""
     import sys
@@ -163,12 +164,12 @@ def diagnose_oom(cfg: DictConfig, folder: Any, exc: BaseException) -> None:
     raise SystemExit(3)
 
 
-def smoke(cfg: DictConfig) -> None:
+def smoke(cfg: RunConfig) -> None:
     prepare_smoke(cfg)
     train(cfg, check=smoke_problems)  # passing marks the run good: `dsrun rollback` returns to it
 
 
-def run_task(cfg: DictConfig, probe_micro_batch: bool = False) -> Any:
+def run_task(cfg: RunConfig, probe_micro_batch: bool = False) -> Any:
     if sweep.isolated(cfg):  # under -m each training trial is its own process: a crash cannot end the sweep
         return sweep.run_trial(cfg)  # the trial probes its own train.micro_batch=auto
     if probe_micro_batch and cfg.task.name in RUNNABLE_TASKS and rank_zero():

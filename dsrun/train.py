@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,8 +43,11 @@ from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_st
                             micro_step, model_init, optimizer_step, zero3_partitioned)
 from dsrun.strategy import setup as setup_strategy
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
-def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
+
+def fit(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """Train: set up, then one optimizer step at a time with logging, eval and checkpoints between steps, then
     finish. A stop signal ends the loop after its step's checkpoint; both endings go through finish()."""
     run = setup(cfg, run_dir)
@@ -58,7 +61,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
             raise TrainingDiverged(diverged_message(cfg, streak, step - 1, run.loss_sum, grad_norm, run_dir))
         run.profiler.step()
         evaluating = run.evaluator is not None and (step == run.max_steps
-                                                    or (tr.eval_every and step % tr.eval_every == 0))
+                                                    or (tr.eval_every > 0 and step % tr.eval_every == 0))
         if step % tr.log_every == 0 or step == run.max_steps or evaluating:
             log(run, step, grad_norm, evaluating)
         interrupted = stop.requested()
@@ -75,7 +78,7 @@ def fit(cfg: Any, run_dir: Path) -> dict[str, Any]:
 class Run:
     """What setup() builds and the steps carry forward: the objects, the run's length, and the counters a checkpoint
     saves (the loss and labelled-token sums of the current log interval, tokens trained, the best eval)."""
-    cfg: Any
+    cfg: RunConfig
     run_dir: Path
     fabric: Any
     model: Any
@@ -123,7 +126,7 @@ class Run:
         return self.fabric.global_rank == 0
 
 
-def setup(cfg: Any, run_dir: Path) -> Run:
+def setup(cfg: RunConfig, run_dir: Path) -> Run:
     """Fabric, the run folder's snapshot, monitors, data, model, optimizer; then resume from the latest checkpoint
     (model, optimizer, data position and the partial log interval, as if never stopped)."""
     fabric = build_fabric(cfg)
@@ -142,6 +145,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
     arch = architecture(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     dpo, grpo = cfg.task.name == "dpo", cfg.task.name == "grpo"
+    assert tr.seq_len is not None and tr.lr is not None  # resolve() fills them
     if dpo:  # [pairs, 2, seq_len]: a micro-batch of N pairs runs 2N sequences
         rows, eval_rows, data_line = preference_data(cfg.data, tokenizer, tr.seq_len, arch.vocab_size)
     elif grpo:  # prompts: a micro-batch of N prompts runs N x task.generations completions
@@ -157,7 +161,8 @@ def setup(cfg: Any, run_dir: Path) -> Run:
                           accumulation=tr.accumulation)
     evaluator = Evaluator(eval_rows, tr.micro_batch, dp_rank, dp, replicas) if eval_rows is not None and not dpo \
         else None  # task=dpo's is made once its loss is (below)
-    max_steps = tr.max_steps or tr.epochs * batches.steps_per_epoch
+    epochs = tr.epochs or 0  # resolve() leaves train.max_steps null only for a run counted in epochs
+    max_steps = tr.max_steps or epochs * batches.steps_per_epoch
     if max_steps == 0:
         raise DataError(f"train.epochs={tr.epochs}: the data packs into {len(rows)} rows, fewer than one global "
                         f"batch ({global_batch(cfg)}); add data or lower train.micro_batch / train.accumulation")
@@ -221,6 +226,7 @@ def setup(cfg: Any, run_dir: Path) -> Run:
               skipped_seen=OneStepLate(fabric.device))
     if dpo:
         off = None if rows.reference is not None else fabric_unwrap(model).disable_adapter
+        assert cfg.task.beta is not None and cfg.task.loss is not None  # conf/task/dpo.yaml; validate() checks them
         run.objective = PreferenceLoss(cfg.task.beta, cfg.task.loss, off, fabric.device)
         if eval_rows is not None:
             run.evaluator = PreferenceEvaluator(eval_rows, tr.micro_batch, dp_rank, dp, run.objective)
@@ -321,6 +327,7 @@ def log(run: Run, step: int, grad_norm: Any, evaluating: bool) -> None:
     """The metrics of the log interval that ends at `step` (one host sync), an eval pass when due, and the best
     checkpoint when it improved."""
     fabric, tr = run.fabric, run.cfg.train
+    assert tr.seq_len is not None  # resolve() fills it
     # each rank holds its share of each step's global mean: the sum over ranks, each batch counted once
     loss_sum = all_reduce_(run.loss_sum).item() / run.replicas
     steps_with_tokens = int(run.trained_steps.item())
@@ -400,7 +407,7 @@ def finish(run: Run, stop: StopSignal, status: str, step: int) -> dict[str, Any]
     return summary
 
 
-def diverged_message(cfg: Any, streak: int, step: int, loss_sum: torch.Tensor, grad_norm: Any,
+def diverged_message(cfg: RunConfig, streak: int, step: int, loss_sum: torch.Tensor, grad_norm: Any,
                      run_dir: Path) -> str:
     """What went non-finite, and the advice that fits this precision and what is on disk (one host sync, on the
     way out)."""
@@ -517,7 +524,7 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
-def peak_flops_per_s(cfg: Any) -> float:
+def peak_flops_per_s(cfg: RunConfig) -> float:
     """The dense bf16 rate of the GPU that runs the step, from the catalog (0 on CPU or an unknown card: no MFU).
     Under hardware.emulate that is the card found, not the one emulated: an RTX 3060 recipe proven on an H100 ran
     at the H100's rate (its MFU against the 3060's peak read 474 %)."""

@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch._dynamo
@@ -24,8 +24,11 @@ from dsrun.inference.load import load
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.runs import run_dir
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
-def bench_task(cfg: Any) -> list[dict[str, Any]]:
+
+def bench_task(cfg: RunConfig) -> list[dict[str, Any]]:
     bench = cfg.bench_infer
     rows: list[dict[str, Any]] = []
     for quant in bench.quants or [cfg.quant.method]:

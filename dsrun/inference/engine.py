@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch._dynamo
@@ -30,6 +30,9 @@ from dsrun.errors import UserError
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.inference.sampling import sample
 from dsrun.inference.slots import SlotCache, row_mask, use_slot_attention
+
+if TYPE_CHECKING:
+    from dsrun.config import ServeConfig
 
 KV_BUCKET_MIN = 256  # decode reads the cache up to a power of two >= the longest sequence, at least this
 # decode runs at least two rows: a size-1 dimension would be specialized by the compiler, a second compile (a
@@ -492,7 +495,7 @@ class Engine:
         self.metrics.batch(size)
 
 
-def build_engine(model: Any, serve_cfg: Any, metrics: ServerMetrics, context: int) -> Engine:
+def build_engine(model: Any, serve_cfg: ServeConfig, metrics: ServerMetrics, context: int) -> Engine:
     """The engine `dsrun serve` runs: serve.max_batch slots of serve.max_prompt_tokens + serve.max_tokens
     positions each (at most the model's context); when compiled, warmed up for every slot count and cache length
     bucket before the first request."""

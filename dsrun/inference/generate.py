@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dsrun.errors import UserError
 from dsrun.inference.chat import Detokenizer, ThinkSplitter, opens_thinking, render, stop_ids
@@ -16,11 +16,14 @@ from dsrun.inference.engine import Engine, Request, compile_wanted
 from dsrun.inference.load import Loaded, load
 from dsrun.inference.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 MAX_POSITIONS = 8192
 
 
-def generate_task(cfg: Any) -> None:
+def generate_task(cfg: RunConfig) -> None:
     gen = cfg.generate
     prompts = _prompts(gen)  # a missing prompts file stops before the model is loaded
     loaded = load(cfg)

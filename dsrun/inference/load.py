@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -21,6 +21,10 @@ from dsrun.parallelize import decoder_blocks
 from dsrun.precision import PRECISIONS
 from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.run_folder import read_lock
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+    from dsrun.families import ModelConfig
 
 
 
@@ -56,7 +60,7 @@ def describe(source: str | None) -> str:
                     "model folder")
 
 
-def load(cfg: Any) -> Loaded:
+def load(cfg: RunConfig) -> Loaded:
     """The model and tokenizer of cfg.task.source (or of cfg.model when it is null), ready to generate."""
     source = cfg.task.source
     kind = describe(source)
@@ -70,10 +74,12 @@ def load(cfg: Any) -> Loaded:
         tokenizer_folder, name = None, cfg.model.name
         model_cfg = cfg.model
     elif kind == "folder":
+        assert source is not None  # describe(None) is "option"
         folder = Path(source).expanduser()
         model = _from_folder(folder, cfg, dtype, device)
         tokenizer_folder, name, model_cfg = folder, folder.name, cfg.model
     else:
+        assert source is not None  # describe(None) is "option"
         run = Path(source).expanduser()
         model, model_cfg, kind = _from_run(run, cfg, dtype, device)
         tokenizer_folder, name = run / "model", run.name
@@ -100,14 +106,14 @@ def keep_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _build(model_cfg: Any, seed: int, dtype: torch.dtype, build_device: torch.device | None) -> Any:
+def _build(model_cfg: ModelConfig, seed: int, dtype: torch.dtype, build_device: torch.device | None) -> Any:
     """The model option, built as training builds it (dsrun.model), on the device it will run on when it fits."""
     arch = architecture(model_cfg)
     with torch.device(build_device or "cpu"):
         return build_model(model_cfg, arch, seed=seed, dtype=dtype)
 
 
-def _from_folder(folder: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> Any:
+def _from_folder(folder: Path, cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> Any:
     """A Hugging Face folder (an exported one is one): transformers loads, quantizes and places it as it reads."""
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +130,7 @@ def _from_folder(folder: Path, cfg: Any, dtype: torch.dtype, device: torch.devic
         raise UserError(f"task.source={folder}: cannot load it: {str(exc).splitlines()[0]}") from None
 
 
-def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:
+def _from_run(run: Path, cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, str]:
     """A run folder: model/ holds full weights, or a LoRA adapter over the base the run built (rebuilt the same
     way: dsrun.model with the run's seed, dtype and device, which random init depends on), merged for speed."""
     from omegaconf import OmegaConf
@@ -142,7 +148,7 @@ def _from_run(run: Path, cfg: Any, dtype: torch.dtype, device: torch.device) -> 
     return _from_folder(weights, cfg, dtype, device), model_cfg, "run"
 
 
-def max_memory(cfg: Any) -> dict[Any, str]:
+def max_memory(cfg: RunConfig) -> dict[Any, str]:
     """Budgets for accelerate: the GPU(s) up to the hardware profile's memory (or the card), the rest in host RAM."""
     hw = cfg.hardware
     budgets: dict[Any, str] = {}
@@ -154,7 +160,7 @@ def max_memory(cfg: Any) -> dict[Any, str]:
     return budgets
 
 
-def _build_device(cfg: Any, device: torch.device, dtype: torch.dtype) -> torch.device:
+def _build_device(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> torch.device:
     """Build on the GPU when the 16-bit weights fit its budget (fast); else on the CPU, and place() moves them."""
     if device.type != "cuda":
         return device
@@ -168,7 +174,7 @@ def _build_device(cfg: Any, device: torch.device, dtype: torch.dtype) -> torch.d
     return device if size < budget else torch.device("cpu")
 
 
-def place(model: Any, cfg: Any, device: torch.device) -> Any:
+def place(model: Any, cfg: RunConfig, device: torch.device) -> Any:
     """Quantize (cfg.quant) and put the model on the device. Quantized: block by block, each quantized as it lands
     on the GPU (the 16-bit model is never whole there). Not quantized and larger than the card: across GPU(s) and
     CPU RAM within max_memory (accelerate's device map)."""
@@ -190,7 +196,7 @@ def place(model: Any, cfg: Any, device: torch.device) -> Any:
     return dispatch_model(model, device_map=device_map)
 
 
-def _tokenizer(folder: Path | None, model_cfg: Any) -> Any:
+def _tokenizer(folder: Path | None, model_cfg: ModelConfig) -> Any:
     """The folder's own tokenizer when it has one, else the model option's (dsrun.data.load_tokenizer)."""
     if has_tokenizer(folder):
         from transformers import AutoTokenizer
@@ -199,5 +205,5 @@ def _tokenizer(folder: Path | None, model_cfg: Any) -> Any:
     if model_cfg.tokenizer == "model" and not model_cfg.path:
         from omegaconf import OmegaConf
 
-        model_cfg = OmegaConf.merge(model_cfg, {"tokenizer": "deepseek"})
+        model_cfg = cast("ModelConfig", OmegaConf.merge(model_cfg, {"tokenizer": "deepseek"}))
     return load_tokenizer(model_cfg)

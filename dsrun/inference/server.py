@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -35,6 +35,9 @@ from dsrun.inference.load import describe, load
 from dsrun.inference.metrics import ServerMetrics
 from dsrun.inference.vllm import serve_with_vllm
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 # connections the kernel holds before they are accepted: a burst of clients waits there instead of being reset (the
 # stdlib server's 5 reset a burst of 256); Linux caps it at net.core.somaxconn (4096 on current kernels)
 LISTEN_BACKLOG = 2048
@@ -49,7 +52,7 @@ RETRY_AFTER_S = 1  # a refused client's wait: requests of a batch finish, and fr
 KEEP_ALIVE_S = 65
 
 
-def serve_task(cfg: Any) -> None:
+def serve_task(cfg: RunConfig) -> None:
     srv = cfg.serve
     if srv.engine == "vllm":
         return serve_with_vllm(cfg)

@@ -9,17 +9,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.errors import UserError
 from dsrun.inference.load import describe
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 INSTALL = ("serve.engine=vllm: no `vllm` executable on PATH; install vLLM in an environment of its own "
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm), put ~/vllm/bin on PATH, or use "
            "serve.engine=dsrun")
 
 
-def vllm_command(cfg: Any, folder: str, executable: str) -> list[str]:
+def vllm_command(cfg: RunConfig, folder: str, executable: str) -> list[str]:
     srv = cfg.serve
     command = [executable, "serve", folder, "--host", srv.host, "--port", str(srv.port or 8000),
                "--served-model-name", srv.model_name or os.path.basename(os.path.normpath(folder)),
@@ -30,12 +33,12 @@ def vllm_command(cfg: Any, folder: str, executable: str) -> list[str]:
     return command
 
 
-def serve_with_vllm(cfg: Any) -> None:
+def serve_with_vllm(cfg: RunConfig) -> None:
     executable = shutil.which("vllm")
     if executable is None:
         raise UserError(INSTALL)
     source = cfg.task.source
-    if describe(source) != "folder":
+    if source is None or describe(source) != "folder":
         raise UserError(f"serve.engine=vllm takes a Hugging Face folder; export the run first: dsrun export {source} "
                         f"OUT_DIR, then dsrun serve OUT_DIR serve.engine=vllm")
     env = dict(os.environ)

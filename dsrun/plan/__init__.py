@@ -11,11 +11,11 @@ prints. docs/planner.md derives every term and its assumptions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.batch import global_batch, world_size
 from dsrun.errors import UserError
-from dsrun.hardware import cpu_cores, gpu_catalog, host_memory_gib, measured_path
+from dsrun.hardware import cpu_cores, devices_per_node, gpu_catalog, host_memory_gib, measured_path
 from dsrun.plan.assumptions import CPU_FLOPS_PER_CORE, CPU_MFU, FP8_EFFICIENCY, GIB, HOST_POWER_FACTOR, MFU, MOE_EFFICIENCY
 from dsrun.plan.memory import inference_memory, lora_sizes, training_memory
 from dsrun.plan.overrides import boxed
@@ -23,6 +23,9 @@ from dsrun.plan.shape import model_shape
 from dsrun.precision import PRECISIONS
 from dsrun.plan.speed import cost, inference_speed, measured_bandwidth, training_speed
 from dsrun.quantize import QUANT_METHODS
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Plan:
         return asdict(self)
 
 
-def gpu_spec(cfg: Any) -> dict | None:
+def gpu_spec(cfg: RunConfig) -> dict | None:
     """The catalog entry of the planned GPU; None for CPU plans."""
     hw = cfg.hardware
     if hw.accelerator == "cpu":
@@ -79,7 +82,7 @@ def gpu_spec(cfg: Any) -> dict | None:
     return gpu_catalog()[hw.gpu]
 
 
-def plan(cfg: Any) -> Plan:
+def plan(cfg: RunConfig) -> Plan:
     """Memory, speed and cost of a composed, resolved, validated config (a DictConfig, dict or Box). The changes
     that make a plan fit are the caller's to ask for (dsrun.plan.search.with_suggestions)."""
     cfg = boxed(cfg)
@@ -88,12 +91,12 @@ def plan(cfg: Any) -> Plan:
     m, host = (inference_memory if inference else training_memory)(cfg, shape, spec)
     speed = (inference_speed if inference else training_speed)(cfg, shape, spec, m, host)
     hours, usd, per_hour, price = cost(cfg, spec, speed["tokens_per_s"])
-    capacity = spec["vram_gib"] if spec else host_memory_gib() / cfg.hardware.devices
-    if cfg.hardware.get("memory_cap_gib"):  # snapshots older than the key lack it
+    capacity = spec["vram_gib"] if spec else host_memory_gib() / devices_per_node(cfg.hardware)
+    if cfg.hardware.memory_cap_gib:
         capacity = min(capacity, cfg.hardware.memory_cap_gib)
     total, host_total = sum(m.values()) / GIB, sum(host.values()) / GIB
     fits = total <= capacity and (cfg.plan.host_ram_gib is None or host_total <= cfg.plan.host_ram_gib)
-    device = f"{world_size(cfg)} x {spec['name']}" if spec else f"{cfg.hardware.devices} x CPU process"
+    device = f"{world_size(cfg)} x {spec['name']}" if spec else f"{devices_per_node(cfg.hardware)} x CPU process"
     result = Plan(
         mode=cfg.plan.mode, fits=fits, total_gib=total, vram_gib=capacity,
         components={k: v / GIB for k, v in m.items()}, host_gib=host_total,
@@ -108,9 +111,9 @@ def plan(cfg: Any) -> Plan:
     return result
 
 
-def _recipe(cfg: Any) -> dict[str, Any]:
+def _recipe(cfg: RunConfig) -> dict[str, Any]:
     recipe = {"model": cfg.model.name, "hardware": cfg.hardware.name, "gpu": cfg.hardware.gpu,
-              "devices": cfg.hardware.devices, "num_nodes": cfg.hardware.num_nodes,
+              "devices": devices_per_node(cfg.hardware), "num_nodes": cfg.hardware.num_nodes,
               "parallel": cfg.parallel.name, "strategy": cfg.parallel.strategy, "zero_stage": cfg.parallel.zero_stage,
               "offload": cfg.parallel.offload, "activation_checkpointing": cfg.parallel.activation_checkpointing,
               "precision": cfg.precision.mode, "quant": cfg.quant.method, "adapter": cfg.adapter.method}
@@ -121,13 +124,14 @@ def _recipe(cfg: Any) -> dict[str, Any]:
             "global_batch": global_batch(cfg), "optimizer": cfg.optim.name}
 
 
-def _verdict(p: Plan, cfg: Any, spec: dict | None) -> str:
+def _verdict(p: Plan, cfg: RunConfig, spec: dict | None) -> str:
     where = "per GPU" if spec else "of host RAM per process"
-    capped = cfg.hardware.get("memory_cap_gib") and cfg.hardware.memory_cap_gib <= p.vram_gib
+    cap = cfg.hardware.memory_cap_gib
+    capped = cap is not None and cap <= p.vram_gib
     has = (f"hardware.memory_cap_gib caps it at {p.vram_gib:.1f} GiB" if capped else
            f"{spec['name'] if spec else 'this machine'} has {p.vram_gib:.1f} GiB")
     if not p.fits and p.total_gib > p.vram_gib:
-        weights = sum(p.components.get(k, 0) + p.host_components.get(k, 0) / cfg.hardware.devices
+        weights = sum(p.components.get(k, 0) + p.host_components.get(k, 0) / devices_per_node(cfg.hardware)
                       for k in ("weights", "quant_constants"))
         return (f"does not fit: needs {p.total_gib:,.1f} GiB {where}, {has} ({p.total_gib / p.vram_gib:.1f}x); "
                 f"the weights alone take {weights:,.1f} GiB {where}")
@@ -139,7 +143,7 @@ def _verdict(p: Plan, cfg: Any, spec: dict | None) -> str:
     return f"fits: {p.total_gib:,.1f} of {p.vram_gib:.1f} GiB {where} ({share:.0%}){tight}"
 
 
-def assumptions(cfg: Any, spec: dict | None) -> list[str]:
+def assumptions(cfg: RunConfig, spec: dict | None) -> list[str]:
     pl = cfg.plan
     rate = {"fp32_tflops": "fp32 CUDA-core", "fp8_tflops": "fp8 tensor"}.get(PRECISIONS[cfg.precision.mode].peak,
                                                                              "bf16/fp16 tensor")

@@ -4,9 +4,10 @@ per device (and per node of host RAM for offloaded state)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.batch import data_parallel_size, group_rollouts, sequences_per_row, world_size
+from dsrun.hardware import devices_per_node
 from dsrun.optim import OPTIMIZERS
 from dsrun.plan.assumptions import (ALLOCATOR_FRACTION, CUDA_CONTEXT_GIB, DEEPSPEED_BUCKET_ELEMENTS, GIB,
                                     NCCL_GIB, OFFLOAD_GATHERED_COPIES, TRANSIENT)
@@ -15,16 +16,19 @@ from dsrun.precision import PRECISIONS, Precision
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STATE, STRATEGIES, Strategy
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
-def strategy(cfg: Any) -> Strategy:
+
+def strategy(cfg: RunConfig) -> Strategy:
     return STRATEGIES[cfg.parallel.strategy]
 
 
-def precision(cfg: Any) -> Precision:
+def precision(cfg: RunConfig) -> Precision:
     return PRECISIONS[cfg.precision.mode]
 
 
-def bytes_per_param(cfg: Any) -> dict[str, float]:
+def bytes_per_param(cfg: RunConfig) -> dict[str, float]:
     """Bytes per trainable parameter before sharding: weights, gradients, optimizer states (master copy included).
     Mixed precision here means fp32 weights under autocast (16: 4 + 4 + 4 x 2 Adam moments)."""
     states = moments(cfg)
@@ -35,17 +39,17 @@ def bytes_per_param(cfg: Any) -> dict[str, float]:
     return {"weights": width, "gradients": width, "optimizer": state_bytes(cfg, width) * states}
 
 
-def moments(cfg: Any) -> int:
+def moments(cfg: RunConfig) -> int:
     """Optimizer states per parameter: Adam's two moments, SGD's momentum buffer if any."""
     return OPTIMIZERS[cfg.optim.name].states(cfg.optim)
 
 
-def state_bytes(cfg: Any, width: float) -> float:
+def state_bytes(cfg: RunConfig, width: float) -> float:
     """Bytes per optimizer state element: the trained weight's width, or the optimizer's own (8-bit Adam)."""
     return OPTIMIZERS[cfg.optim.name].state_bytes or width
 
 
-def shard_counts(cfg: Any) -> dict[str, int]:
+def shard_counts(cfg: RunConfig) -> dict[str, int]:
     """Into how many pieces weights, gradients and optimizer states are split across the processes."""
     sharded, n = strategy(cfg).shards(cfg.parallel), data_parallel_size(cfg)
     return {key: n if key in sharded else 1 for key in STATE}
@@ -72,13 +76,13 @@ class Dtypes:
     autocast: bool  # single/ddp mixed precision: torch autocast over fp32 weights
 
 
-def frozen_16bit(cfg: Any) -> bool:
+def frozen_16bit(cfg: RunConfig) -> bool:
     """A frozen base under adapters is stored in the compute dtype (model.weight_dtype): no fp32 weights for
     autocast to cast, and a 16-bit residual stream."""
     return cfg.adapter.method != "none" and precision(cfg).compute_bytes == 2
 
 
-def dtypes(cfg: Any) -> Dtypes:
+def dtypes(cfg: RunConfig) -> Dtypes:
     autocast = precision(cfg).autocast and strategy(cfg).whole_model and not frozen_16bit(cfg)
     compute = precision(cfg).compute_bytes
     return Dtypes(compute, 4 if autocast else compute, autocast)
@@ -116,7 +120,7 @@ def block_activations(config: Any, moe: bool, d: Dtypes) -> tuple[float, float]:
     return norms + _norm(h, d, 2), split + 4 * config.intermediate_size * c
 
 
-def activation_bytes_per_token(cfg: Any, shape: Shape, lora_per_block: list[float]) -> float:
+def activation_bytes_per_token(cfg: RunConfig, shape: Shape, lora_per_block: list[float]) -> float:
     d = dtypes(cfg)
     if d not in shape.cache:
         shape.cache[d] = [block_activations(shape.model.config, moe, d) for moe in shape.moe_blocks]
@@ -124,14 +128,14 @@ def activation_bytes_per_token(cfg: Any, shape: Shape, lora_per_block: list[floa
     blocks = [rep + split / tp + lora for (rep, split), lora in zip(shape.cache[d], lora_per_block)]
     h = shape.model.config.hidden_size
     final = _norm(h, d)
-    if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
+    if cfg.parallel.activation_checkpointing and cfg.parallel.offload_activations:
         return max(blocks) + final  # block inputs wait in host memory (activation_offload.py)
     if cfg.parallel.activation_checkpointing:  # block inputs, plus one block recomputed during backward
         return len(blocks) * h * d.wide + max(blocks) + final
     return sum(blocks) + final
 
 
-def lora_sizes(cfg: Any, shape: Shape) -> tuple[int, list[float]]:
+def lora_sizes(cfg: RunConfig, shape: Shape) -> tuple[int, list[float]]:
     """LoRA parameters, and per block the bytes per token they save (r-wide intermediates; under autocast the
     adapters re-cast the fp32 inputs their layer reads from a norm)."""
     blocks = [0.0] * len(shape.moe_blocks)
@@ -149,7 +153,7 @@ def lora_sizes(cfg: Any, shape: Shape) -> tuple[int, list[float]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Memory.
 
-def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
+def training_memory(cfg: RunConfig, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
     """Bytes per device at the step's peak, and bytes per node of host RAM (offloaded state)."""
     d, b, div = dtypes(cfg), bytes_per_param(cfg), shard_counts(cfg)
     run_by, tr = strategy(cfg), cfg.train
@@ -182,16 +186,16 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
         config = shape.model.config
         m["rollout_kv_cache"] = tokens * config.num_hidden_layers * kv_bytes_per_token_layer(config, d.compute)
     host: dict[str, float] = {}
-    if cfg.parallel.get("offload_embedding") and shape.head:  # an untied, frozen table (validate() checks frozen)
+    if cfg.parallel.offload_embedding and shape.head:  # an untied, frozen table (validate() checks frozen)
         m["weights"] -= shape.embedding * b["weights"]
-        host["embedding"] = shape.embedding * b["weights"] * cfg.hardware.devices
-    if cfg.parallel.activation_checkpointing and cfg.parallel.get("offload_activations"):
+        host["embedding"] = shape.embedding * b["weights"] * devices_per_node(cfg.hardware)
+    if cfg.parallel.activation_checkpointing and cfg.parallel.offload_activations:
         host["activations"] = tokens * len(shape.moe_blocks) * shape.model.config.hidden_size * d.wide * \
-            cfg.hardware.devices
+            devices_per_node(cfg.hardware)
     if cfg.parallel.offload and run_by.offloads and spec is not None:
         params_too = run_by.gathers(cfg.parallel)
         for key in ("optimizer_states", "gradients") + (("weights", "quant_constants", "lora") if params_too else ()):
-            host[key], m[key] = m[key] * cfg.hardware.devices, 0.0
+            host[key], m[key] = m[key] * devices_per_node(cfg.hardware), 0.0
     # gradients are allocated during backward as saved activations are freed; DeepSpeed's buffers are permanent
     if tr.accumulation == 1 and not run_by.zero:
         m["backward_overlap"] = -min(m["gradients"], m["activations"] + m["logits_loss"])
@@ -203,7 +207,7 @@ def training_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str
     return m, host
 
 
-def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
+def logits_loss_bytes(cfg: RunConfig, shape: Shape, tokens: int, d: Dtypes) -> float:
     """The loss (dsrun/loss.py): one chunk of logits at a time — fp32 logits turned in place into their gradient,
     its compute-dtype copy, the matmul's output — plus the gradient of the hidden states. ZeRO-3 computes whole
     logits through the head (logits, fp32 copy, log-softmax and two fp32 gradients of that size)."""
@@ -216,12 +220,12 @@ def logits_loss_bytes(cfg: Any, shape: Shape, tokens: int, d: Dtypes) -> float:
     return chunk * vocab * (4 + 2 * d.compute) + tokens * h * (d.wide + 4)
 
 
-def gathers(cfg: Any) -> bool:
+def gathers(cfg: RunConfig) -> bool:
     """Whether the strategy shards weights and gathers them block by block (FSDP, its TP mesh, ZeRO-3)."""
     return strategy(cfg).gathers(cfg.parallel)
 
 
-def gather_bytes(cfg: Any, params: int, matmul: int) -> float:
+def gather_bytes(cfg: RunConfig, params: int, matmul: int) -> float:
     """Bytes of `params` weights (`matmul` of them quantizable) once gathered: the compute dtype, or quantized."""
     width = precision(cfg).compute_bytes
     tp = cfg.parallel.tensor_parallel_size if strategy(cfg).tensor_parallel else 1
@@ -229,7 +233,7 @@ def gather_bytes(cfg: Any, params: int, matmul: int) -> float:
     return (matmul * per_weight + (params - matmul) * width) / tp
 
 
-def gathered_bytes(cfg: Any, shape: Shape, lora_params: int) -> float:
+def gathered_bytes(cfg: RunConfig, shape: Shape, lora_params: int) -> float:
     """FSDP / ZeRO-3 working set: the root's embedding and head (kept gathered), two blocks (the one computing
     and the one prefetched) in the compute dtype, and one block's unsharded gradients before the reduce-scatter."""
     width = precision(cfg).compute_bytes
@@ -238,7 +242,7 @@ def gathered_bytes(cfg: Any, shape: Shape, lora_params: int) -> float:
         trainable * (width + 4)
 
 
-def inference_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
+def inference_memory(cfg: RunConfig, shape: Shape, spec: dict | None) -> tuple[dict[str, float], dict[str, float]]:
     config, pl = shape.model.config, cfg.plan
     c, n = precision(cfg).compute_bytes, world_size(cfg)
     if cfg.quant.method != "none":
@@ -262,7 +266,7 @@ def inference_memory(cfg: Any, shape: Shape, spec: dict | None) -> tuple[dict[st
         room = spec["vram_gib"] * GIB - sum(m.values()) + m["weights"] - ALLOCATOR_FRACTION * sum(
             m.get(k, 0) for k in TRANSIENT)
         on_gpu = min(m["weights"], max(0.0, room))
-        host["weights"], m["weights"] = (m["weights"] - on_gpu) * cfg.hardware.devices, on_gpu
+        host["weights"], m["weights"] = (m["weights"] - on_gpu) * devices_per_node(cfg.hardware), on_gpu
     m["allocator"] = ALLOCATOR_FRACTION * sum(m.get(k, 0) for k in TRANSIENT)
     return m, host
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import OmegaConf
@@ -42,7 +42,7 @@ def option_file(group: str, option: str) -> dict[str, Any]:
     return {**asdict(schema), **(yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text()) or {})}
 
 
-def apply_overrides(cfg: Any, overrides: list[str]) -> Box:
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """A copy of cfg with Hydra-style overrides applied: `group=option` (its conf/ file) or `a.b=value`."""
     new = boxed(cfg)
     for item in overrides:
@@ -55,7 +55,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Box:
         for part in path:
             node = node[part]
         node[last] = yaml.safe_load(value)
-    return new
+    return cast(RunConfig, new)  # the Box reads like the schema it copies (attribute access, the same keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------

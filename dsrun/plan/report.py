@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 from rich.table import Table
 
 from dsrun.plan import Plan
 from dsrun.plan.search import with_suggestions
+
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
 LABELS = {
     "weights": "weights",
@@ -34,7 +37,7 @@ LABELS = {
 }
 
 
-def plan_task(cfg: Any) -> Plan:
+def plan_task(cfg: RunConfig) -> Plan:
     """Print the plan and keep it as plan.json in the run folder (a sweep's trials each leave one)."""
     from hydra.core.hydra_config import HydraConfig
 

@@ -9,30 +9,33 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dsrun.batch import data_parallel_size, global_batch, world_size
-from dsrun.config import PENDING, selected, validate
+from dsrun.config import PENDING, RunConfig, selected, validate
 from dsrun.constants import CONF_DIR
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import Plan, Suggestion, plan
 from dsrun.plan.assumptions import GIB
-from dsrun.plan.overrides import Box, apply_overrides, boxed
+from dsrun.plan.overrides import apply_overrides, boxed
 from dsrun.plan.shape import model_shape
 from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
+
 CARD_COUNTS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CARDS_PER_NODE = {"consumer": 4, "datacenter": 8}  # 4-card consumer boxes; HGX boards of 8
 SHOWN_HARDWARE = 4  # hardware suggestions kept, cheapest per token first
 
 
-def with_suggestions(cfg: Any) -> Plan:
+def with_suggestions(cfg: RunConfig) -> Plan:
     """The plan, and when it does not fit, the changes that make it fit, each planned again."""
     result = plan(cfg)
     if not result.fits:
@@ -40,7 +43,7 @@ def with_suggestions(cfg: Any) -> Plan:
     return result
 
 
-def suggestions(cfg: Box) -> list[Suggestion]:
+def suggestions(cfg: RunConfig) -> list[Suggestion]:
     """Ranked: fits before does-not-fit, no purchase before a purchase, then cost (or time) per 1M tokens."""
     found = [s for change, overrides in _software_changes(cfg) if (s := _fit(cfg, change, overrides))]
     # a change that still does not fit is worth showing only for offload: what host RAM and card it would need
@@ -57,7 +60,7 @@ def _rank(s: Suggestion) -> float:
     return s.usd_per_million_tokens if s.usd_per_million_tokens is not None else 1e6 / s.tokens_per_s
 
 
-def _software_changes(cfg: Box) -> list[tuple[str, list[str]]]:
+def _software_changes(cfg: RunConfig) -> list[tuple[str, list[str]]]:
     """(what, overrides) of each change that keeps the hardware; the cheap knobs are added by _fit."""
     cuda, par = cfg.hardware.accelerator == "cuda", cfg.parallel
     inference = cfg.plan.mode == "inference"
@@ -87,7 +90,7 @@ def _software_changes(cfg: Box) -> list[tuple[str, list[str]]]:
     return changes
 
 
-def _knobs(cfg: Box) -> list[list[str]]:
+def _knobs(cfg: RunConfig) -> list[list[str]]:
     """The cheap knobs, cheapest first: smaller micro-batches at the same global batch (no extra compute), then
     activation checkpointing (a third more compute); for inference, smaller batches."""
     if cfg.plan.mode == "inference":
@@ -104,7 +107,7 @@ def _knobs(cfg: Box) -> list[list[str]]:
     return [[], *smaller, *[["parallel.activation_checkpointing=true", *k] for k in [[], *smaller]]]
 
 
-def _fit(cfg: Box, change: str, overrides: list[str], hardware_usd: float = 0.0) -> Suggestion | None:
+def _fit(cfg: RunConfig, change: str, overrides: list[str], hardware_usd: float = 0.0) -> Suggestion | None:
     """The change with the first knobs that make it fit; else its last try (to show what it would need), or None
     when no try is valid or there is nothing to show."""
     changed = apply_overrides(cfg, overrides)
@@ -135,7 +138,7 @@ def _merged(overrides: list[str], knobs: list[str]) -> list[str]:
     return list(merged.values())
 
 
-def _suggestion(change: str, overrides: list[str], p: Plan, cfg: Box, hardware_usd: float) -> Suggestion:
+def _suggestion(change: str, overrides: list[str], p: Plan, cfg: RunConfig, hardware_usd: float) -> Suggestion:
     described = [change] if change != "keep the recipe" or not overrides else []
     for item in overrides:
         if item.startswith("train.micro_batch="):
@@ -152,7 +155,7 @@ def _suggestion(change: str, overrides: list[str], p: Plan, cfg: Box, hardware_u
                       pending=pending[0] if pending and cfg.task.name not in RUNNABLE_TASKS else None)
 
 
-def _fewest_cards(cfg: Box, gpu: str) -> Suggestion | None:
+def _fewest_cards(cfg: RunConfig, gpu: str) -> Suggestion | None:
     """The fewest cards of `gpu` (in CARD_COUNTS) that hold the recipe, sharded when there are several."""
     spec, here = gpu_catalog()[gpu], cfg.hardware
     for n in CARD_COUNTS:
@@ -171,7 +174,7 @@ def _fewest_cards(cfg: Box, gpu: str) -> Suggestion | None:
     return None
 
 
-def _floor_gib(cfg: Box) -> float:
+def _floor_gib(cfg: RunConfig) -> float:
     """A lower bound of what any card count must hold in total (weights alone, as quantized), to skip hopeless
     counts quickly."""
     shape = model_shape(cfg.model)
@@ -180,7 +183,7 @@ def _floor_gib(cfg: Box) -> float:
     return shape.total * bytes_per_weight / GIB
 
 
-def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[str]:
+def _hardware_overrides(cfg: RunConfig, gpu: str, devices: int, nodes: int) -> list[str]:
     """A hardware option of conf/ when one matches, else the fields that differ from the current one."""
     spec, here = gpu_catalog()[gpu], cfg.hardware
     named = [o for o, h in _hardware_options().items()
@@ -192,7 +195,7 @@ def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[st
         link = ("nvlink" if datacenter and spec["nvlink_gbs"] else "pcie") if devices > 1 else "none"
         wanted = {"accelerator": "cuda", "gpu": gpu, "devices": devices, "num_nodes": nodes, "interconnect": link,
                   "network": ("infiniband" if datacenter else "ethernet") if nodes > 1 else "none"}
-        hardware = [f"hardware.{k}={v}" for k, v in wanted.items() if here[k] != v]
+        hardware = [f"hardware.{k}={v}" for k, v in wanted.items() if getattr(here, k) != v]
     if gpu != here.gpu and cfg.plan.gpu_price_usd:
         hardware.append("plan.gpu_price_usd=null")
     extra = []
@@ -208,7 +211,7 @@ def _hardware_overrides(cfg: Box, gpu: str, devices: int, nodes: int) -> list[st
     return hardware + extra
 
 
-def _same_global_batch(cfg: Box, ranks: int) -> list[str]:
+def _same_global_batch(cfg: RunConfig, ranks: int) -> list[str]:
     """Micro-batch and accumulation that keep the global batch over `ranks` data-parallel ranks (the largest
     micro-batch up to today's), or nothing when it does not divide."""
     target, micro = global_batch(cfg), cfg.train.micro_batch

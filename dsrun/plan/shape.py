@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.errors import UserError
 from dsrun.plan.assumptions import TP_PROJECTIONS
 from dsrun.plan.overrides import boxed
+
+if TYPE_CHECKING:
+    from dsrun.families import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,9 @@ class Shape:
     cache: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def model_shape(model_cfg: Any) -> Shape:
-    model_cfg, keys = boxed(model_cfg), ("arch", "init", "path", "hub_id", "trust_remote_code", "fields")
-    return _shape(json.dumps({k: model_cfg[k] for k in keys}, sort_keys=True))
+def model_shape(model_cfg: ModelConfig) -> Shape:
+    box, keys = boxed(model_cfg), ("arch", "init", "path", "hub_id", "trust_remote_code", "fields")
+    return _shape(json.dumps({k: box[k] for k in keys}, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,12 +6,12 @@ amortisation plus electricity per 1M tokens. The assumptions are constants in ds
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.allreduce import all_reduce_seconds
 from dsrun.batch import (data_parallel_size, global_batch, group_rollouts, preference_pairs, sequences_per_row,
                          world_size)
-from dsrun.hardware import cpu_cores, measured_links, pcie_gbs
+from dsrun.hardware import cpu_cores, devices_per_node, measured_links, pcie_gbs
 from dsrun.plan.assumptions import (COLLECTIVE_LATENCY_S, CPU_FLOPS_PER_CORE, CPU_MEMORY_GBS, CPU_MFU,
                                     DECODE_BANDWIDTH_EFFICIENCY, FP8_EFFICIENCY, HOST_AUTOCAST_FACTOR,
                                     HOST_BLOCK_FORWARD_S, HOST_COMPILED_FACTOR, HOST_LORA_BLOCK_S, HOST_MOE_FACTOR,
@@ -23,21 +23,24 @@ from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 
+if TYPE_CHECKING:
+    from dsrun.config import RunConfig
 
-def measured_bandwidth(cfg: Any) -> dict[str, dict[str, Any]]:
+
+def measured_bandwidth(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """The links `dsrun doctor` measured on this machine that this plan crosses, by scope: 'local' when it spans
     several devices of a node, 'network' when it spans nodes (unless plan.network_gbps is set by hand)."""
     hw = cfg.hardware
     return {scope: entry for scope, entry in measured_links(hw).items()
-            if (scope == "local" and hw.devices > 1) or (scope == "network" and hw.num_nodes > 1
+            if (scope == "local" and devices_per_node(hw) > 1) or (scope == "network" and hw.num_nodes > 1
                                                           and not cfg.plan.network_gbps)}
 
 
-def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) -> tuple[float, float]:
+def _rate(cfg: RunConfig, spec: dict | None, shape: Shape, mode: str | None = None) -> tuple[float, float]:
     """(FLOP/s per device the model's matmuls reach, assumed MFU)."""
     if spec is None:
         mfu = cfg.plan.mfu or CPU_MFU
-        return cpu_cores() / cfg.hardware.devices * CPU_FLOPS_PER_CORE * mfu, mfu
+        return cpu_cores() / devices_per_node(cfg.hardware) * CPU_FLOPS_PER_CORE * mfu, mfu
     mode = mode or cfg.precision.mode
     mfu = cfg.plan.mfu or MFU[spec["class"]]
     peak = spec[PRECISIONS[mode].peak]
@@ -47,12 +50,12 @@ def _rate(cfg: Any, spec: dict | None, shape: Shape, mode: str | None = None) ->
     return peak * 1e12 * mfu * efficiency, mfu
 
 
-def _bandwidth(cfg: Any, spec: dict | None) -> float:
+def _bandwidth(cfg: RunConfig, spec: dict | None) -> float:
     """Bytes/s a ring collective reaches per GPU (its bus bandwidth): the slowest link it crosses. A link
     `dsrun doctor` measured on this machine replaces the catalog's figure; plan.network_gbps set by hand wins."""
     hw, measured = cfg.hardware, measured_bandwidth(cfg)
     links = []
-    if hw.devices > 1:
+    if devices_per_node(hw) > 1:
         links.append(measured["local"]["bus_bandwidth_gbs"] * 1e9 if "local" in measured else _node_link(hw, spec))
     if "network" in measured:
         links.append(measured["network"]["bus_bandwidth_gbs"] * 1e9)
@@ -73,11 +76,11 @@ def _node_link(hw: Any, spec: dict | None) -> float:
     return gbs * 1e9 * LINK_EFFICIENCY
 
 
-def _latency(cfg: Any) -> float:
+def _latency(cfg: RunConfig) -> float:
     hw = cfg.hardware
     if hw.num_nodes > 1:
         return COLLECTIVE_LATENCY_S["network"]
-    return COLLECTIVE_LATENCY_S["nvlink" if hw.interconnect == "nvlink" else "pcie"] if hw.devices > 1 else 0.0
+    return COLLECTIVE_LATENCY_S["nvlink" if hw.interconnect == "nvlink" else "pcie"] if devices_per_node(hw) > 1 else 0.0
 
 
 def flops_per_token(shape: Shape, seq_len: int) -> float:
@@ -89,13 +92,14 @@ def flops_per_token(shape: Shape, seq_len: int) -> float:
     return shape.cache["flops", seq_len]
 
 
-def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
+def training_speed(cfg: RunConfig, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
     tr, run_by, d = cfg.train, STRATEGIES[cfg.parallel.strategy], dtypes(cfg)
     lora = cfg.adapter.method == "lora"
     # forward 2, input gradients 2, weight gradients 2 (none for frozen weights), recomputed forward 2
     # task=dpo/grpo under LoRA: the reference's forward (adapters off) beside each step, 2 more
     reference = 2 if lora and (preference_pairs(cfg) or group_rollouts(cfg)) else 0
     passes = 4 + (0 if lora else 2) + (2 if cfg.parallel.activation_checkpointing else 0) + reference
+    assert tr.seq_len is not None  # resolve() fills it
     flops = flops_per_token(shape, tr.seq_len) * passes / 6
     tokens = global_batch(cfg) * tr.seq_len * sequences_per_row(cfg)
     world, n = world_size(cfg), data_parallel_size(cfg)
@@ -129,7 +133,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     # not counted
     host = {k: v for k, v in host.items() if k not in ("activations", "embedding")}
     if host and spec:  # offloaded weights come in per micro-batch, gradients go out once, the host runs the optimizer
-        per_process = {k: v / cfg.hardware.devices for k, v in host.items()}
+        per_process = {k: v / devices_per_node(cfg.hardware) for k, v in host.items()}
         link = pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY
         blocking += (2 * tr.accumulation * per_process.get("weights", 0) + per_process.get("gradients", 0)) / link
         b = bytes_per_param(cfg)
@@ -140,7 +144,7 @@ def training_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dic
     return {"flops_per_token": flops, "step_time_s": step, "tokens_per_s": tokens / step, "mfu": mfu}
 
 
-def host_time(cfg: Any, shape: Shape, spec: dict | None) -> float:
+def host_time(cfg: RunConfig, shape: Shape, spec: dict | None) -> float:
     """Seconds the host spends issuing one optimizer step's forward passes (backward runs in autograd's C++ engine):
     the GPU cannot go faster than it is fed, which decides small micro-batches."""
     if spec is None:
@@ -152,7 +156,7 @@ def host_time(cfg: Any, shape: Shape, spec: dict | None) -> float:
     return sum(per_block) * passes * cfg.train.accumulation * (HOST_COMPILED_FACTOR if cfg.train.compile else 1)
 
 
-def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> float:
+def optimizer_time(cfg: RunConfig, shape: Shape, spec: dict | None, host: dict) -> float:
     """The optimizer step, gradient norm and clipping stream every local trainable parameter through HBM: Adam reads
     and writes weights and states; the gradients are read by the norm and by fused AdamW, which also clips, or
     (fp16's scaler, DeepSpeed, SGD) read three times and written once (host-side optimizers are counted with the
@@ -167,9 +171,9 @@ def optimizer_time(cfg: Any, shape: Shape, spec: dict | None, host: dict) -> flo
     return trainable / div["optimizer"] * per_param / (spec["mem_bandwidth_gbs"] * 1e9 * STEP_BANDWIDTH_EFFICIENCY)
 
 
-def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
+def inference_speed(cfg: RunConfig, shape: Shape, spec: dict | None, m: dict, host: dict) -> dict[str, float]:
     config, pl, n = shape.model.config, cfg.plan, world_size(cfg)
-    per_weight = (m["weights"] + host.get("weights", 0) / cfg.hardware.devices) * n / shape.total
+    per_weight = (m["weights"] + host.get("weights", 0) / devices_per_node(cfg.hardware)) * n / shape.total
     touched = 1.0  # share of the routed experts a decode step reads: any chosen by one of the batch's tokens
     if shape.routed:
         touched = 1 - (1 - config.num_experts_per_tok / config.n_routed_experts) ** pl.batch
@@ -177,7 +181,7 @@ def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: di
     bandwidth = (spec["mem_bandwidth_gbs"] if spec else CPU_MEMORY_GBS) * 1e9 * DECODE_BANDWIDTH_EFFICIENCY
     rate, mfu = _rate(cfg, spec, shape)
     forward = flops_per_token(shape, pl.context) / 3  # 2 x active params + attention over the context
-    streamed = host.get("weights", 0) / cfg.hardware.devices / (pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY) if host and spec else 0
+    streamed = host.get("weights", 0) / devices_per_node(cfg.hardware) / (pcie_gbs(spec) * 1e9 * LINK_EFFICIENCY) if host and spec else 0
     step = max(read / (n * bandwidth), pl.batch * forward / (n * rate)) + streamed + \
         2 * config.num_hidden_layers * _latency(cfg)
     first = pl.batch * pl.context * forward / (n * rate) + streamed
@@ -185,7 +189,7 @@ def inference_speed(cfg: Any, shape: Shape, spec: dict | None, m: dict, host: di
             "time_to_first_token_s": first, "mfu": mfu}
 
 
-def cost(cfg: Any, spec: dict | None, tokens_per_s: float) -> tuple[float, float | None, dict[str, float], float]:
+def cost(cfg: RunConfig, spec: dict | None, tokens_per_s: float) -> tuple[float, float | None, dict[str, float], float]:
     """(hours, USD per 1M tokens, USD per hour by item, hardware USD)."""
     hours = 1e6 / tokens_per_s / 3600
     if spec is None:
