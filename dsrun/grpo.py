@@ -57,7 +57,7 @@ def reward_function(name: str, key: str = "grpo.rewards") -> Callable[..., float
 
 def check_group_size(generations: int | None, key: str = "grpo.generations") -> None:
     if generations is None or generations < 2:
-        raise ConfigError([f"{key}={generations}: GRPO compares completions within a group; it needs at least 2 "
+        raise ConfigError([f"{key}={'null' if generations is None else generations}: GRPO compares completions within a group; it needs at least 2 "
                            "per prompt (8 is common)"])
 
 

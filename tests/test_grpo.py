@@ -190,6 +190,7 @@ def test_a_run_without_any_reward_says_why(tmp_path):
 
 @pytest.mark.parametrize("override,fragment", [
     ("task.generations=1", "task.generations=1: GRPO compares completions within a group"),
+    ("task.generations=null", "task.generations=null: GRPO compares completions within a group"),  # was a TypeError
     ("task.rewards=[nowhere.reward]", "task.rewards: nowhere.reward does not import"),
     ("task.max_completion_tokens=48", "must be below train.seq_len=48"),
     ("task.temperature=0", "must be > 0 (a group's completions must differ)"),

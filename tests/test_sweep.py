@@ -320,6 +320,10 @@ def test_smoke_checks():
         cfg = composed("task=smoke", *overrides)
         prepare_smoke(cfg)
         assert cfg.train.max_steps == steps and steps // cfg.train.log_every >= 6
+    from dsrun.errors import UserError
+
+    with pytest.raises(UserError, match="set task.steps=100"):  # a run by epochs leaves no length: was a TypeError
+        prepare_smoke(composed("task=smoke", "task.steps=null", "train.epochs=1"))
 
 
 BAD = {
