@@ -276,7 +276,7 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         stopped(Interrupted(signum), last_checkpoint_note)  # raised inside a library that wrapped it
     finally:
-        discard_scratch_folder(cfg)  # done, refused or stopped: a task that keeps nothing leaves no folder
+        discard_scratch_folder(cfg.task.name)  # done, refused or stopped: a task that keeps nothing leaves no folder
 
 
 def stopped(exc: Interrupted, last_checkpoint_note: Callable[[Path], str]) -> None:

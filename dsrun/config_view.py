@@ -5,16 +5,19 @@ folder keeps it (config.yaml)."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.constants import VERB_OVERRIDES
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 GROUPS = ("recipe", "hardware", "parallel", "precision", "quant", "adapter", "model", "data", "optim", "task",
           "monitor")
 RESOLVED = {"hardware": "hardware.name", "parallel": "parallel.name", "precision": "precision.mode"}  # `auto` ->
 
 
-def folded_config(cfg: Any) -> str:
+def folded_config(cfg: DictConfig) -> str:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 

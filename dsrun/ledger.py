@@ -19,11 +19,13 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 from dsrun.errors import Interrupted, TrainingDiverged, UserError
 from dsrun.quiet import console
 from dsrun.runs import git_commit, rank_zero, write_json
+
+Config = TypeVar("Config")  # the run's config, whatever shape the caller holds: passed through to fit()
 
 # How long a run waits for another process's hold on the ledger before it warns and goes on (a write), and how long
 # `dsrun runs` waits before it says who to blame (a read). SQLite waits inside C, where signals are not handled:
@@ -117,7 +119,8 @@ def status_of_summary(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: object) -> str:
+    """Of any shape a run's config comes in: a DictConfig (typed or not), or plain data."""
     from omegaconf import OmegaConf
 
     text = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else json.dumps(cfg, sort_keys=True)
@@ -151,7 +154,7 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def record_run(run_dir: Path, summary: dict[str, Any], cfg: Any, *, good: bool = False,
+def record_run(run_dir: Path, summary: dict[str, Any], cfg: object, *, good: bool = False,
                parent: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Append one run to the ledger and write it to `<run_dir>/record.json`. Returns the record (with its id)."""
     hydra_overrides, hydra_parent = _hydra_context()
@@ -196,13 +199,13 @@ def _write(sql: str, params: list[Any]) -> int | None:
         return None
 
 
-def _select(cfg: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
+def _select(cfg: object, key: str) -> Any:
+    from omegaconf import DictConfig, OmegaConf
 
-    return OmegaConf.select(cfg, key) if OmegaConf.is_config(cfg) else None
+    return OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else None
 
 
-def recorded(cfg: Any, run_dir: Path, fit: Callable[[Any, Path], dict[str, Any]],
+def recorded(cfg: Config, run_dir: Path, fit: Callable[[Config, Path], dict[str, Any]],
              check: Callable[[Path, dict[str, Any]], list[str]] | None = None) -> dict[str, Any]:
     """Run `fit(cfg, run_dir)` and record how it ended, failures included (then re-raised). With `check`, the run
     is marked good when the check finds no problem, and a problem is a one-line user error."""

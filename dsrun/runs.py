@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import dsrun
 
@@ -77,7 +77,7 @@ def environment() -> dict[str, Any]:
     }
 
 
-def snapshot(cfg: Any, folder: Path) -> None:
+def snapshot(cfg: DictConfig, folder: Path) -> None:
     """Resolved config and environment, written once by rank 0 before the run's first start. A continuation keeps
     them: what it changed is in resumes.jsonl (dsrun/run_folder.py)."""
     folder.mkdir(parents=True, exist_ok=True)

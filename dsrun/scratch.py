@@ -19,11 +19,11 @@ from dsrun.task_table import SCRATCH_TASKS
 SCRATCH_RUN_DIR = "DSRUN_SCRATCH_RUN_DIR"
 
 
-def discard_scratch_folder(cfg: Any) -> None:
+def discard_scratch_folder(task: str) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if cfg.task.name not in SCRATCH_TASKS or not HydraConfig.initialized():
+    if task not in SCRATCH_TASKS or not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
     named = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra) and \

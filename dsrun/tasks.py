@@ -53,7 +53,7 @@ def train(cfg: RunConfig, check: Any = None) -> None:
         if verbose():
             console(stderr=True).print(config_tree(container(cfg)))
         else:
-            print(folded_config(cfg), file=sys.stderr)
+            print(folded_config(container(cfg)), file=sys.stderr)
     folder = run_dir()
     try:
         recorded(cfg, folder, uncapped_on_failure(fit), check)  # one ledger record per run, failures included

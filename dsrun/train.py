@@ -13,9 +13,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from omegaconf import OmegaConf
 
 from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch, sequences_per_row
 from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
@@ -42,6 +43,8 @@ from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
 from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed,
                             micro_step, model_init, optimizer_step, zero3_partitioned)
 from dsrun.strategy import setup as setup_strategy
+
+from dsrun.config import container
 
 if TYPE_CHECKING:
     from dsrun.config import RunConfig
@@ -133,11 +136,12 @@ def setup(cfg: RunConfig, run_dir: Path) -> Run:
     fabric.launch()
     rank_zero = fabric.global_rank == 0
     if rank_zero:
-        snapshot(cfg, run_dir)
+        snapshot(container(cfg), run_dir)
         if is_deepspeed(fabric):
             write_json(run_dir / "deepspeed.json", fabric.strategy.config)
     memory_cap = emulate_memory(cfg.hardware, fabric.device)
-    monitors = build_monitors(cfg, run_dir, rank_zero)  # a taken port fails before the model costs anything
+    plain = cast(dict[str, Any], OmegaConf.to_container(container(cfg), resolve=True))
+    monitors = build_monitors(cfg.monitor, plain, run_dir, rank_zero)  # a taken port fails before the model costs anything
     tr = cfg.train
     fabric.seed_everything(tr.seed + fabric.global_rank, verbose=False)
 

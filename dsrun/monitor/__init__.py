@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-from omegaconf import OmegaConf
+from typing import Any, Callable
 
 from dsrun.monitor.base import Monitor, Monitors
 from dsrun.monitor.console import ConsoleMonitor
 from dsrun.monitor.health import HealthChecked
 from dsrun.monitor.jsonl import JsonlMonitor
+from dsrun.monitor.wandb import WandbMonitor, WandbSettings
 
 
 @dataclass
@@ -19,7 +18,7 @@ class ConsoleSettings:
     enabled: bool = True  # the progress bar and summary stay beside any other monitor; monitor=none turns them off
 
 
-def _console(cfg: Any, run_dir: Path) -> Monitor:
+def _console(settings: ConsoleSettings, run_dir: Path, config: dict[str, Any]) -> Monitor:
     return ConsoleMonitor()
 
 
@@ -31,11 +30,10 @@ class PrometheusSettings:
     linger_s: float = 0.0  # keep /metrics up this long after training, so a short job's last values get scraped
 
 
-def _prometheus(cfg: Any, run_dir: Path) -> Monitor:
+def _prometheus(settings: PrometheusSettings, run_dir: Path, config: dict[str, Any]) -> Monitor:
     from dsrun.monitor.prometheus import PrometheusMonitor
 
-    prom = cfg.monitor.prometheus
-    return PrometheusMonitor(run_dir.name, prom.host, prom.port, prom.linger_s)
+    return PrometheusMonitor(run_dir.name, settings.host, settings.port, settings.linger_s)
 
 
 @dataclass
@@ -43,30 +41,20 @@ class TensorboardSettings:
     enabled: bool = False
 
 
-def _tensorboard(cfg: Any, run_dir: Path) -> Monitor:
+def _tensorboard(settings: TensorboardSettings, run_dir: Path, config: dict[str, Any]) -> Monitor:
     from dsrun.monitor.tensorboard import TensorboardMonitor
 
     return TensorboardMonitor(run_dir / "tensorboard")
 
 
-@dataclass
-class WandbSettings:
-    enabled: bool = False
-    mode: str = "offline"  # offline | online | disabled
-    project: str = "dsrun"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-
-
-def _wandb(cfg: Any, run_dir: Path) -> Monitor:
-    from dsrun.monitor.wandb import WandbMonitor
-
-    return WandbMonitor(cfg.monitor.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True))
+def _wandb(settings: WandbSettings, run_dir: Path, config: dict[str, Any]) -> Monitor:
+    return WandbMonitor(settings, run_dir, config)  # `import wandb` (seconds) happens inside, when chosen
 
 
 @dataclass(frozen=True)
 class MonitorEntry:
-    build: Callable[[Any, Path], Monitor]
+    # (its settings block, the run folder, the resolved run config as plain data) -> the monitor
+    build: Callable[[Any, Path, dict[str, Any]], Monitor]
     settings: type  # its monitor.<name> block in the schema (config.MonitorConfig is made from these)
 
 
@@ -78,15 +66,18 @@ MONITORS: dict[str, MonitorEntry] = {"console": MonitorEntry(_console, ConsoleSe
                                      "wandb": MonitorEntry(_wandb, WandbSettings)}
 
 
-def build_monitors(cfg: Any, run_dir: Path, is_rank_zero: bool) -> Monitors:
-    """The configured monitors; ranks other than 0 get none (rank 0 owns all output).
+def build_monitors(settings: Any, config: dict[str, Any], run_dir: Path, is_rank_zero: bool) -> Monitors:
+    """The monitors `settings` (the run's `monitor` block: a class made from MONITORS at import, so no static type)
+    turns on; ranks other than 0 get none (rank 0 owns all output). `config`: the resolved run config as plain
+    data, for backends that record it.
 
     Every one that can fail (a taken port, a missing package, a refused login) fails here, before training.
     Backends are imported only when chosen: `import wandb` alone costs seconds."""
     if not is_rank_zero:
         return Monitors([])
     monitors: list[Monitor] = [JsonlMonitor(run_dir / "metrics.jsonl")]
-    monitors += [entry.build(cfg, run_dir) for name, entry in MONITORS.items() if cfg.monitor[name].enabled]
+    monitors += [entry.build(getattr(settings, name), run_dir, config) for name, entry in MONITORS.items()
+                 if getattr(settings, name).enabled]
     console = next((m for m in monitors if isinstance(m, ConsoleMonitor)), None)
     return HealthChecked(monitors, console.console if console is not None else None)
 

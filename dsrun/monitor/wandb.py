@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, cast
 
 from dsrun.errors import UserError
 from dsrun.monitor.base import Monitor
+
+
+@dataclass
+class WandbSettings:
+    enabled: bool = False
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dsrun"
+    entity: Optional[str] = None
+    group: Optional[str] = None
 
 
 class WandbMonitor(Monitor):
     """One W&B run per dsrun run, named after the run folder; opened at construction so that a missing package or
     a refused login stops the job before training."""
 
-    def __init__(self, cfg: Any, run_dir: Path, config: Any):  # the resolved run config, as plain containers
+    def __init__(self, cfg: WandbSettings, run_dir: Path, config: dict[str, Any]):  # config: the resolved run config
         try:
             import wandb
         except ImportError as exc:
@@ -28,7 +38,8 @@ class WandbMonitor(Monitor):
         self.mode = cfg.mode
         try:
             group = cfg.group or os.environ.get("DSRUN_SWEEP")  # a sweep's trials are grouped by the sweep
-            self.run = wandb.init(dir=run_dir, mode=cfg.mode, project=cfg.project, entity=cfg.entity, group=group,
+            mode = cast(Literal["online", "offline", "disabled"], cfg.mode)  # one of these: validate() checks it
+            self.run = wandb.init(dir=run_dir, mode=mode, project=cfg.project, entity=cfg.entity, group=group,
                                   name=run_dir.name, job_type="train", config=config,
                                   settings=wandb.Settings(silent=True))  # dsrun prints its own line
         except wandb.errors.Error as exc:
