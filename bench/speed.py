@@ -38,7 +38,8 @@ def compose(args: argparse.Namespace, compiled: bool) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from dsrun.config import register_configs, validate
+    from dsrun.config import validate
+    from dsrun.schema import register_configs
     from dsrun.constants import CONF_DIR
     from dsrun.hardware import gpu_catalog
     from dsrun.resolve import resolve

@@ -6,44 +6,51 @@ global batch = micro_batch x accumulation x data-parallel size; data-parallel si
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsrun.constants import AUTO
+from dsrun.hardware import devices_per_node
+
+if TYPE_CHECKING:
+    from dsrun.schema import RunConfig
 
 
-def world_size(cfg: Any) -> int:
-    return cfg.hardware.devices * cfg.hardware.num_nodes
+def world_size(cfg: RunConfig) -> int:
+    return devices_per_node(cfg.hardware) * cfg.hardware.num_nodes
 
 
-def data_parallel_size(cfg: Any) -> int:
+def data_parallel_size(cfg: RunConfig) -> int:
     # validate() refuses a tensor-parallel size other than 1 under a strategy that does not split the matmuls
     return world_size(cfg) // cfg.parallel.tensor_parallel_size
 
 
-def data_parallel_rank(global_rank: int, cfg: Any) -> int:
+def data_parallel_rank(global_rank: int, cfg: RunConfig) -> int:
     """Ranks of one tensor-parallel group read the same data (Fabric's mesh is (data_parallel, tensor_parallel))."""
     return global_rank // (world_size(cfg) // data_parallel_size(cfg))
 
 
-def preference_pairs(cfg: Any) -> bool:
+def preference_pairs(cfg: RunConfig) -> bool:
     """A task=dpo run, or its plan (task=plan plan.mode=dpo)."""
     return cfg.task.name == "dpo" or (cfg.task.name == "plan" and cfg.plan.mode == "dpo")
 
 
-def group_rollouts(cfg: Any) -> bool:
+def group_rollouts(cfg: RunConfig) -> bool:
     """A task=grpo run, or its plan (task=plan plan.mode=grpo)."""
     return cfg.task.name == "grpo" or (cfg.task.name == "plan" and cfg.plan.mode == "grpo")
 
 
-def sequences_per_row(cfg: Any) -> int:
+def sequences_per_row(cfg: RunConfig) -> int:
     """Sequences the model runs per row of a batch: task=dpo's row is a pair (chosen and rejected); task=grpo's a
     prompt with its group of completions."""
+    if group_rollouts(cfg) and cfg.task.name == "plan":
+        return cfg.plan.generations
     if group_rollouts(cfg):
-        return cfg.task.generations if cfg.task.name == "grpo" else cfg.plan.generations
+        assert cfg.task.generations is not None  # conf/task/grpo.yaml sets it; validate() checks it
+        return cfg.task.generations
     return 2 if preference_pairs(cfg) else 1
 
 
-def global_batch(cfg: Any) -> int:
+def global_batch(cfg: RunConfig) -> int:
     """Sequences per optimizer step: the one place this product is computed."""
     return cfg.train.micro_batch * cfg.train.accumulation * data_parallel_size(cfg)
 
@@ -53,7 +60,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def global_batch_problem(cfg: Any) -> str | None:
+def global_batch_problem(cfg: RunConfig) -> str | None:
     """Why this config cannot hold `train.global_batch` (None when it can, or when it is unset)."""
     tr = cfg.train
     target = tr.global_batch
@@ -66,7 +73,7 @@ def global_batch_problem(cfg: Any) -> str | None:
     return None
 
 
-def auto_problem(cfg: Any) -> str | None:
+def auto_problem(cfg: RunConfig) -> str | None:
     """Why `train.micro_batch=auto` cannot work for this config (None when it can, or when it is not asked for)."""
     tr, hw = cfg.train, cfg.hardware
     if tr.micro_batch != AUTO:
@@ -85,7 +92,7 @@ def auto_problem(cfg: Any) -> str | None:
     return None
 
 
-def derive_accumulation(cfg: Any) -> None:
+def derive_accumulation(cfg: RunConfig) -> None:
     """accumulation = global batch / (micro-batch x data-parallel size); undividable splits are left to validate."""
     tr = cfg.train
     if tr.global_batch is not None and isinstance(tr.micro_batch, int) and global_batch_problem(cfg) is None:

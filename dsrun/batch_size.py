@@ -29,7 +29,7 @@ from dsrun.plan import plan
 from dsrun.plan.overrides import apply_overrides
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 PROBE_STEPS = 2  # the second step is the first with optimizer states allocated: the steady-state peak
 

@@ -30,7 +30,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dsrun.config import RunConfig, ignored_overrides, register_configs, typed, validate
+from dsrun.config import ignored_overrides, validate
+from dsrun.schema import RunConfig, register_configs, typed
 from dsrun.constants import CONF_DIR, VERB_OVERRIDES
 from dsrun.errors import EXIT_USER_ERROR, ConfigError, Interrupted, UserError
 from dsrun.hardware import gpu_catalog

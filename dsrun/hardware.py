@@ -88,7 +88,7 @@ def measured_path() -> Path:
     return Path(os.environ.get("DSRUN_DOCTOR_DIR") or "outputs/doctor") / f"{socket.gethostname()}.json"
 
 
-def measured_links(hardware_cfg: Any) -> dict[str, dict[str, Any]]:
+def measured_links(hardware_cfg: HardwareConfig) -> dict[str, dict[str, Any]]:
     """The all-reduce measurements `dsrun doctor` saved on this machine that fit a hardware option: by scope
     ('local': within a node, 'network': across nodes), only those taken on the device the option plans for
     (its catalog GPU, or CPU processes). The planner's one lookup of measured bandwidth (docs/planner.md)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dsrun.config import RunConfig
+from dsrun.schema import RunConfig
 
 FREE_FORM = ("model.fields", "hardware.env")  # dict nodes whose new keys code reads (HF config fields, env vars)
 

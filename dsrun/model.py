@@ -21,7 +21,9 @@ from dsrun.safe_read import check_safetensors, read_json_object
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from dsrun.adapters import AdapterConfig
     from dsrun.families import ModelConfig
+    from dsrun.precision import PrecisionConfig
     from dsrun.quantize import QuantConfig
 
 
@@ -62,7 +64,7 @@ def architecture(model_cfg: ModelConfig) -> Any:
     return config
 
 
-def _weights_source(model_cfg: Any) -> str:
+def _weights_source(model_cfg: ModelConfig) -> str:
     """A local folder when model.path is set (checked), else the hub id (needs the HF cache or network)."""
     if model_cfg.path:
         folder = Path(model_cfg.path).expanduser()
@@ -75,6 +77,7 @@ def _weights_source(model_cfg: Any) -> str:
         if "model_type" not in read_json_object(folder / "config.json", fix):
             raise UserError(f"{folder / 'config.json'}: no model_type in it; {fix}")
         return str(folder)
+    assert model_cfg.hub_id is not None  # validate() asks a pretrained model for a path or a hub id
     return model_cfg.hub_id
 
 
@@ -111,11 +114,12 @@ def build_model(model_cfg: ModelConfig, config: Any, seed: int, dtype: torch.dty
     return freeze(materialize_quantized(model, quant, compute_dtype, torch.device(device or "cpu")))
 
 
-def build_run_model(cfg: Any, config: Any, device: Any) -> PreTrainedModel:
+def build_run_model(model_cfg: ModelConfig, config: Any, device: Any, *, precision: PrecisionConfig,
+                    adapter: AdapterConfig, quant: QuantConfig, seed: int) -> PreTrainedModel:
     """The base model of a run as training builds it (train.fit; export and inference rebuild a LoRA run's base
     with it): a frozen base under adapters in the compute dtype, quantized if the run quantizes."""
-    mode, frozen = cfg.precision.mode, cfg.adapter.method != "none"
-    return build_model(cfg.model, config, seed=cfg.train.seed, dtype=weight_dtype(mode, frozen), quant_cfg=cfg.quant,
+    mode, frozen = precision.mode, adapter.method != "none"
+    return build_model(model_cfg, config, seed=seed, dtype=weight_dtype(mode, frozen), quant_cfg=quant,
                        compute_dtype=weight_dtype(mode, frozen=True), device=device)
 
 
@@ -126,7 +130,7 @@ def base_architecture(folder: Path) -> Any:
     return architecture(run_snapshot(folder).model)
 
 
-def merged(folder: Path, dtype: Any, quant_cfg: Any) -> PreTrainedModel:
+def merged(folder: Path, dtype: Any, quant_cfg: QuantConfig | None) -> PreTrainedModel:
     """Base + adapter, merged, in `dtype`: a plain transformers model that trains or generates like any other."""
     if quant_cfg is not None and quant_cfg.method != "none":
         raise UserError(f"model.path={folder} with quant={quant_cfg.name}: a LoRA run's folder loads merged in 16 "
@@ -192,7 +196,8 @@ def merged_model(run_dir: Path, dtype: torch.dtype = torch.bfloat16, snap: Any =
                         "from the same random numbers only on a GPU: run this on a GPU machine")
     snap.model.experts_implementation = "eager" if device.type == "cpu" else snap.model.experts_implementation
     with torch.device(device):  # where training created the base: random init draws from that device's generator
-        base = build_run_model(snap, architecture(snap.model), device)
+        base = build_run_model(snap.model, architecture(snap.model), device, precision=snap.precision,
+                               adapter=snap.adapter, quant=snap.quant, seed=snap.train.seed)
     merged = PeftModel.from_pretrained(dequantize(base, dtype).to(dtype), weights).merge_and_unload()
     return merged.to(dtype), snap
 

@@ -11,7 +11,7 @@ from dsrun.sources import check_data_file  # reads the first bytes too: compress
 from dsrun.task_table import RUNNABLE_TASKS
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 TOKENIZER_CHOICES = ("auto", "deepseek", "model")  # model.tokenizer values that are not a folder
 

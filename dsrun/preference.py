@@ -17,7 +17,7 @@ weights, so a resumed run computes the same ones). Log-probabilities go through 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from dsrun.errors import DataError
 from dsrun.evaluate import Evaluator
 from dsrun.model_inputs import model_inputs
 from dsrun.packing import IGNORE_INDEX, Blocks
+
+if TYPE_CHECKING:
+    from dsrun.sources import DataConfig
 
 def as_pair(record: Any, where: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The chosen and the rejected chat of one preference record."""
@@ -140,7 +143,7 @@ def reference_logps(model: Any, blocks: Blocks, micro_batch: int, device: torch.
     return torch.cat(out)
 
 
-def preference_data(data_cfg: Any, tokenizer: Any, seq_len: int,
+def preference_data(data_cfg: DataConfig, tokenizer: Any, seq_len: int,
                     vocab_size: int) -> tuple[Blocks, Blocks | None, str]:
     """The pairs of `data` (a JSONL of preference records, or the built-in reasoning chats as pairs), the held-out
     pairs (data.eval_split, after dropping exact duplicates, or data.eval_path) and the console's data line."""

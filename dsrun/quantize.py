@@ -25,11 +25,11 @@ class QuantConfig:
     double_quant: bool = True
 
 
-def _no_constants(quant: Any) -> float:
+def _no_constants(quant: QuantConfig) -> float:
     return 0.0
 
 
-def _nf4_constants(quant: Any) -> float:
+def _nf4_constants(quant: QuantConfig) -> float:
     """One absmax per 64 weights: fp32, or with double quantization 8-bit plus one fp32 per 256 of those."""
     return (1 / 64 + 4 / (64 * 256)) if quant.double_quant else 4 / 64
 

@@ -18,7 +18,7 @@ from dsrun.hardware import gpu_catalog
 from dsrun.precision import PRECISIONS
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 
 def resolve(cfg: RunConfig) -> None:

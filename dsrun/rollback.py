@@ -21,7 +21,7 @@ from dsrun.ledger import latest_good, ledger_path
 from dsrun.safe_read import read_yaml_mapping
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 SMOKE_MIN_LOGGED = 6  # first 3 and last 3 logged losses, not overlapping
 SMOKE_MAX_GRAD_NORM = 100.0  # pre-clip norm; healthy runs clipped at 1.0 stay within ~0.1-10

@@ -24,12 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dsrun.batch import global_batch
 from dsrun.errors import UserError
 from dsrun.runs import git_commit
 from dsrun.safe_read import read_yaml_mapping
+from dsrun.schema import typed
 
 LOCK = ".dsrun.lock"
 SWEEP_LOCK = ".dsrun-sweep.lock"  # held by a sweep's parent for the whole sweep: a second sweep into it is refused
@@ -176,7 +177,7 @@ def saved_checkpoint(folder: Path) -> bool:
     return root.is_dir() and any(p.is_dir() for p in root.glob("step-*"))
 
 
-def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list[str]) -> list[str]:
+def claim(folder: Path, composed: dict[str, Any], resolved: DictConfig, overrides: list[str]) -> list[str]:
     """Lock `folder` for this process and check that this job may write into it. Returns the Hydra overrides the
     job needs (a continuation must not rewrite the snapshot)."""
     refuse_foreign(folder)
@@ -215,14 +216,14 @@ def claim(folder: Path, composed: dict[str, Any], resolved: Any, overrides: list
     return ["hydra.output_subdir=null"]
 
 
-def check_global_batch(folder: Path, resolved: Any) -> None:
+def check_global_batch(folder: Path, resolved: DictConfig) -> None:
     """The checkpoint's data position and loss scale assume the global batch it was trained with."""
     path = folder / "config.yaml"
     if not path.is_file():
         return
     saved = OmegaConf.create(read_yaml_mapping(path, "restore the file, or choose a new hydra.run.dir"))
     try:
-        before, now = global_batch(saved), global_batch(resolved)
+        before, now = global_batch(typed(saved)), global_batch(typed(resolved))  # a snapshot has the schema's keys
     except (AttributeError, KeyError, TypeError):  # an old or partial snapshot: nothing to compare against
         return
     if before != now:

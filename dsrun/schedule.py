@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from dsrun.optim import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -39,17 +42,17 @@ STABLE_PHASE = tuple(name for name, s in SCHEDULES.items() if s.stable_phase)  #
 DEFAULT_WARMUP_CAP = 10  # optim.warmup_steps=null: 10 steps, or a tenth of a shorter run
 
 
-def warmup_steps(optim_cfg: Any, horizon: int) -> int:
+def warmup_steps(optim_cfg: OptimConfig, horizon: int) -> int:
     chosen = optim_cfg.warmup_steps
     return min(DEFAULT_WARMUP_CAP, horizon // 10) if chosen is None else chosen
 
 
-def decay_start(optim_cfg: Any, horizon: int) -> int:
+def decay_start(optim_cfg: OptimConfig, horizon: int) -> int:
     """wsd: the first step of the decay tail."""
     return horizon - max(1, round(optim_cfg.decay_fraction * horizon))
 
 
-def horizon_on_resume(optim_cfg: Any, saved: int | None, max_steps: int, step: int) -> int:
+def horizon_on_resume(optim_cfg: OptimConfig, saved: int | None, max_steps: int, step: int) -> int:
     """The horizon a resumed run keeps (see the module's rule). `saved` is None for checkpoints written before the
     horizon was saved: their run's length was max_steps at the time, which is the best guess left."""
     if saved is None:
@@ -59,7 +62,7 @@ def horizon_on_resume(optim_cfg: Any, saved: int | None, max_steps: int, step: i
     return saved
 
 
-def lr_factor(optim_cfg: Any, horizon: int) -> Callable[[int], float]:
+def lr_factor(optim_cfg: OptimConfig, horizon: int) -> Callable[[int], float]:
     """The lr multiplier of optimizer step `step` (from 0)."""
     shape, floor = SCHEDULES[optim_cfg.schedule], optim_cfg.min_lr_ratio
     warmup = warmup_steps(optim_cfg, horizon)
@@ -77,7 +80,7 @@ def lr_factor(optim_cfg: Any, horizon: int) -> Callable[[int], float]:
     return factor
 
 
-def schedule_problems(optim_cfg: Any, max_steps: int | None) -> list[str]:
+def schedule_problems(optim_cfg: OptimConfig, max_steps: int | None) -> list[str]:
     """Checked by config.validate() (max_steps known) and by train.fit (a length in epochs is known only there)."""
     p = []
     if optim_cfg.schedule not in SCHEDULES:

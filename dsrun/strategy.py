@@ -6,22 +6,27 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from dsrun.batch import world_size
 from dsrun.errors import UserError
-from dsrun.hardware import cuda_devices_present
+from dsrun.hardware import cuda_devices_present, devices_per_node
 from dsrun.precision import PRECISIONS
 
+if TYPE_CHECKING:
+    from dsrun.parallelize import ParallelConfig
+    from dsrun.hardware import HardwareConfig
+    from dsrun.schema import RunConfig
 
 
-def apply_environment(hardware_cfg: Any) -> None:
+
+def apply_environment(hardware_cfg: HardwareConfig) -> None:
     """The hardware option's NCCL/Gloo variables; a variable the user already exported wins."""
     for name, value in hardware_cfg.env.items():
         os.environ.setdefault(str(name), str(value))
 
 
-def check_environment(cfg: Any) -> None:
+def check_environment(cfg: RunConfig) -> None:
     """What the config cannot know: does this machine have the devices it asks for? (Not for plan / dry runs.)"""
     hw = cfg.hardware
     if hw.num_nodes > 1 and not launched():
@@ -33,7 +38,7 @@ def check_environment(cfg: Any) -> None:
                         "several nodes\"), or set hardware.num_nodes=1")
     if hw.accelerator == "cuda":
         present = cuda_devices_present()
-        if hw.devices > present:
+        if devices_per_node(hw) > present:
             raise UserError(f"hardware={hw.name} asks for {hw.devices} GPUs per node but this machine has {present}; "
                             f"set hardware.devices={present or 1}{' or hardware=cpu' if not present else ''}, "
                             "or use task=plan to plan without the GPUs")
@@ -56,7 +61,7 @@ def all_reduce_(tensor: Any, op: str = "sum") -> Any:
     return tensor
 
 
-def deepspeed_config(cfg: Any) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
     """The DeepSpeed JSON, generated from the composed config (saved in the run folder as deepspeed.json).
     Clipping lives here, not in the loop: ZeRO keeps gradients partitioned inside its optimizer."""
     par, precision = cfg.parallel, PRECISIONS[cfg.precision.mode]
@@ -85,13 +90,13 @@ def deepspeed_config(cfg: Any) -> dict[str, Any]:
     }
 
 
-def grad_clip(cfg: Any) -> float:
+def grad_clip(cfg: RunConfig) -> float:
     """optim.grad_clip, or the precision's default when unset (fp16: 0.5, conf/precision/fp16.yaml); 0 turns clipping
     off."""
     return cfg.optim.grad_clip if cfg.optim.grad_clip is not None else cfg.precision.default_grad_clip
 
 
-def build_fabric(cfg: Any):
+def build_fabric(cfg: RunConfig):
     import lightning as L
     from lightning.fabric.strategies import ModelParallelStrategy
 
@@ -104,22 +109,22 @@ def build_fabric(cfg: Any):
     strategy = STRATEGIES[cfg.parallel.strategy].build(cfg, backend, timeout)  # validate() knows every strategy
     if isinstance(strategy, ModelParallelStrategy) and record.autocast:
         precision = "32-true"  # FSDP2 applies mixed precision itself (parallelize.apply_fsdp)
-    return L.Fabric(accelerator=accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
+    return L.Fabric(accelerator=accelerator, devices=devices_per_node(cfg.hardware), num_nodes=cfg.hardware.num_nodes,
                     strategy=strategy, precision=precision)
 
 
-def _single(cfg: Any, backend: str, timeout: timedelta) -> Any:
+def _single(cfg: RunConfig, backend: str, timeout: timedelta) -> Any:
     return "auto"
 
 
-def _ddp(cfg: Any, backend: str, timeout: timedelta) -> Any:
+def _ddp(cfg: RunConfig, backend: str, timeout: timedelta) -> Any:
     from lightning.fabric.strategies import DDPStrategy
 
     # gradients as views into the all-reduce buckets: saves a full fp32 copy of the gradients
     return DDPStrategy(process_group_backend=backend, timeout=timeout, gradient_as_bucket_view=True)
 
 
-def _model_parallel(cfg: Any, backend: str, timeout: timedelta) -> Any:
+def _model_parallel(cfg: RunConfig, backend: str, timeout: timedelta) -> Any:
     """FSDP2, and FSDP2 over a tensor-parallel mesh (parallel=tp)."""
     from lightning.fabric.strategies import ModelParallelStrategy
 
@@ -133,7 +138,7 @@ def _model_parallel(cfg: Any, backend: str, timeout: timedelta) -> Any:
         timeout=timeout)
 
 
-def _deepspeed(cfg: Any, backend: str, timeout: timedelta) -> Any:
+def _deepspeed(cfg: RunConfig, backend: str, timeout: timedelta) -> Any:
     from lightning.fabric.strategies import DeepSpeedStrategy
 
     return DeepSpeedStrategy(config=deepspeed_config(cfg), process_group_backend=backend, timeout=timeout)
@@ -142,15 +147,15 @@ def _deepspeed(cfg: Any, backend: str, timeout: timedelta) -> Any:
 STATE = ("weights", "gradients", "optimizer")
 
 
-def _none(parallel: Any) -> frozenset[str]:
+def _none(parallel: ParallelConfig) -> frozenset[str]:
     return frozenset()
 
 
-def _all(parallel: Any) -> frozenset[str]:
+def _all(parallel: ParallelConfig) -> frozenset[str]:
     return frozenset(STATE)
 
 
-def _zero_stage(parallel: Any) -> frozenset[str]:
+def _zero_stage(parallel: ParallelConfig) -> frozenset[str]:
     """ZeRO stage 1 shards the optimizer state, 2 the gradients too, 3 the weights too."""
     return frozenset(STATE[len(STATE) - parallel.zero_stage:]) if parallel.zero_stage else frozenset()
 
@@ -185,7 +190,7 @@ class Strategy:
         if self.offloads and self.host_optimizer_bytes_per_s <= 0:
             raise ValueError("a strategy that offloads (offloads=True) names its host optimizer's bytes/s")
 
-    def gathers(self, parallel: Any) -> bool:
+    def gathers(self, parallel: ParallelConfig) -> bool:
         """Shards the weights and gathers them block by block (FSDP, its TP mesh, ZeRO-3)."""
         return "weights" in self.shards(parallel)
 
@@ -215,13 +220,13 @@ def is_deepspeed(fabric: Any) -> bool:
     return isinstance(fabric.strategy, DeepSpeedStrategy)
 
 
-def zero3_partitioned(fabric: Any, cfg: Any) -> bool:
+def zero3_partitioned(fabric: Any, cfg: RunConfig) -> bool:
     """ZeRO-3 partitions every weight; one is whole only while its own module runs."""
     return is_deepspeed(fabric) and cfg.parallel.zero_stage == 3
 
 
 @contextlib.contextmanager
-def model_init(fabric: Any, cfg: Any) -> Iterator[None]:
+def model_init(fabric: Any, cfg: RunConfig) -> Iterator[None]:
     """Where the model is built. ZeRO-3 builds it partitioned (zero.Init); transformers initialises weights
     correctly there only while an HfDeepSpeedConfig is alive."""
     if zero3_partitioned(fabric, cfg):
@@ -235,7 +240,7 @@ def model_init(fabric: Any, cfg: Any) -> Iterator[None]:
         yield
 
 
-def setup(fabric: Any, cfg: Any, model: Any, make_optimizer: Any) -> tuple[Any, Any]:
+def setup(fabric: Any, cfg: RunConfig, model: Any, make_optimizer: Any) -> tuple[Any, Any]:
     """Wrap the model for its strategy and build the optimizer in the order that strategy needs: after sharding
     for FSDP2/TP (the optimizer must see the DTensor parameters), together with the model for DeepSpeed."""
     from lightning.fabric.strategies import ModelParallelStrategy

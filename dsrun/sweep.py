@@ -29,7 +29,7 @@ from dsrun.runs import rank_zero
 from dsrun.task_table import RUNNABLE_TASKS
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 ERROR_LINE = re.compile(r"error|exception|fatal|segmentation|killed|abort", re.IGNORECASE)
 

@@ -20,7 +20,7 @@ class Task:
     loads_weights: bool = False  # inference: loads weights and trains nothing (dsrun/inference/)
     scratch: bool = False  # leaves no run folder behind (dsrun/scratch.py)
 
-    def __call__(self, cfg: Any) -> Any:
+    def __call__(self, cfg: Any) -> Any:  # Any: the table sits below the schema; run_task holds the RunConfig
         return getattr(importlib.import_module(self.module), self.function)(cfg)
 
 

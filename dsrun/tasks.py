@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsrun import sweep
 from dsrun.batch import data_parallel_size, global_batch
 from dsrun.batch_size import probe_micro_batch as probe
-from dsrun.config import RunConfig, container
+from dsrun.schema import RunConfig, container, typed
 from dsrun.config_view import folded_config
 from dsrun.errors import UserError
 from dsrun.ledger import recorded
@@ -36,9 +36,9 @@ def config_tree(cfg: DictConfig) -> Tree:
 def dry_run(cfg: DictConfig) -> None:
     out = console()
     out.print(config_tree(cfg))
-    tr = cfg.train
-    out.print(f"global batch {global_batch(cfg)} = micro_batch {tr.micro_batch} x accumulation {tr.accumulation} "
-                  f"x data-parallel {data_parallel_size(cfg)}; {global_batch(cfg) * tr.seq_len:,} tokens per step")
+    run, tr = typed(cfg), cfg.train
+    out.print(f"global batch {global_batch(run)} = micro_batch {tr.micro_batch} x accumulation {tr.accumulation} "
+                  f"x data-parallel {data_parallel_size(run)}; {global_batch(run) * tr.seq_len:,} tokens per step")
     out.print("config valid; nothing started (task=dry_run)")
 
 

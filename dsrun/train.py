@@ -44,10 +44,10 @@ from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_st
                             micro_step, model_init, optimizer_step, zero3_partitioned)
 from dsrun.strategy import setup as setup_strategy
 
-from dsrun.config import container
+from dsrun.schema import container
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 
 def fit(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -173,7 +173,8 @@ def setup(cfg: RunConfig, run_dir: Path) -> Run:
     if problems := schedule_problems(cfg.optim, max_steps):  # a length in epochs is known only now
         raise ConfigError(problems)
     with model_init(fabric, cfg):
-        model = build_run_model(cfg, arch, fabric.device)
+        model = build_run_model(cfg.model, arch, fabric.device, precision=cfg.precision, adapter=cfg.adapter,
+                                quant=cfg.quant, seed=tr.seed)
         model = attach_chunked_loss(model, chunked=not zero3_partitioned(fabric, cfg))
         if cfg.data.packing and cfg.data.document_mask and not grpo:  # grpo's rows: one completion each
             use_varlen_attention(model)

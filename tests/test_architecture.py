@@ -20,11 +20,13 @@ from tests.conftest import REPO
 # its modules.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["dsrun", "errors", "constants", "task_table", "signals", "lm"]),
-    ("tools", ["families", "precision", "hardware", "batch", "safe_read", "quiet", "runs", "schedule", "scratch", "help", "config_view",
+    ("tools", ["families", "precision", "hardware", "safe_read", "quiet", "runs", "scratch", "help", "config_view",
                "allreduce", "chat", "loss", "grpo", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
-    ("components", ["parallelize", "quantize", "adapters", "strategy", "optim", "sources", "data", "preference", "model",
+    ("components", ["parallelize", "quantize", "adapters", "optim", "schedule", "sources", "data", "preference", "model",
                     "lora_folder", "checkpoint", "evaluate", "monitor/"]),
-    ("schema", ["config"]),
+    ("schema", ["schema"]),
+    ("processes", ["batch", "strategy"]),
+    ("validation", ["config"]),
     ("planner", ["plan/"]),
     ("work", ["train", "reinforce", "export", "inference/", "doctor", "doctor_checks", "doctor_probe", "resolve", "batch_size",
               "child", "sweep", "rollback", "run_folder", "keys", "paths"]),
@@ -140,8 +142,8 @@ def test_a_planted_back_import_and_a_cycle_are_found(tmp_path):
     with (copy / "batch.py").open("a") as f:
         f.write("\nfrom dsrun import config  # noqa: E402\n")
     found = problems(imports(copy))
-    assert "dsrun.config (schema) imports dsrun.plan (planner), a higher layer" in found
-    assert "dsrun.batch (tools) imports dsrun.config (schema), a higher layer" in found
+    assert "dsrun.config (validation) imports dsrun.plan (planner), a higher layer" in found
+    assert "dsrun.batch (processes) imports dsrun.config (validation), a higher layer" in found
     assert any(p.startswith("import cycle:") and "dsrun.batch" in p and "dsrun.config" in p for p in found), found
 
 
@@ -186,7 +188,8 @@ def test_each_option_group_is_one_registry_that_validate_and_the_reference_read(
     configuration reference lists exactly those names (no second list of them lives in config.py)."""
     from omegaconf import OmegaConf
 
-    from dsrun.config import REGISTRIES, RunConfig, choice_problems
+    from dsrun.config import REGISTRIES, choice_problems
+    from dsrun.schema import RunConfig
 
     reference = (REPO / "docs" / "configuration.md").read_text()
     config_source = (REPO / "dsrun" / "config.py").read_text()

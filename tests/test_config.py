@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import PENDING, register_configs, validate
+from dsrun.config import PENDING, validate
+from dsrun.schema import register_configs
 from dsrun.resolve import resolve
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog

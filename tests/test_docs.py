@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from dsrun.config import RunConfig
+from dsrun.schema import RunConfig
 from tests.conftest import REPO
 
 

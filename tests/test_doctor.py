@@ -13,7 +13,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, validate
+from dsrun.config import validate
+from dsrun.schema import register_configs
 from dsrun.doctor_checks import ifname_missing, judge
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import plan

@@ -80,7 +80,7 @@ def test_a_packed_document_does_not_see_the_one_before_it(model):
     length 8 once)."""
     from hydra import compose, initialize_config_dir
 
-    from dsrun.config import register_configs
+    from dsrun.schema import register_configs
     from dsrun.loss import attach_chunked_loss
     from dsrun.model import architecture, build_model
 
@@ -137,7 +137,7 @@ def test_varlen_attention_trains_exactly_as_transformers_packed_mask(model):
     from hydra import compose, initialize_config_dir
 
     from dsrun.attention import batch_kwargs, use_varlen_attention
-    from dsrun.config import register_configs
+    from dsrun.schema import register_configs
     from dsrun.loss import attach_chunked_loss
     from dsrun.model import architecture, build_model
 
@@ -165,7 +165,7 @@ def test_varlen_kernel_gets_one_16_bit_dtype_under_autocast(monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from dsrun import attention
-    from dsrun.config import register_configs
+    from dsrun.schema import register_configs
     from dsrun.loss import attach_chunked_loss
     from dsrun.model import architecture, build_model
 

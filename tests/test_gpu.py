@@ -79,7 +79,7 @@ def test_varlen_flash_kernel_matches_transformers_packed_sdpa_in_bf16(model):
     from hydra import compose, initialize_config_dir
 
     from dsrun import attention
-    from dsrun.config import register_configs
+    from dsrun.schema import register_configs
     from dsrun.loss import attach_chunked_loss
     from dsrun.model import architecture, build_model
     from tests.test_finetune import _packed_batch

@@ -15,7 +15,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dsrun.config import register_configs, validate
+from dsrun.config import validate
+from dsrun.schema import register_configs
 from dsrun.resolve import resolve
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, validate
+from dsrun.config import validate
+from dsrun.schema import register_configs
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import plan

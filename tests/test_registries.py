@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, validate
+from dsrun.config import validate
+from dsrun.schema import register_configs
 from dsrun.constants import CONF_DIR
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog

@@ -7,7 +7,7 @@ import json
 
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs
+from dsrun.schema import register_configs
 from tests.conftest import FAST, REPO, dsrun
 
 

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dsrun.config import register_configs, validate
+from dsrun.config import validate
+from dsrun.schema import register_configs
 from dsrun.resolve import resolve
 from dsrun.hardware import gpu_catalog
 from tests import forkserver

@@ -97,7 +97,7 @@ def test_bf16_true_weights_are_created_in_bf16_not_cast_from_fp32():
     import torch
     from hydra import compose, initialize_config_dir
 
-    from dsrun.config import register_configs
+    from dsrun.schema import register_configs
     from dsrun.model import architecture, build_model, weight_dtype
     from tests.conftest import REPO
 

@@ -25,7 +25,8 @@ from dsrun.inference.metrics import ServerMetrics
 from dsrun.runs import run_dir
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import BenchInferConfig
+    from dsrun.schema import RunConfig
 
 
 def bench_task(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -49,7 +50,7 @@ def bench_task(cfg: RunConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_model(loaded: Any, bench: Any, quant: str) -> list[dict[str, Any]]:
+def bench_model(loaded: Any, bench: BenchInferConfig, quant: str) -> list[dict[str, Any]]:
     model, device = loaded.model, loaded.device
     vocab = model.config.get_text_config().vocab_size
     # the engine first: its rows are the ones a user's command runs, and they come out before the slow anchors
@@ -91,7 +92,7 @@ def bench_model(loaded: Any, bench: Any, quant: str) -> list[dict[str, Any]]:
     return rows
 
 
-def row(case: str, quant: str, batch: int, bench: Any, ttft_s: float, decode_tok_s: float,
+def row(case: str, quant: str, batch: int, bench: BenchInferConfig, ttft_s: float, decode_tok_s: float,
         device: torch.device) -> dict[str, Any]:
     result = {"case": case, "quant": quant, "batch": batch, "prompt": bench.prompt_tokens,
               "new_tokens": bench.new_tokens, "ttft_ms": round(ttft_s * 1e3, 1), "decode_tok_s": round(decode_tok_s, 1),
@@ -104,7 +105,7 @@ def prompts(vocab: int, batch: int, length: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch))
 
 
-def bench_engine(loaded: Any, bench: Any) -> Engine:
+def bench_engine(loaded: Any, bench: BenchInferConfig) -> Engine:
     """The engine `dsrun serve` runs, sized for the largest batch, its decode step warmed up for every slot count
     and cache length the rows will use (greedy, as the anchors)."""
     slots = max(*bench.batches, bench.concurrent)
@@ -136,7 +137,7 @@ def first_token(request: Request) -> float:
     return request.first_token_at
 
 
-def concurrent_row(engine: Engine, loaded: Any, bench: Any, quant: str, vocab: int) -> dict[str, Any]:
+def concurrent_row(engine: Engine, loaded: Any, bench: BenchInferConfig, quant: str, vocab: int) -> dict[str, Any]:
     """`concurrent` requests submitted at once: aggregate tokens/s over the wall time, mean TTFT, the largest
     number of slots decoded together."""
     reset_peak(loaded.device)

@@ -32,7 +32,7 @@ from dsrun.inference.sampling import sample
 from dsrun.inference.slots import SlotCache, row_mask, use_slot_attention
 
 if TYPE_CHECKING:
-    from dsrun.config import ServeConfig
+    from dsrun.schema import ServeConfig
 
 KV_BUCKET_MIN = 256  # decode reads the cache up to a power of two >= the longest sequence, at least this
 # decode runs at least two rows: a size-1 dimension would be specialized by the compiler, a second compile (a

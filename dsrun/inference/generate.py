@@ -17,7 +17,7 @@ from dsrun.inference.load import Loaded, load
 from dsrun.inference.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 MAX_POSITIONS = 8192

@@ -23,7 +23,7 @@ from dsrun.quantize import bnb_config, quantize_linears
 from dsrun.run_folder import read_lock
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
     from dsrun.families import ModelConfig
 
 

@@ -36,7 +36,7 @@ from dsrun.inference.metrics import ServerMetrics
 from dsrun.inference.vllm import serve_with_vllm
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 # connections the kernel holds before they are accepted: a burst of clients waits there instead of being reset (the
 # stdlib server's 5 reset a burst of 256); Linux caps it at net.core.somaxconn (4096 on current kernels)

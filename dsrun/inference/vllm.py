@@ -15,7 +15,7 @@ from dsrun.errors import UserError
 from dsrun.inference.load import describe
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 INSTALL = ("serve.engine=vllm: no `vllm` executable on PATH; install vLLM in an environment of its own "
            "(python -m venv ~/vllm && ~/vllm/bin/pip install vllm), put ~/vllm/bin on PATH, or use "

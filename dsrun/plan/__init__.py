@@ -25,7 +25,7 @@ from dsrun.plan.speed import cost, inference_speed, measured_bandwidth, training
 from dsrun.quantize import QUANT_METHODS
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 
 @dataclass

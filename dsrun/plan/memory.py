@@ -17,7 +17,8 @@ from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STATE, STRATEGIES, Strategy
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.quantize import QuantConfig
+    from dsrun.schema import RunConfig
 
 
 def strategy(cfg: RunConfig) -> Strategy:
@@ -55,13 +56,13 @@ def shard_counts(cfg: RunConfig) -> dict[str, int]:
     return {key: n if key in sharded else 1 for key in STATE}
 
 
-def quant_bytes(quant: Any) -> tuple[float, float]:
+def quant_bytes(quant: QuantConfig) -> tuple[float, float]:
     """(bytes per quantized weight, bytes of quantization constants per weight; per-row ones: quant_constants)."""
     method = QUANT_METHODS[quant.method]
     return (method.weight_bytes, method.constant_bytes(quant)) if method is not None else (0.0, 0.0)
 
 
-def quant_constants(quant: Any, shape: Shape) -> float:
+def quant_constants(quant: QuantConfig, shape: Shape) -> float:
     """Bytes of every quantization constant of the quantizable weights: per weight and per output row."""
     method = QUANT_METHODS[quant.method]
     if method is None:

@@ -9,7 +9,7 @@ from typing import Any, cast
 import yaml
 from omegaconf import OmegaConf
 
-from dsrun.config import RunConfig
+from dsrun.schema import RunConfig
 from dsrun.constants import CONF_DIR
 
 

@@ -14,7 +14,7 @@ from dsrun.plan import Plan
 from dsrun.plan.search import with_suggestions
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 LABELS = {
     "weights": "weights",

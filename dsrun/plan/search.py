@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from dsrun.batch import data_parallel_size, global_batch, world_size
-from dsrun.config import PENDING, RunConfig, selected, validate
+from dsrun.config import PENDING, selected, validate
+from dsrun.schema import RunConfig
 from dsrun.constants import CONF_DIR
 from dsrun.errors import ConfigError
 from dsrun.hardware import gpu_catalog
@@ -28,7 +29,7 @@ from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.schema import RunConfig
 
 CARD_COUNTS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CARDS_PER_NODE = {"consumer": 4, "datacenter": 8}  # 4-card consumer boxes; HGX boards of 8

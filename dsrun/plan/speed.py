@@ -24,7 +24,8 @@ from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 
 if TYPE_CHECKING:
-    from dsrun.config import RunConfig
+    from dsrun.hardware import HardwareConfig
+    from dsrun.schema import RunConfig
 
 
 def measured_bandwidth(cfg: RunConfig) -> dict[str, dict[str, Any]]:
@@ -65,7 +66,7 @@ def _bandwidth(cfg: RunConfig, spec: dict | None) -> float:
     return min(links) if links else math.inf
 
 
-def _node_link(hw: Any, spec: dict | None) -> float:
+def _node_link(hw: HardwareConfig, spec: dict | None) -> float:
     """The catalog's link between the GPUs of one node, bytes/s."""
     if spec is None:
         return 5e9  # gloo over shared memory
