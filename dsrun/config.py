@@ -11,12 +11,13 @@ from dsrun.batch import auto_problem, global_batch_problem
 from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
 from dsrun.families import FAMILIES
-from dsrun.hardware import devices_per_node
+from dsrun.hardware import devices_per_node, hardware_problems
 from dsrun.optim import OPTIMIZERS
 from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
 from dsrun.schedule import DECAYING, SCHEDULES, STABLE_PHASE, schedule_problems
-from dsrun.schema import RunConfig, value_at
+from dsrun.parallelize import parallel_problems
+from dsrun.schema import RunConfig, doctor_problems, inference_values, plan_problems, value_at
 from dsrun.sources import SOURCES
 from dsrun.strategy import STRATEGIES, preference_strategies
 from dsrun.task_table import DPO_LOSSES, GRPO_KEYS, INFERENCE_TASKS, RUNNABLE_TASKS, TASKS
@@ -28,11 +29,11 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation: one function, every problem at once.
 
-# An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
-# is its YAML and one entry there. The keys below have no builder of their own, only these values.
 # What a card lacks when the GPU catalog's flag a precision needs (Precision.needs) is false, and the way out.
 GPU_LACKS = {"bf16": "no bf16 support; use precision=fp16", "fp8": "this GPU has no FP8 tensor cores; use precision=bf16"}
 
+# An option group's allowed names are its builder's registry (docs/architecture.md, "Option groups"); a new option
+# is its YAML and one entry there. The keys below have no builder of their own, only these values.
 VALUES: dict[str, tuple[str, ...]] = {"hardware.accelerator": ("cpu", "cuda"),
           "model.init": ("random", "pretrained"), "monitor.wandb.mode": ("offline", "online", "disabled"),
           "plan.mode": ("train", "dpo", "grpo", "inference"), "serve.engine": ("dsrun", "vllm"),
@@ -67,8 +68,7 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
     _positive(p, cfg, ("train.accumulation", "train.seq_len",
                        "train.log_every", "hardware.devices", "hardware.num_nodes",
                        "parallel.tensor_parallel_size", "train.keep_checkpoints", "parallel.timeout_s",
-                       "train.max_nonfinite_steps",
-                       "plan.context", "plan.batch"))
+                       "train.max_nonfinite_steps"))
     _positive(p, cfg, ("data.num_samples", "train.profile_steps"), allow_zero=True)
     p += schedule_problems(cfg.optim, tr.max_steps)
     if tr.profile_steps > 0 and tr.max_steps is not None and tr.max_steps < tr.profile_steps + 2:
@@ -90,8 +90,6 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
         _positive(p, cfg, ("train.micro_batch",))
     if problem := global_batch_problem(cfg):
         p.append(problem)
-    if hw.memory_cap_gib is not None and hw.memory_cap_gib <= 0:
-        p.append(f"hardware.memory_cap_gib={hw.memory_cap_gib}: must be > 0 (GiB a process may allocate)")
     assert tr.lr is not None  # resolve() fills it
     if tr.lr <= 0:
         p.append(f"train.lr={tr.lr}: must be > 0")
@@ -103,13 +101,7 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
                 "plan.mode"):
         p += choice_problems(cfg, key)
 
-    if hw.gpu is not None and hw.gpu not in gpu_catalog:
-        p.append(f"hardware.gpu={hw.gpu}: not in the GPU catalog; known: {', '.join(sorted(gpu_catalog))}")
-    if hw.emulate and hw.accelerator != "cuda":
-        p.append("hardware.emulate=true: emulation caps a bigger GPU to a GPU profile's memory; pick a GPU hardware "
-                 "option (e.g. hardware=1x3060) on a machine with a GPU")
-    if hw.accelerator == "cuda" and hw.gpu is None and hw.name != "auto":
-        p.append("hardware.gpu: a cuda hardware option must name its GPU from the catalog")
+    p += hardware_problems(hw, gpu_catalog) + parallel_problems(par) + plan_problems(cfg.plan)
     gpu = gpu_catalog.get(hw.gpu or "", {})
 
     world_size = devices_per_node(hw) * hw.num_nodes
@@ -147,16 +139,11 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
                  "precision=bf16")
 
     whole_model = run_by is None or run_by.whole_model  # an unknown strategy: reported above, no rule of its own
-    if par.offload_activations and not par.activation_checkpointing:
-        p.append("parallel.offload_activations=true: offloads the inputs activation checkpointing keeps; set "
-                 "parallel.activation_checkpointing=true too")
     if par.offload_activations and not whole_model:
         p.append(f"parallel.offload_activations=true with parallel={par.name}: offloaded checkpointing is built for "
                  "unsharded models; use parallel=single or ddp, or turn it off")
-    if par.reduce_dtype not in ("fp32", "bf16"):
-        p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
-    elif par.reduce_dtype == "bf16" and ((run_by is not None and not run_by.fsdp2) or precision is None
-                                         or not (precision.casts_weights and precision.compute == "bfloat16")):
+    if par.reduce_dtype == "bf16" and ((run_by is not None and not run_by.fsdp2) or precision is None
+                                       or not (precision.casts_weights and precision.compute == "bfloat16")):
         p.append(f"parallel.reduce_dtype=bf16 with parallel={par.name}, precision={prec.name}: it sets FSDP2's "
                  "gradient reduction under bf16 mixed precision (parallel=fsdp or tp, precision=bf16); "
                  "set parallel.reduce_dtype=fp32")
@@ -175,13 +162,6 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
         # plans may still describe sharded quantized weights (FSDP-QLoRA with bf16 storage), which dsrun lacks
         p.append(f"quant={cfg.quant.name} with parallel={par.name}: 4/8-bit base weights are kept out of sharding "
                  "(FSDP2/ZeRO corrupt or lose their quantization state); use parallel=ddp or parallel=single")
-    plan = cfg.plan
-    if plan.electricity_usd_per_kwh < 0:
-        p.append(f"plan.electricity_usd_per_kwh={plan.electricity_usd_per_kwh}: must be >= 0")
-    if plan.lifetime_years <= 0:
-        p.append(f"plan.lifetime_years={plan.lifetime_years}: must be > 0")
-    if plan.mfu is not None and not 0 < plan.mfu <= 1:
-        p.append(f"plan.mfu={plan.mfu}: must be in (0, 1]")
     if cfg.task.name in INFERENCE_TASKS:
         p.extend(inference_problems(cfg))
     if cfg.quant.method != "none" and cfg.adapter.method == "none" and not inference_plan \
@@ -201,12 +181,7 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
     if cfg.data.source == "jsonl" and not cfg.data.path:
         p.append("data=jsonl: set data.path=/path/to/file.jsonl")
 
-    if (doctor := getattr(cfg, "doctor", None)) is not None:  # run folders saved before task=doctor lack the group
-        _positive(p, cfg, ("doctor.iterations", "doctor.timeout_s"))
-        if doctor.min_bytes < 4:
-            p.append(f"doctor.min_bytes={doctor.min_bytes}: must be >= 4 (one float32)")
-        if doctor.max_bytes is not None and doctor.max_bytes < doctor.min_bytes:
-            p.append(f"doctor.max_bytes={doctor.max_bytes}: must be >= doctor.min_bytes ({doctor.min_bytes})")
+    p += doctor_problems(cfg.doctor)
     _length_and_eval_problems(p, cfg)
 
     for (group, option), issue in PENDING.items():
@@ -224,23 +199,7 @@ def inference_problems(cfg: RunConfig) -> list[str]:
     """generate/serve/bench_infer keys (they are checked only when one of those tasks runs)."""
     p: list[str] = []
     gen, srv, bench = cfg.generate, cfg.serve, cfg.bench_infer
-    for key, value in (("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
-                       srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue", srv.max_queue),
-                       ("serve.max_batch", srv.max_batch), ("serve.prefill_tokens", srv.prefill_tokens),
-                       ("bench_infer.prompt_tokens", bench.prompt_tokens), ("bench_infer.new_tokens", bench.new_tokens),
-                       ("bench_infer.concurrent", bench.concurrent)):
-        if value < 1:
-            p.append(f"{key}={value}: must be >= 1")
-    if any(b < 1 for b in bench.batches) or not bench.batches:
-        p.append(f"bench_infer.batches={list(bench.batches)}: a non-empty list of batch sizes >= 1")
-    for key, temperature in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
-        if temperature < 0:
-            p.append(f"{key}={temperature}: must be >= 0 (0 is greedy)")
-    for key, share in (("generate.top_p", gen.top_p), ("serve.top_p", srv.top_p)):
-        if not 0 < share <= 1:
-            p.append(f"{key}={share}: must be in (0, 1]")
-    if not 0 <= srv.port <= 65535:
-        p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
+    p += inference_values(gen, srv, bench)
     for key in ("serve.engine", "serve.reasoning", "generate.show_thinking", "generate.compile",
                 "serve.compile", "bench_infer.compile"):
         p += choice_problems(cfg, key)
@@ -250,8 +209,6 @@ def inference_problems(cfg: RunConfig) -> list[str]:
     if bench.quants is not None and cfg.quant.method != "none" and cfg.task.name == "bench_infer":
         p.append(f"quant={cfg.quant.method} and bench_infer.quants={list(bench.quants)}: name the quant options once "
                  "(bench_infer.quants=null measures the run's quant)")
-    if gen.prompt is not None and gen.prompts_file is not None:
-        p.append("generate.prompt and generate.prompts_file: give one of them")
     return p
 
 

@@ -139,3 +139,18 @@ def devices_per_node(hw: HardwareConfig) -> int:
     """hardware.devices once resolve() has filled it (null in hardware=auto means every GPU found)."""
     assert hw.devices is not None, "hardware.devices is read before resolve() filled it"
     return hw.devices
+
+
+def hardware_problems(hw: HardwareConfig, catalog: dict[str, dict[str, Any]]) -> list[str]:
+    """The hardware group's own values (validate() adds the rules that span groups)."""
+    p = []
+    if hw.memory_cap_gib is not None and hw.memory_cap_gib <= 0:
+        p.append(f"hardware.memory_cap_gib={hw.memory_cap_gib}: must be > 0 (GiB a process may allocate)")
+    if hw.gpu is not None and hw.gpu not in catalog:
+        p.append(f"hardware.gpu={hw.gpu}: not in the GPU catalog; known: {', '.join(sorted(catalog))}")
+    if hw.emulate and hw.accelerator != "cuda":
+        p.append("hardware.emulate=true: emulation caps a bigger GPU to a GPU profile's memory; pick a GPU hardware "
+                 "option (e.g. hardware=1x3060) on a machine with a GPU")
+    if hw.accelerator == "cuda" and hw.gpu is None and hw.name != "auto":
+        p.append("hardware.gpu: a cuda hardware option must name its GPU from the catalog")
+    return p

@@ -28,6 +28,17 @@ class ParallelConfig:
     timeout_s: int = 1800  # collective timeout before the job aborts
 
 
+def parallel_problems(par: ParallelConfig) -> list[str]:
+    """The parallel group's own values (validate() adds the rules that span groups)."""
+    p = []
+    if par.offload_activations and not par.activation_checkpointing:
+        p.append("parallel.offload_activations=true: offloads the inputs activation checkpointing keeps; set "
+                 "parallel.activation_checkpointing=true too")
+    if par.reduce_dtype not in ("fp32", "bf16"):
+        p.append(f"parallel.reduce_dtype={par.reduce_dtype}: choose fp32 or bf16")
+    return p
+
+
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks, found by the class names transformers marks as unsplittable (peft-wrapped too)."""
     names: set[str] = set()

@@ -81,6 +81,19 @@ class PlanConfig:
     mfu: Optional[float] = None  # null: the planner's assumption for the GPU class
 
 
+def plan_problems(plan: PlanConfig) -> list[str]:
+    """The plan group's own values (validate() adds the rules that span groups)."""
+    p = [f"plan.{key}={value}: must be >= 1" for key, value in (("context", plan.context), ("batch", plan.batch))
+         if value < 1]
+    if plan.electricity_usd_per_kwh < 0:
+        p.append(f"plan.electricity_usd_per_kwh={plan.electricity_usd_per_kwh}: must be >= 0")
+    if plan.lifetime_years <= 0:
+        p.append(f"plan.lifetime_years={plan.lifetime_years}: must be > 0")
+    if plan.mfu is not None and not 0 < plan.mfu <= 1:
+        p.append(f"plan.mfu={plan.mfu}: must be in (0, 1]")
+    return p
+
+
 @dataclass
 class DoctorConfig:
     """task=doctor: what the machine check measures (dsrun/doctor.py, docs/doctor.md)."""
@@ -89,6 +102,17 @@ class DoctorConfig:
     max_bytes: Optional[int] = None  # largest message; null: 4 MiB over CPU processes, 256 MiB over GPUs
     iterations: int = 20  # timed all-reduces per message size
     timeout_s: int = 120  # a collective that takes longer fails the sweep instead of hanging
+
+
+def doctor_problems(doctor: DoctorConfig) -> list[str]:
+    """The doctor group's own values."""
+    p = [f"doctor.{key}={value}: must be >= 1" for key, value in (("iterations", doctor.iterations),
+                                                                   ("timeout_s", doctor.timeout_s)) if value < 1]
+    if doctor.min_bytes < 4:
+        p.append(f"doctor.min_bytes={doctor.min_bytes}: must be >= 4 (one float32)")
+    if doctor.max_bytes is not None and doctor.max_bytes < doctor.min_bytes:
+        p.append(f"doctor.max_bytes={doctor.max_bytes}: must be >= doctor.min_bytes ({doctor.min_bytes})")
+    return p
 
 
 @dataclass
@@ -139,6 +163,31 @@ class BenchInferConfig:
     # null: the run's own `quant`; a list: each loaded and measured in turn
     quants: Optional[List[str]] = None
     json_path: Optional[str] = None  # also write the rows here (they always go to <run>/bench_infer.json)
+
+
+def inference_values(gen: GenerateConfig, srv: ServeConfig, bench: BenchInferConfig) -> list[str]:
+    """The generate, serve and bench_infer groups' own values (checked when one of those tasks runs)."""
+    p: list[str] = []
+    for key, value in (("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
+                       srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue", srv.max_queue),
+                       ("serve.max_batch", srv.max_batch), ("serve.prefill_tokens", srv.prefill_tokens),
+                       ("bench_infer.prompt_tokens", bench.prompt_tokens), ("bench_infer.new_tokens", bench.new_tokens),
+                       ("bench_infer.concurrent", bench.concurrent)):
+        if value < 1:
+            p.append(f"{key}={value}: must be >= 1")
+    if any(b < 1 for b in bench.batches) or not bench.batches:
+        p.append(f"bench_infer.batches={list(bench.batches)}: a non-empty list of batch sizes >= 1")
+    for key, temperature in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
+        if temperature < 0:
+            p.append(f"{key}={temperature}: must be >= 0 (0 is greedy)")
+    for key, share in (("generate.top_p", gen.top_p), ("serve.top_p", srv.top_p)):
+        if not 0 < share <= 1:
+            p.append(f"{key}={share}: must be in (0, 1]")
+    if not 0 <= srv.port <= 65535:
+        p.append(f"serve.port={srv.port}: must be a TCP port (0 picks a free one)")
+    if gen.prompt is not None and gen.prompts_file is not None:
+        p.append("generate.prompt and generate.prompts_file: give one of them")
+    return p
 
 
 # monitor.<name>: one settings block per entry of the monitor registry (dsrun/monitor/__init__.py), so a new
