@@ -5,6 +5,6 @@ source bench/device/prelude.sh
 export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 at grpo
-timeout -k 5 420 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 2>&1 | grep -v '"error"' | tail -12
+timeout -k 5 560 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 2>&1 | grep -v '"error"' | tail -12
 at end
 for f in $OUT/dsrun.err $OUT/trl.err; do echo "--- $f"; grep -v "it/s\]\|Warning\|warn(" $f | tail -14 | cut -c1-300; done
