@@ -96,7 +96,7 @@ def plan_problems(plan: PlanConfig) -> list[str]:
 
 @dataclass
 class DoctorConfig:
-    """task=doctor: what the machine check measures (dsrun/doctor.py, docs/doctor.md)."""
+    """task=doctor: what the machine check measures (dsrun/doctor/, docs/doctor.md)."""
     json: bool = False  # print the report as JSON on stdout
     min_bytes: int = 8  # all-reduce sweep: smallest message (its time is the latency)
     max_bytes: Optional[int] = None  # largest message; null: 4 MiB over CPU processes, 256 MiB over GPUs

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("processes", ["batch", "strategy"]),
     ("validation", ["config"]),
     ("planner", ["plan/"]),
-    ("work", ["train", "reinforce", "export", "inference/", "doctor", "doctor_checks", "doctor_probe", "resolve", "batch_size",
+    ("work", ["train", "reinforce", "export", "inference/", "doctor/", "resolve", "batch_size",
               "child", "sweep", "rollback", "run_folder", "keys", "paths"]),
     ("tasks", ["tasks"]),
     ("entry", ["cli", "__main__"]),

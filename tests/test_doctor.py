@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from dsrun.config import validate
 from dsrun.schema import register_configs
-from dsrun.doctor_checks import ifname_missing, judge
+from dsrun.doctor.checks import ifname_missing, judge
 from dsrun.hardware import gpu_catalog
 from dsrun.plan import plan
 from dsrun.resolve import resolve

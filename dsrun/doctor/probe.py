@@ -1,5 +1,5 @@
 """What `dsrun doctor` reads from this machine: software versions, GPUs through NVML, peer access, network
-interfaces and InfiniBand devices. Each reader returns plain data; dsrun/doctor_checks.py judges it, so a test can
+interfaces and InfiniBand devices. Each reader returns plain data; dsrun/doctor/checks.py judges it, so a test can
 hand the judge a reading of a machine it does not have."""
 
 from __future__ import annotations

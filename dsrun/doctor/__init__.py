@@ -1,5 +1,5 @@
 """`dsrun doctor` (task=doctor): check this machine against the hardware option before training. Read the machine
-(dsrun/doctor_probe.py), measure an all-reduce sweep (dsrun/allreduce.py), judge (dsrun/doctor_checks.py), then
+(dsrun/doctor/probe.py), measure an all-reduce sweep (dsrun/allreduce.py), judge (dsrun/doctor/checks.py), then
 print the report, keep it as doctor.json in the run folder, and save the measured bandwidth where the planner
 looks for it (hardware.measured_path). docs/doctor.md."""
 
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from dsrun import allreduce, doctor_checks, doctor_probe
+from dsrun import allreduce
+from dsrun.doctor import checks, probe
 from dsrun.batch import data_parallel_size
 from dsrun.errors import UserError
 from dsrun.hardware import devices_per_node, match_gpu, measured_path
@@ -41,9 +42,9 @@ def doctor_argv(args: list[str]) -> list[str]:
 
 def readings(hardware: HardwareConfig) -> dict[str, Any]:
     """Everything the judge needs from this machine, as plain data."""
-    return {"hostname": platform.node(), "software": doctor_probe.software(), "nvml": doctor_probe.read_gpus(),
-            "cuda": doctor_probe.cuda_view(), "network": doctor_probe.network(),
-            "env": doctor_probe.environment(dict(hardware.env))}
+    return {"hostname": platform.node(), "software": probe.software(), "nvml": probe.read_gpus(),
+            "cuda": probe.cuda_view(), "network": probe.network(),
+            "env": probe.environment(dict(hardware.env))}
 
 
 def sweep(cfg: RunConfig, cuda_devices: int) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def doctor_task(cfg: RunConfig) -> dict[str, Any] | None:
         return None
     result = measured_device(result, found["cuda"])
     found["allreduce"] = result
-    report = doctor_checks.judge(cfg.hardware, found)
+    report = checks.judge(cfg.hardware, found)
     report["gradient_sync"] = gradient_sync(cfg, result)
     report["saved_to"] = save_measurement(found, result)
     from hydra.core.hydra_config import HydraConfig

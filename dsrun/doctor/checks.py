@@ -1,4 +1,4 @@
-"""The judge of `dsrun doctor`: plain readings of a machine (dsrun/doctor_probe.py, or a test's fake) in, findings
+"""The judge of `dsrun doctor`: plain readings of a machine (dsrun/doctor/probe.py, or a test's fake) in, findings
 out. Nothing here reads the machine; a finding is {level: note | warn | fail, topic, message}."""
 
 from __future__ import annotations
