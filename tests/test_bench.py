@@ -8,11 +8,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
-def test_speed_bench_runs_on_cpu_and_both_loops_reach_the_same_loss(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/speed.py", "--device", "cpu", "--model", "tiny_qwen2", "--batch",
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny"])  # dense, and the MoE case (MLA + routed experts) of issue #30
+def test_speed_bench_runs_on_cpu_and_both_loops_reach_the_same_loss(tmp_path, model):
+    proc = subprocess.run([sys.executable, "bench/speed.py", "--device", "cpu", "--model", model, "--batch",
                            "2", "--seq", "32", "--steps", "2", "--warmup", "1", "--cases", "plain,dsrun"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env={"OUT": str(tmp_path),
                                                                                        "PATH": "/usr/bin:/bin"})
