@@ -383,3 +383,17 @@ def test_fast_exit_loses_no_output(tmp_path):
     assert json.loads(proc.stdout) == json.loads((tmp_path / "run" / "plan.json").read_text())
     bad = subprocess.run([*argv, "plan.mode=fly"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert_user_error(bad, "plan.mode=fly")
+
+
+def test_the_plan_matrix_tool_plans_every_recipe(tmp_path):
+    """bench/plan_matrix.py, the before/after check of refactors that must not change the planner (issue #29)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "bench/plan_matrix.py", "--out", str(tmp_path / "plans.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdicts = json.loads((tmp_path / "plans.json").read_text())
+    recipes = {f"+recipe={p.stem}" for p in (REPO / "recipes").glob("*.yaml")}
+    assert set(verdicts) == recipes and all(v["fits"] for v in verdicts.values()), proc.stdout
