@@ -6,7 +6,7 @@ global batch = micro_batch x accumulation x data-parallel size; data-parallel si
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dsrun.constants import AUTO
 from dsrun.hardware import devices_per_node

@@ -434,8 +434,6 @@ READ_ONLY_BY = {**_read_by("optim", "optim.name", {n: o.reads for n, o in OPTIMI
 
 def ignored_overrides(cfg: RunConfig, overrides: list[str]) -> list[str]:
     """Problems for overrides the chosen option would silently ignore (e.g. optim.momentum under AdamW)."""
-    from omegaconf import OmegaConf
-
     p = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

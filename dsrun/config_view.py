@@ -5,7 +5,7 @@ folder keeps it (config.yaml)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dsrun.constants import VERB_OVERRIDES
 

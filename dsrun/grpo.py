@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

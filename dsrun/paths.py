@@ -4,7 +4,7 @@ is one line before Hydra and Lightning start (and before a run folder exists), n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dsrun.errors import UserError
 from dsrun.sources import check_data_file  # reads the first bytes too: compressed and special files are named

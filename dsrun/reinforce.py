@@ -34,7 +34,6 @@ from dsrun.inference.metrics import ServerMetrics
 from dsrun.packing import IGNORE_INDEX, Blocks
 
 if TYPE_CHECKING:
-    from dsrun.schema import RunConfig
     from dsrun.sources import DataConfig
 
 NUMERIC = ("What is ", "Which is larger", "How many times")  # built-in questions answered by a number

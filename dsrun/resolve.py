@@ -5,7 +5,7 @@ planner's guess for `train.micro_batch=auto`. It sits above the schema (dsrun/co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dsrun.batch import auto_problem, derive_accumulation
 from dsrun.batch_size import planned_micro_batch

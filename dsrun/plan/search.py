@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -28,8 +27,6 @@ from dsrun.quantize import QUANT_METHODS
 from dsrun.strategy import STRATEGIES
 from dsrun.task_table import RUNNABLE_TASKS
 
-if TYPE_CHECKING:
-    from dsrun.schema import RunConfig
 
 CARD_COUNTS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CARDS_PER_NODE = {"consumer": 4, "datacenter": 8}  # 4-card consumer boxes; HGX boards of 8
