@@ -41,11 +41,11 @@ from dsrun.paths import missing_paths
 from dsrun.quiet import install as quiet_logging
 from dsrun.quiet import quiet_environment, take_verbose_flag
 from dsrun.resolve import resolve
-from dsrun.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
+from dsrun.run.rollback import chosen_micro_batch, refuse_group_overrides, snapshot_of
 from dsrun.safe_read import read_yaml_mapping
-from dsrun.run_folder import SWEEP_LOCK, check_folder, claim, lock, refuse_foreign, refuse_run_as_sweep_dir
-from dsrun.runs import rank_zero, run_dir
-from dsrun.scratch import SCRATCH_RUN_DIR, discard_scratch_folder
+from dsrun.run.folder import SWEEP_LOCK, check_folder, claim, lock, refuse_foreign, refuse_run_as_sweep_dir
+from dsrun.run.files import rank_zero, run_dir
+from dsrun.run.scratch import SCRATCH_RUN_DIR, discard_scratch_folder
 from dsrun.task_table import TASKS
 
 
@@ -142,7 +142,7 @@ def _compose_all(args: Any) -> tuple[list[DictConfig], list[Path], list[str]]:
 
 def precheck(argv: list[str]) -> list[str]:
     """Compose, resolve and validate every job before Hydra runs anything; then claim the run folder. Returns the
-    Hydra overrides the claim adds (dsrun/run_folder.py). Hydra's global config is put back as it was: composing
+    Hydra overrides the claim adds (dsrun/run/folder.py). Hydra's global config is put back as it was: composing
     sets it (for `${hydra:...}`), and a caller in the same process (a test, a notebook) must not inherit a
     half-filled one whose runtime.output_dir is missing."""
     from hydra.core.hydra_config import HydraConfig
@@ -259,7 +259,7 @@ def writable_example() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    from dsrun.checkpoint import last_checkpoint_note  # torch, loaded whole before a signal may raise into it
+    from dsrun.run.checkpoint import last_checkpoint_note  # torch, loaded whole before a signal may raise into it
     from dsrun.tasks import run_task  # the tasks' libraries load here, after the pre-check has passed
 
     signals.started()
@@ -319,12 +319,12 @@ def _lazy(module: str, name: str) -> Callable[[list[str]], Any]:
 
 # Verbs that become a Hydra command line, and commands that do their work and exit without Hydra.
 VERBS: dict[str, Callable[[list[str]], list[str]]] = {
-    "resume": resume_argv, "replay": _lazy("dsrun.rollback", "replay_argv"),
-    "rollback": _lazy("dsrun.rollback", "rollback_argv"), "doctor": _lazy("dsrun.doctor", "doctor_argv"),
+    "resume": resume_argv, "replay": _lazy("dsrun.run.rollback", "replay_argv"),
+    "rollback": _lazy("dsrun.run.rollback", "rollback_argv"), "doctor": _lazy("dsrun.doctor", "doctor_argv"),
     "generate": _lazy("dsrun.inference.verbs", "generate_argv"), "serve": _lazy("dsrun.inference.verbs", "serve_argv")}
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "report": _lazy("dsrun.report", "report_command"), "runs": _lazy("dsrun.ledger", "runs_command"),
-    "diff": _lazy("dsrun.rollback", "diff_command"), "export": _lazy("dsrun.export", "export_argv")}
+    "report": _lazy("dsrun.report", "report_command"), "runs": _lazy("dsrun.run.ledger", "runs_command"),
+    "diff": _lazy("dsrun.run.rollback", "diff_command"), "export": _lazy("dsrun.export", "export_argv")}
 
 
 def main() -> None:

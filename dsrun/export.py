@@ -21,7 +21,7 @@ from dsrun.data import load_tokenizer
 from dsrun.errors import UserError
 from dsrun.model import merged_model, written_whole
 from dsrun.quiet import quiet_warnings
-from dsrun.run_folder import read_lock
+from dsrun.run.folder import read_lock
 
 if TYPE_CHECKING:
     from dsrun.schema import RunConfig

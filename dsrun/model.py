@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 
-from dsrun.checkpoint import last_checkpoint_note
+from dsrun.run.checkpoint import last_checkpoint_note
 from dsrun.errors import Interrupted, UserError
 from dsrun.lm import CausalLM
 from dsrun.lora_folder import absolute_base, is_adapter_folder, run_snapshot

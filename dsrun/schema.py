@@ -37,7 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end; -1: never (benchmarks)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | never | a checkpoint path
-    overwrite: bool = False  # train.resume=never in a folder that holds checkpoints replaces them (dsrun/run_folder.py)
+    overwrite: bool = False  # train.resume=never in a folder that holds checkpoints replaces them (dsrun/run/folder.py)
     force: bool = False  # launch even when the plan says it will not fit
     max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before the run stops
     compile: bool = False

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dsrun import ledger
+from dsrun.run import ledger
 from dsrun.child import run_child
 from dsrun.plan import plan
-from dsrun.runs import rank_zero
+from dsrun.run.files import rank_zero
 from dsrun.task_table import RUNNABLE_TASKS
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def run_trial(cfg: RunConfig) -> dict[str, Any]:
         returncode, stopped_by = run_child(argv, job_dir / "trial.log")
         record = outcome(job_dir, cfg, returncode) if rank_zero() else {}
         if stopped_by:  # the user (or SLURM) stopped the sweep: start no more trials
-            from dsrun.checkpoint import last_checkpoint_note  # (torch) what the trial left, read from the disk
+            from dsrun.run.checkpoint import last_checkpoint_note  # (torch) what the trial left, read from the disk
 
             raise SystemExit(f"dsrun: sweep stopped by {stopped_by} during {label}; {last_checkpoint_note(job_dir)}; "
                              f"the trial can be continued with: dsrun resume {job_dir}")

@@ -18,7 +18,7 @@ class Task:
     function: str
     trains: bool = False  # runs the training loop: its own process under -m, the GPU plan check, pending backends
     loads_weights: bool = False  # inference: loads weights and trains nothing (dsrun/inference/)
-    scratch: bool = False  # leaves no run folder behind (dsrun/scratch.py)
+    scratch: bool = False  # leaves no run folder behind (dsrun/run/scratch.py)
 
     def __call__(self, cfg: Any) -> Any:  # Any: the table sits below the schema; run_task holds the RunConfig
         return getattr(importlib.import_module(self.module), self.function)(cfg)

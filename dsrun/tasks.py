@@ -15,11 +15,11 @@ from dsrun.batch_size import probe_micro_batch as probe
 from dsrun.schema import RunConfig, container, typed
 from dsrun.config_view import folded_config
 from dsrun.errors import UserError
-from dsrun.ledger import recorded
+from dsrun.run.ledger import recorded
 from dsrun.plan.search import with_suggestions
 from dsrun.quiet import console, verbose
-from dsrun.rollback import prepare_smoke, smoke_problems
-from dsrun.runs import rank_zero, run_dir, write_json
+from dsrun.run.rollback import prepare_smoke, smoke_problems
+from dsrun.run.files import rank_zero, run_dir, write_json
 from dsrun.hardware import lift_memory_cap
 from dsrun.strategy import check_environment
 from dsrun.task_table import RUNNABLE_TASKS, TASKS
@@ -111,7 +111,7 @@ def collective_timeout(cfg: RunConfig, folder: Any, exc: BaseException) -> None:
 def timeout_advice(folder: Any) -> str:
     """Read from the disk: the checkpoint a resume would start from, or that there is none (a save the timeout cut
     short leaves only a `.incomplete` folder, which a resume ignores)."""
-    from dsrun.checkpoint import last_checkpoint_note
+    from dsrun.run.checkpoint import last_checkpoint_note
 
     note = last_checkpoint_note(folder)
     if note.startswith("no "):

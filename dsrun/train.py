@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsrun.batch import data_parallel_rank, data_parallel_size, global_batch, sequences_per_row
-from dsrun.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
+from dsrun.run.checkpoint import Checkpointer, last_checkpoint_note, latest_checkpoint
 from dsrun.data import BatchStream, build_datasets, load_tokenizer
 from dsrun.errors import ConfigError, DataError, TrainingDiverged, UserError
 from dsrun.evaluate import Evaluator
@@ -38,7 +38,7 @@ from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_dat
 from dsrun.profiling import StepProfiler
 from dsrun.reinforce import GroupPolicy, Prompts, describe_rollouts, prompt_budget, prompt_data
 from dsrun.router_balance import RouterBalance
-from dsrun.runs import snapshot, write_json
+from dsrun.run.files import snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
 from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed,
                             micro_step, model_init, optimizer_step, zero3_partitioned)

@@ -40,7 +40,7 @@ PRELOAD = ("torch", "lightning.fabric", "transformers", "hydra", "omegaconf", "r
            "transformers.integrations.deepspeed", "transformers.models.qwen2.modeling_qwen2",
            "transformers.models.deepseek_v3.modeling_deepseek_v3", "transformers.models.auto.modeling_auto",
            "submitit", "dsrun.cli", "dsrun.config", "dsrun.tasks", "dsrun.train", "dsrun.strategy", "dsrun.data",
-           "dsrun.model", "dsrun.plan", "dsrun.plan.speed", "dsrun.ledger", "dsrun.quantize", "dsrun.checkpoint")
+           "dsrun.model", "dsrun.plan", "dsrun.plan.speed", "dsrun.run.ledger", "dsrun.quantize", "dsrun.run.checkpoint")
 # A forked run whose environment has this set to 0 starts its own children (Fabric's ranks, sweep trials) as plain
 # subprocesses: for tests that find those children by parent pid or command line, as dsrun's collective timeout does.
 FORK_CHILDREN = "DSRUN_TEST_FORK_CHILDREN"

@@ -17,19 +17,19 @@ import pytest
 from tests.conftest import REPO
 
 # Lowest first. A module may import modules of its own layer and of the layers below; a package (monitor/) covers
-# its modules.
+# its modules, and a package whose modules sit on several floors (run/) names each (run.ledger).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["dsrun", "errors", "constants", "task_table", "signals", "lm"]),
-    ("tools", ["families", "precision", "hardware", "safe_read", "quiet", "runs", "scratch", "help", "config_view",
-               "allreduce", "chat", "loss", "grpo", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "ledger", "report"]),
+    ("foundation", ["dsrun", "errors", "constants", "task_table", "signals", "lm", "run"]),
+    ("tools", ["families", "precision", "hardware", "safe_read", "quiet", "run.files", "run.scratch", "help", "config_view",
+               "allreduce", "chat", "loss", "grpo", "router_balance", "attention", "model_inputs", "packing", "activation_offload", "profiling", "run.ledger", "report"]),
     ("components", ["parallelize", "quantize", "adapters", "optim", "schedule", "sources", "data", "preference", "model",
-                    "lora_folder", "checkpoint", "evaluate", "monitor/"]),
+                    "lora_folder", "run.checkpoint", "evaluate", "monitor/"]),
     ("schema", ["schema"]),
     ("processes", ["batch", "strategy"]),
     ("validation", ["config"]),
     ("planner", ["plan/"]),
     ("work", ["train", "reinforce", "export", "inference/", "doctor/", "resolve", "batch_size",
-              "child", "sweep", "rollback", "run_folder", "keys", "paths"]),
+              "child", "sweep", "run.rollback", "run.folder", "keys", "paths"]),
     ("tasks", ["tasks"]),
     ("entry", ["cli", "__main__"]),
 ]

@@ -253,7 +253,7 @@ def test_12_readme_lists_every_hardware_option_and_every_run_file():
     readme = (REPO / "README.md").read_text()
     for option in (REPO / "dsrun" / "conf" / "hardware").glob("*.yaml"):
         assert f"`{option.stem}`" in readme, f"hardware={option.stem} missing from the README"
-    from dsrun.run_folder import RUN_FILES
+    from dsrun.run.folder import RUN_FILES
 
     for name in RUN_FILES:
         if not name.startswith("."):

@@ -1,4 +1,4 @@
-"""A run folder is append-only history (dsrun/run_folder.py), and every message about a checkpoint is read from the
+"""A run folder is append-only history (dsrun/run/folder.py), and every message about a checkpoint is read from the
 disk: the issue #15 reproductions, run for real."""
 
 from __future__ import annotations

@@ -347,7 +347,7 @@ def test_another_ranks_job_log_is_not_a_foreign_file(tmp_path):
     """A second node's rank writes dsrun_rank1.log into a shared run folder, sometimes before rank 0 claims it: the
     two-node doctor run was refused as foreign (flaky). Any other file still is."""
     from dsrun.errors import UserError
-    from dsrun.run_folder import refuse_foreign
+    from dsrun.run.folder import refuse_foreign
 
     (tmp_path / "dsrun_rank1.log").write_text("")
     refuse_foreign(tmp_path)

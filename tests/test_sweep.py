@@ -155,8 +155,8 @@ def test_a_failing_check_is_recorded_not_good_and_raised_as_one_user_error(tmp_p
     from omegaconf import OmegaConf
 
     from dsrun.errors import UserError
-    from dsrun.ledger import recorded
-    from dsrun.rollback import smoke_problems
+    from dsrun.run.ledger import recorded
+    from dsrun.run.rollback import smoke_problems
 
     monkeypatch.setenv("DSRUN_LEDGER", str(tmp_path / "ledger.sqlite"))
 
@@ -177,7 +177,7 @@ def _insert_many(path: str, worker: int, count: int) -> None:
     os.environ["DSRUN_LEDGER"] = path
     from omegaconf import OmegaConf
 
-    from dsrun.ledger import record_run
+    from dsrun.run.ledger import record_run
 
     run = Path(path).parent / f"w{worker}"
     run.mkdir()
@@ -281,7 +281,7 @@ def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(t
     assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
     assert f"chose {chosen}" in proc.stderr
     # the probes are part of this run: the ledger holds the run once, not its probes
-    from dsrun.rollback import chosen_micro_batch
+    from dsrun.run.rollback import chosen_micro_batch
 
     assert chosen_micro_batch(run) == [f"train.micro_batch={chosen}"]  # what resume and replay pin
 
@@ -306,7 +306,7 @@ def test_auto_micro_batch_needs_a_global_batch_and_one_node():
 
 
 def test_smoke_checks():
-    from dsrun.rollback import check_metrics, prepare_smoke
+    from dsrun.run.rollback import check_metrics, prepare_smoke
 
     def rows(loss, norm=lambda i: 1.0):
         return [{"step": i + 1, "loss": loss(i), "grad_norm": norm(i)} for i in range(8)]

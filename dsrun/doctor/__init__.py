@@ -24,7 +24,7 @@ from dsrun.hardware import devices_per_node, match_gpu, measured_path
 from dsrun.plan import plan
 from dsrun.plan.memory import bytes_per_param
 from dsrun.plan.overrides import apply_overrides
-from dsrun.runs import rank_zero, write_json
+from dsrun.run.files import rank_zero, write_json
 from dsrun.strategy import apply_environment
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import torch._dynamo
 from dsrun.inference.engine import Engine, Request, compile_wanted, pow2_at_least
 from dsrun.inference.load import load
 from dsrun.inference.metrics import ServerMetrics
-from dsrun.runs import run_dir
+from dsrun.run.files import run_dir
 
 if TYPE_CHECKING:
     from dsrun.schema import BenchInferConfig

@@ -20,7 +20,7 @@ from dsrun.model import NO_HUB_KERNELS, architecture, build_model, freeze, merge
 from dsrun.parallelize import decoder_blocks
 from dsrun.precision import PRECISIONS
 from dsrun.quantize import bnb_config, quantize_linears
-from dsrun.run_folder import read_lock
+from dsrun.run.folder import read_lock
 
 if TYPE_CHECKING:
     from dsrun.schema import RunConfig

@@ -23,7 +23,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 from dsrun.errors import Interrupted, TrainingDiverged, UserError
 from dsrun.quiet import console
-from dsrun.runs import git_commit, rank_zero, write_json
+from dsrun.run.files import git_commit, rank_zero, write_json
 
 Config = TypeVar("Config")  # the run's config, whatever shape the caller holds: passed through to fit()
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsrun.batch import global_batch
 from dsrun.errors import UserError
-from dsrun.runs import git_commit
+from dsrun.run.files import git_commit
 from dsrun.safe_read import read_yaml_mapping
 from dsrun.schema import typed
 

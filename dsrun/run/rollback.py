@@ -2,7 +2,7 @@
 
 A run's `.hydra/config.yaml` is the config exactly as composed (before `auto` was filled in), so composing from
 it again (`--config-path <run>/.hydra`, as `dsrun resume` does) re-runs that run. A replay starts from scratch in
-a new folder and records the run it came from as its parent in the ledger (dsrun/ledger.py reads that from the
+a new folder and records the run it came from as its parent in the ledger (dsrun/run/ledger.py reads that from the
 config path). `task=smoke` is a short run whose checks mark it `good`; `dsrun rollback` replays the newest good run.
 """
 
@@ -17,7 +17,7 @@ import yaml
 
 from dsrun.constants import CONF_DIR
 from dsrun.errors import UserError
-from dsrun.ledger import latest_good, ledger_path
+from dsrun.run.ledger import latest_good, ledger_path
 from dsrun.safe_read import read_yaml_mapping
 
 if TYPE_CHECKING:

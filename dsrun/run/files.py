@@ -79,7 +79,7 @@ def environment() -> dict[str, Any]:
 
 def snapshot(cfg: DictConfig, folder: Path) -> None:
     """Resolved config and environment, written once by rank 0 before the run's first start. A continuation keeps
-    them: what it changed is in resumes.jsonl (dsrun/run_folder.py)."""
+    them: what it changed is in resumes.jsonl (dsrun/run/folder.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "config.yaml").is_file():
         return
