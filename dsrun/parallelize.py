@@ -53,7 +53,7 @@ def parallelize(model: nn.Module, *, parallel: ParallelConfig, precision: Precis
     from dsrun.activation_offload import offload_checkpointing
 
     par = parallel
-    if precision.mode == "fp8":
+    if PRECISIONS[precision.mode].fp8:
         apply_float8(model)
     if mesh is not None and mesh["tensor_parallel"].size() > 1:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
