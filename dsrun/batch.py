@@ -42,9 +42,9 @@ def group_rollouts(cfg: RunConfig) -> bool:
 def sequences_per_row(cfg: RunConfig) -> int:
     """Sequences the model runs per row of a batch: task=dpo's row is a pair (chosen and rejected); task=grpo's a
     prompt with its group of completions."""
-    if group_rollouts(cfg) and cfg.task.name == "plan":
-        return cfg.plan.generations
     if group_rollouts(cfg):
+        if cfg.task.name == "plan":
+            return cfg.plan.generations
         assert cfg.task.generations is not None  # conf/task/grpo.yaml sets it; validate() checks it
         return cfg.task.generations
     return 2 if preference_pairs(cfg) else 1

@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from dsrun.adapters import ADAPTERS
-from dsrun.batch import auto_problem, global_batch_problem
+from dsrun.batch import auto_problem, global_batch_problem, world_size
 from dsrun.chat import TRAIN_ON
 from dsrun.errors import ConfigError
 from dsrun.families import FAMILIES
-from dsrun.hardware import devices_per_node, hardware_problems
+from dsrun.hardware import hardware_problems
 from dsrun.optim import OPTIMIZERS
 from dsrun.precision import PRECISIONS
 from dsrun.quantize import QUANT_METHODS
@@ -51,7 +51,6 @@ PENDING: dict[tuple[str, str], str] = {}
 
 def _positive(problems: list[str], cfg: RunConfig, keys: tuple[str, ...], allow_zero: bool = False) -> None:
     for key in keys:
-        group, name = key.split(".")
         value = value_at(cfg, key)
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else ">= 1"
@@ -104,11 +103,11 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
     p += hardware_problems(hw, gpu_catalog) + parallel_problems(par) + plan_problems(cfg.plan)
     gpu = gpu_catalog.get(hw.gpu or "", {})
 
-    world_size = devices_per_node(hw) * hw.num_nodes
+    processes = world_size(cfg)
     inference_plan = cfg.task.name == "plan" and cfg.plan.mode == "inference"  # weights split, no strategy runs
     run_by = STRATEGIES.get(par.strategy)  # None: an unknown name, reported above
-    if run_by is not None and run_by.one_process and world_size > 1 and not inference_plan:
-        p.append(f"parallel=single with {world_size} processes (hardware.devices x hardware.num_nodes): "
+    if run_by is not None and run_by.one_process and processes > 1 and not inference_plan:
+        p.append(f"parallel=single with {processes} processes (hardware.devices x hardware.num_nodes): "
                  "use parallel=ddp or fsdp, or set hardware.devices=1")
     if run_by is not None and run_by.needs_cuda and hw.accelerator == "cpu":
         p.append("parallel=" + par.name + ": DeepSpeed needs CUDA GPUs; on CPU use parallel=ddp or parallel=fsdp")
@@ -126,8 +125,8 @@ def validate(cfg: RunConfig, gpu_catalog: dict[str, Any]) -> None:
             dense = ", ".join(n for n, f in FAMILIES.items() if f.tensor_parallel)
             p.append(f"parallel=tp with model={cfg.model.name}: tensor parallel covers dense attention/MLP models "
                      f"({dense}); MLA + MoE models use parallel=fsdp (expert parallel is not built yet)")
-        if world_size % tp:
-            p.append(f"parallel.tensor_parallel_size={tp}: must divide the {world_size} processes")
+        if processes % tp:
+            p.append(f"parallel.tensor_parallel_size={tp}: must divide the {processes} processes")
 
     precision = PRECISIONS.get(prec.mode)  # an unknown mode: reported above
     if precision is not None and hw.accelerator == "cpu" and precision.gpu_only:

@@ -6,11 +6,12 @@ import functools
 import json
 import os
 import socket
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import yaml
+
 
 @dataclass
 class HardwareConfig:

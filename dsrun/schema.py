@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, make_dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, cast
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -81,10 +81,14 @@ class PlanConfig:
     mfu: Optional[float] = None  # null: the planner's assumption for the GPU class
 
 
+def counts_below_one(values: Iterable[tuple[str, int]]) -> list[str]:
+    """A problem for each (key, value) whose count is below 1."""
+    return [f"{key}={value}: must be >= 1" for key, value in values if value < 1]
+
+
 def plan_problems(plan: PlanConfig) -> list[str]:
     """The plan group's own values (validate() adds the rules that span groups)."""
-    p = [f"plan.{key}={value}: must be >= 1" for key, value in (("context", plan.context), ("batch", plan.batch))
-         if value < 1]
+    p = counts_below_one((("plan.context", plan.context), ("plan.batch", plan.batch)))
     if plan.electricity_usd_per_kwh < 0:
         p.append(f"plan.electricity_usd_per_kwh={plan.electricity_usd_per_kwh}: must be >= 0")
     if plan.lifetime_years <= 0:
@@ -106,8 +110,7 @@ class DoctorConfig:
 
 def doctor_problems(doctor: DoctorConfig) -> list[str]:
     """The doctor group's own values."""
-    p = [f"doctor.{key}={value}: must be >= 1" for key, value in (("iterations", doctor.iterations),
-                                                                   ("timeout_s", doctor.timeout_s)) if value < 1]
+    p = counts_below_one((("doctor.iterations", doctor.iterations), ("doctor.timeout_s", doctor.timeout_s)))
     if doctor.min_bytes < 4:
         p.append(f"doctor.min_bytes={doctor.min_bytes}: must be >= 4 (one float32)")
     if doctor.max_bytes is not None and doctor.max_bytes < doctor.min_bytes:
@@ -167,14 +170,11 @@ class BenchInferConfig:
 
 def inference_values(gen: GenerateConfig, srv: ServeConfig, bench: BenchInferConfig) -> list[str]:
     """The generate, serve and bench_infer groups' own values (checked when one of those tasks runs)."""
-    p: list[str] = []
-    for key, value in (("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
-                       srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue", srv.max_queue),
-                       ("serve.max_batch", srv.max_batch), ("serve.prefill_tokens", srv.prefill_tokens),
-                       ("bench_infer.prompt_tokens", bench.prompt_tokens), ("bench_infer.new_tokens", bench.new_tokens),
-                       ("bench_infer.concurrent", bench.concurrent)):
-        if value < 1:
-            p.append(f"{key}={value}: must be >= 1")
+    p = counts_below_one((("generate.max_new_tokens", gen.max_new_tokens), ("serve.max_prompt_tokens",
+                          srv.max_prompt_tokens), ("serve.max_tokens", srv.max_tokens), ("serve.max_queue",
+                          srv.max_queue), ("serve.max_batch", srv.max_batch), ("serve.prefill_tokens",
+                          srv.prefill_tokens), ("bench_infer.prompt_tokens", bench.prompt_tokens),
+                          ("bench_infer.new_tokens", bench.new_tokens), ("bench_infer.concurrent", bench.concurrent)))
     if any(b < 1 for b in bench.batches) or not bench.batches:
         p.append(f"bench_infer.batches={list(bench.batches)}: a non-empty list of batch sizes >= 1")
     for key, temperature in (("generate.temperature", gen.temperature), ("serve.temperature", srv.temperature)):
