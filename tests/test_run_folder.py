@@ -94,18 +94,16 @@ def test_sigterm_with_checkpoints_off_says_nothing_was_saved_and_a_second_run_is
     assert not (run / "checkpoints").exists()
     assert (run / ".dsrun.lock").read_text() == "", "a clean exit releases the lock"
 
-    # nothing to continue from: a resume is refused (it used to retrain from step 1 over the history, issue #28),
-    # the folder untouched; train.overwrite=true starts the run over
+    # no checkpoint was ever saved, so nothing a checkpoint held is lost: `resume` does what the stop said, starts
+    # over at step 0, and sets the old rows (and half a line a kill left) aside instead of dropping them
     with (run / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 99, "lo')  # half a line (a kill mid-write)
-    before = (run / "metrics.jsonl").read_bytes()
     again = dsrun("resume", str(run), "train.max_steps=2")
-    assert_user_error(again, f"{run} holds a trained run (metrics.jsonl", "no checkpoint to continue from",
-                      "train.overwrite=true")
-    assert (run / "metrics.jsonl").read_bytes() == before
-    again = dsrun("resume", str(run), "train.max_steps=2", "train.overwrite=true")
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"stopped at step {step} without a checkpoint saved (train.checkpoint_every=-1)" in again.stderr
     assert "resumed from" not in again.stderr
+    aside = (run / "metrics.set_aside.jsonl").read_text().splitlines()
+    assert len(aside) == step + 1 and aside[-1] == '{"step": 99, "lo'
     assert [row["step"] for row in read_metrics(run)] == [1, 2]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dsrun.run.folder import nothing_to_continue
 from tests.conftest import FAST, assert_user_error, dsrun, read_metrics
 from tests.conftest import start as start_dsrun
 
@@ -102,10 +103,48 @@ def test_continuing_needs_a_checkpoint(finished, tmp_path):
     shutil.rmtree(run / "checkpoints")
     before = tree_hash(run)
     proc = dsrun("resume", str(run), "train.max_steps=4")
-    assert_user_error(proc, "holds a trained run (metrics.jsonl, model, summary.json)",
-                      "no checkpoint to continue from", "train.overwrite=true")
+    assert_user_error(proc, "holds a trained run but no checkpoint to continue from: it finished: model/ holds its "
+                      "weights, and checkpoints/ holds none now", "train.overwrite=true")
     assert "continuing the run" not in proc.stderr
     assert tree_hash(run) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    """The other side of the refusal above: killed (-9) before its first checkpoint was due, a run lost nothing a
+    checkpoint held; `resume` replays its steps from step 1, as any resume replays those after its last save (the
+    refusal broke the kill -9 resume test in CI)."""
+    run = tmp_path / "R"
+    proc = start_dsrun(*FAST, "train.max_steps=200", "train.seq_len=32", "train.micro_batch=2",
+                       "train.checkpoint_every=100", f"hydra.run.dir={run}")
+    deadline = time.time() + 120
+    metrics = run / "metrics.jsonl"
+    while not (metrics.is_file() and metrics.read_text().endswith("\n")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.endswith("}")]
+    assert logged and logged[-1] < 100 and not (run / "checkpoints").exists()
+    again = dsrun("resume", str(run), "train.max_steps=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"stopped at step {logged[-1]} without a checkpoint saved (train.checkpoint_every=100)" in again.stderr
+    assert [row["step"] for row in read_metrics(run)] == [1, 2]
+    assert len((run / "metrics.set_aside.jsonl").read_text().splitlines()) >= len(logged), "set aside, not dropped"
+
+
+@pytest.mark.parametrize("every, last, refused", [
+    (2, 5, "it logged step 5, after its checkpoint at step 2 was due"),
+    (5, 5, None),  # killed while its first checkpoint was being saved
+    (0, 7, None), (-1, 7, None),
+])
+def test_a_checkpoint_once_due_and_now_gone_is_lost_history(tmp_path, every, last, refused):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                                    for s in range(1, last + 1)))
+    problem = nothing_to_continue(tmp_path, {"resume": "auto"}, every)
+    assert problem == refused if refused is None else refused in problem
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "interrupted"}))  # a stop saves one when every >= 0
+    problem = nothing_to_continue(tmp_path, {"resume": "auto"}, every)
+    assert (problem is None) == (every == -1)
 
 
 def test_sweep_trials_that_share_a_folder_are_refused_before_any_trial(tmp_path):

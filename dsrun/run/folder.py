@@ -155,21 +155,53 @@ def check_folder(folder: Path, composed: dict[str, Any]) -> None:
                             "the same trial)")
 
 
-def nothing_to_continue(folder: Path, train: dict[str, Any]) -> str | None:
-    """Why a folder holding a run cannot be continued: it trained (metrics, weights, a summary) but no checkpoint
-    is left to continue from. None when it can (or when nothing was trained yet)."""
+def nothing_to_continue(folder: Path, train: dict[str, Any], saved_every: Any) -> str | None:
+    """Why a folder holding a run cannot be continued: a checkpoint was saved once (the run finished, a stop saved
+    one, or a periodic save was due before its last logged step) but none is left, so continuing would retrain
+    from step 1 over history a checkpoint held. None when it can: a run that never saved one (killed before its
+    first was due, train.checkpoint_every=-1, diverged) starts again from step 1 -- as any resume replays the steps
+    after its last save -- its old rows set aside, not dropped. `saved_every` is the snapshot's checkpoint_every."""
     if train.get("resume") not in (None, "auto") or saved_checkpoint(folder):
         return None
     metrics = folder / "metrics.jsonl"
-    trained = [name for name in ("model", "summary.json") if (folder / name).exists()]
-    if metrics.is_file() and metrics.stat().st_size:
-        trained.insert(0, "metrics.jsonl")
-    if not trained:
+    last = last_logged_step(metrics) if metrics.is_file() else 0
+    every = saved_every if isinstance(saved_every, int) else 0
+    status = summary_status(folder / "summary.json")
+    saved = [reason for reason, held in (
+        ("it finished: model/ holds its weights", (folder / "model").exists()),
+        ("it finished (summary.json)", status == "completed"),
+        ("it was stopped, which saves one (summary.json)", status == "interrupted" and every >= 0),
+        (f"it logged step {last}, after its checkpoint at step {every} was due", 0 < every < last),
+    ) if held]
+    if not saved:
+        if last:
+            print(f"dsrun: note: {folder} stopped at step {last} without a checkpoint saved (train.checkpoint_every="
+                  f"{every}); it starts again from step 1", file=sys.stderr)
         return None
-    return (f"{folder} holds a trained run ({', '.join(trained)}) but no checkpoint to continue from "
-            "(checkpoints/ holds none); continuing would retrain it from step 1 over its history: choose a new "
-            "hydra.run.dir=..., resume from a checkpoint path with train.resume=PATH, or add train.overwrite=true "
-            "to replace the run")
+    return (f"{folder} holds a trained run but no checkpoint to continue from: {saved[0]}, and checkpoints/ holds "
+            "none now; continuing would retrain it from step 1 over its history: choose a new hydra.run.dir=..., "
+            "resume from a checkpoint path with train.resume=PATH, or add train.overwrite=true to replace the run")
+
+
+def summary_status(path: Path) -> str | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("status") if isinstance(summary, dict) else None
+
+
+def last_logged_step(metrics: Path) -> int:
+    """The highest step of metrics.jsonl's readable rows (a line cut by a kill is skipped)."""
+    last = 0
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            last = max(last, row["step"])
+    return last
 
 
 def saved_checkpoint(folder: Path) -> bool:
@@ -206,7 +238,7 @@ def claim(folder: Path, composed: dict[str, Any], resolved: DictConfig, override
         raise UserError(f"train.resume=never: {folder} holds {work} that starting over would replace; continue it "
                         f"with `dsrun resume {folder}`, choose a new hydra.run.dir=..., or add train.overwrite=true "
                         "to replace them")
-    if problem := nothing_to_continue(folder, train):
+    if problem := nothing_to_continue(folder, train, (old.get("train") or {}).get("checkpoint_every")):
         raise UserError(problem)
     check_global_batch(folder, resolved)
     changes = config_diff(old, composed)
