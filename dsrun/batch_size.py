@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from dsrun.batch import data_parallel_size, divisors
 from dsrun.child import run_child
 from dsrun.errors import UserError
+from dsrun.hardware import memory_cap
 from dsrun.plan import plan
 from dsrun.plan.overrides import apply_overrides
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from dsrun.schema import RunConfig
 
 PROBE_STEPS = 2  # the second step is the first with optimizer states allocated: the steady-state peak
+# Probes run under this share of the run's memory, so the size chosen keeps a margin for what differs between two
+# processes (allocator arenas, fragmentation): a size that fit its probe by a few MB once failed the run itself
+PROBE_HEADROOM = 0.9
 
 
 def planned_micro_batch(cfg: RunConfig) -> int:
@@ -100,4 +104,14 @@ def probe_overrides(cfg: RunConfig, size: int, dp: int, folder: Path) -> list[st
             f"train.max_steps={PROBE_STEPS}", "train.epochs=null", "train.keep_best=false",
             "train.eval_every=0", "data.eval_split=null", "data.eval_path=null", "train.checkpoint_every=-1",
             "train.resume=never", "train.force=true", "train.log_every=1", "task=train", "monitor=none",
-            f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+            f"hydra.run.dir={folder}", "hydra.output_subdir=null", *probe_cap(cfg)]
+
+
+def probe_cap(cfg: RunConfig) -> list[str]:
+    """The probe's memory cap: PROBE_HEADROOM of the run's (its cap, the emulated card's VRAM, else the GPU's)."""
+    cap = memory_cap(cfg.hardware)
+    if cap is None and cfg.hardware.accelerator == "cuda":
+        import torch
+
+        cap = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return [] if cap is None else [f"hardware.memory_cap_gib={cap * PROBE_HEADROOM:.3f}"]

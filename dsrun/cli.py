@@ -268,14 +268,15 @@ def hydra_main(cfg: DictConfig) -> None:
         probe = cfg.train.micro_batch == "auto"  # resolve() puts the planner's guess in its place
         resolve(typed(cfg))
         run_task(typed(cfg), probe_micro_batch=probe)
-    except UserError as exc:
-        fail("\n".join(getattr(exc, "problems", [str(exc)])))
-    except Interrupted as exc:
-        stopped(exc, last_checkpoint_note)
-    except Exception:
-        if (signum := signals.received()) is None:
-            raise
-        stopped(Interrupted(signum), last_checkpoint_note)  # raised inside a library that wrapped it
+    except Exception as exc:
+        # a signal, also where a library caught it and failed in its own way: transformers' lazy imports re-raise
+        # it as their error, a jinja chat template went on with a None and was reported as refusing the chat
+        signum = exc.signum if isinstance(exc, Interrupted) else signals.received()
+        if signum is not None:
+            stopped(Interrupted(signum), last_checkpoint_note)
+        if isinstance(exc, UserError):
+            fail("\n".join(getattr(exc, "problems", [str(exc)])))
+        raise
     finally:
         discard_scratch_folder(cfg.task.name)  # done, refused or stopped: a task that keeps nothing leaves no folder
 

@@ -102,6 +102,11 @@ def measured_links(hardware_cfg: HardwareConfig) -> dict[str, dict[str, Any]]:
             if isinstance(entry, dict) and entry.get("device") == device and entry.get("bus_bandwidth_gbs")}
 
 
+def memory_cap(hw: HardwareConfig) -> float | None:
+    """GiB a process may allocate: hardware.memory_cap_gib, else under hardware.emulate the emulated card's VRAM."""
+    return hw.memory_cap_gib or (gpu_catalog()[hw.gpu]["vram_gib"] if hw.emulate and hw.gpu else None)
+
+
 def emulate_memory(hardware_cfg: HardwareConfig, device: Any) -> float | None:
     """Cap what this process may allocate: hardware.memory_cap_gib, or under hardware.emulate the profile's VRAM
     (a 4060 recipe proven on an H100). GPU: the caching allocator's fraction of the card. CPU: the heap may grow
@@ -110,8 +115,7 @@ def emulate_memory(hardware_cfg: HardwareConfig, device: Any) -> float | None:
 
     import torch
 
-    hw = hardware_cfg
-    cap_gib = hw.memory_cap_gib or (gpu_catalog()[hw.gpu]["vram_gib"] if hw.emulate and hw.gpu else None)
+    cap_gib = memory_cap(hardware_cfg)
     if cap_gib is None:
         return None
     if device.type == "cuda":

@@ -276,6 +276,11 @@ def test_auto_micro_batch_backs_off_from_a_real_oom_and_keeps_the_global_batch(t
     assert "out of host memory" in (run / "micro_batch_probe" / f"{sizes[0]}.log").read_text()
     import yaml
 
+    # probes run under 90 % of the cap: the size chosen keeps a margin (one that fit its probe by a few MB once
+    # ran out of memory in the run itself)
+    probed = yaml.safe_load((run / "micro_batch_probe" / str(chosen) / "config.yaml").read_text())
+    assert probed["hardware"]["memory_cap_gib"] == 0.81
+
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert (train["micro_batch"], train["accumulation"], train["global_batch"]) == (chosen, 16 // chosen, 16)
     assert json.loads((run / "summary.json").read_text())["global_batch"] == 16
