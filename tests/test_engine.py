@@ -117,6 +117,26 @@ def test_sampling_rules_on_the_device():
         assert (best == drawn[:, None]).any(-1).all()
 
 
+def test_the_noise_is_the_counter_hash_of_seed_position_and_token():
+    """uniform() runs in place for speed; its numbers are still the plain formula's (a request's tokens, and GRPO's
+    resumed completions, depend on them), uniform in (0, 1), and the same under torch.compile."""
+    from dsrun.inference.sampling import _MASK31, uniform
+
+    def plain(seeds, positions, vocab):
+        x = ((seeds & _MASK31) * 1_000_003 + (positions & _MASK31) * 7_919) & _MASK31
+        x = (x[:, None] * 65_537 + torch.arange(vocab)[None] * 40_503) & _MASK31
+        for _ in range(3):
+            x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
+            x = ((x ^ (x >> 13)) * 0x297A2D39) & _MASK31
+        return ((x >> 7).float() + 0.5) / 2**24
+
+    seeds, positions = torch.tensor([0, 1, 2**40 + 7, 2**62]), torch.tensor([0, 5, 2**31, 3])
+    drawn = uniform(seeds, positions, 5003)
+    assert torch.equal(drawn, plain(seeds, positions, 5003))
+    assert 0 < drawn.min() and drawn.max() < 1 and abs(drawn.mean().item() - 0.5) < 0.01
+    assert torch.equal(torch.compile(uniform, fullgraph=True)(seeds, positions, 5003), drawn)
+
+
 def test_cancel_frees_the_slot_and_the_gauges():
     model = tiny("tiny_qwen2")
     engine = engine_for(model, slots=1)
