@@ -38,7 +38,7 @@ from dsrun.preference import PreferenceEvaluator, PreferenceLoss, preference_dat
 from dsrun.profiling import StepProfiler
 from dsrun.reinforce import GroupPolicy, Prompts, describe_rollouts, prompt_budget, prompt_data
 from dsrun.router_balance import RouterBalance
-from dsrun.run.files import snapshot, write_json
+from dsrun.run.files import metrics_row, snapshot, write_json
 from dsrun.schedule import horizon_on_resume, lr_factor, schedule_problems
 from dsrun.strategy import (all_reduce_, build_fabric, checkpoint_state, full_state_dict, grad_clip, is_deepspeed,
                             micro_step, model_init, optimizer_step, zero3_partitioned)
@@ -510,11 +510,8 @@ def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
         return []
     kept, aside = [], []
     for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        row = metrics_row(line)
+        if row is not None and row["step"] <= step:
             kept.append(row)
         elif line.strip():
             aside.append(line)

@@ -21,6 +21,15 @@ ENV_PREFIXES = ("NCCL_", "GLOO_", "CUDA_", "TORCH_", "PYTORCH_", "OMP_", "MKL_",
 REDACTED = "<redacted>"
 
 
+def metrics_row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line as its row: a JSON object with an integer step, else None (a line a kill cut short)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def run_dir() -> Path:
     """The folder Hydra made for this job; every rank of a Fabric launch gets the same one."""
     from hydra.core.hydra_config import HydraConfig

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsrun.batch import global_batch
 from dsrun.errors import UserError
-from dsrun.run.files import git_commit
+from dsrun.run.files import git_commit, metrics_row
 from dsrun.safe_read import read_yaml_mapping
 from dsrun.schema import typed
 
@@ -193,15 +193,8 @@ def summary_status(path: Path) -> str | None:
 
 def last_logged_step(metrics: Path) -> int:
     """The highest step of metrics.jsonl's readable rows (a line cut by a kill is skipped)."""
-    last = 0
-    for line in metrics.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            last = max(last, row["step"])
-    return last
+    rows = (metrics_row(line) for line in metrics.read_text(errors="replace").splitlines())
+    return max((row["step"] for row in rows if row is not None), default=0)
 
 
 def saved_checkpoint(folder: Path) -> bool:
