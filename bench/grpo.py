@@ -71,8 +71,9 @@ def case_dsrun(steps: int, emulate: bool, out: Path) -> dict:
            f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=-1", "monitor=none",
            f"hydra.run.dir={run_dir}", *(["hardware.emulate=true"] if emulate else ["hardware=auto"])]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (out / "dsrun.err").write_text(proc.stderr)
+    with open(out / "dsrun.err", "w") as err:  # streamed: a job cut off by its time limit still shows how far it got
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    proc.stderr = (out / "dsrun.err").read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"dsrun exit {proc.returncode}: {proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -180,11 +181,11 @@ def main() -> None:
             if case == "dsrun":
                 results[case] = case_dsrun(args.dsrun_steps, not args.no_emulate, out)
             else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
-                proc = subprocess.run([sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)],
-                                      capture_output=True, text=True)
-                (out / "trl.err").write_text(proc.stderr)
+                with open(out / "trl.err", "w") as err:
+                    proc = subprocess.run([sys.executable, __file__, "--case", "trl", "--trl-steps",
+                                           str(args.trl_steps)], stdout=subprocess.PIPE, stderr=err, text=True)
                 if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr[-3000:])
+                    raise RuntimeError((out / "trl.err").read_text()[-3000:])
                 results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
         except Exception as exc:  # noqa: BLE001 - one failed case still prints the others
             results[case] = {"error": str(exc)[-3000:]}

@@ -91,21 +91,35 @@ def collective_timeout(cfg: RunConfig, folder: Any, exc: BaseException) -> None:
     """A collective outlived parallel.timeout_s (a peer hung in NCCL/Gloo or died): name this rank, end the ranks
     this process launched, exit 4 instead of hanging or dumping a traceback."""
     import os
-    import signal
     import sys
-    from pathlib import Path
 
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK", "0")
     print(f"dsrun: error: rank {rank}: a collective did not complete within parallel.timeout_s="
           f"{cfg.parallel.timeout_s} s; another rank hung or died ({first_line(exc)[:160]}). "
           f"{timeout_advice(folder)}", file=sys.stderr)
-    for entry in Path("/proc").iterdir():  # ranks Fabric started from this process
+    end_launched_ranks()
+    raise SystemExit(4)
+
+
+def end_launched_ranks() -> None:
+    """SIGKILL the ranks Fabric started from this process and reap them. Reaped here, Lightning's child-process
+    observer (a thread that polls them every 5 s) never sees a rank that died and SIGKILLs this process as well,
+    which would replace the exit status 4 and the run's record of how it ended with a -9."""
+    import os
+    import signal
+    import threading
+    from pathlib import Path
+
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer":  # lightning.fabric's _ChildProcessObserver: let it stop
+            thread._finished = True  # type: ignore[attr-defined]
+    for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
                 os.kill(int(entry.name), signal.SIGKILL)
+                os.waitpid(int(entry.name), 0)
         except (OSError, ValueError, IndexError):
             continue
-    raise SystemExit(4)
 
 
 def timeout_advice(folder: Any) -> str:

@@ -137,6 +137,27 @@ def test_a_hung_rank_times_out_naming_the_rank(tmp_path):
         end(main)
 
 
+ENDING_RANKS = r'''
+import os, subprocess, sys, time
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+from dsrun.tasks import end_launched_ranks
+
+rank1 = subprocess.Popen(["sleep", "100"])
+_ChildProcessObserver(os.getpid(), [rank1], sleep_period=0.05).start()  # Fabric's, polling every 50 ms
+time.sleep(0.3)
+end_launched_ranks()
+time.sleep(1)  # what the exit still does (the run's record, atexit) takes this long under load
+sys.exit(4)
+'''
+
+
+def test_ending_the_ranks_does_not_get_this_process_killed():
+    """CI once saw the hung-rank job exit -9 instead of 4: the rank it had SIGKILLed was polled by Lightning's child
+    observer, which then SIGKILLed the launching process before it exited."""
+    proc = subprocess.run([sys.executable, "-c", ENDING_RANKS], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+
+
 DEEPSPEED_STEP = r'''
 import copy, json, os, sys
 from types import SimpleNamespace
