@@ -117,24 +117,30 @@ def test_sampling_rules_on_the_device():
         assert (best == drawn[:, None]).any(-1).all()
 
 
-def test_the_noise_is_the_counter_hash_of_seed_position_and_token():
-    """uniform() runs in place for speed; its numbers are still the plain formula's (a request's tokens, and GRPO's
-    resumed completions, depend on them), uniform in (0, 1), and the same under torch.compile."""
-    from dsrun.inference.sampling import _MASK31, uniform
+def test_draws_follow_the_probabilities_and_depend_on_seed_and_position_only():
+    """Inverse-transform sampling: over many seeds each token comes up as often as its probability says (top-p's
+    cut renormalised); a row's token does not depend on the rows beside it; with nothing cut, the truncating path
+    draws what the plain one does; the same under torch.compile."""
+    from dsrun.inference.sampling import sample, uniform
 
-    def plain(seeds, positions, vocab):
-        x = ((seeds & _MASK31) * 1_000_003 + (positions & _MASK31) * 7_919) & _MASK31
-        x = (x[:, None] * 65_537 + torch.arange(vocab)[None] * 40_503) & _MASK31
-        for _ in range(3):
-            x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK31
-            x = ((x ^ (x >> 13)) * 0x297A2D39) & _MASK31
-        return ((x >> 7).float() + 0.5) / 2**24
-
-    seeds, positions = torch.tensor([0, 1, 2**40 + 7, 2**62]), torch.tensor([0, 5, 2**31, 3])
-    drawn = uniform(seeds, positions, 5003)
-    assert torch.equal(drawn, plain(seeds, positions, 5003))
-    assert 0 < drawn.min() and drawn.max() < 1 and abs(drawn.mean().item() - 0.5) < 0.01
-    assert torch.equal(torch.compile(uniform, fullgraph=True)(seeds, positions, 5003), drawn)
+    rows = 20_000
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0]).repeat(rows, 1)
+    ones, none = torch.ones(rows), torch.zeros(rows, dtype=torch.long)
+    seeds, positions = torch.arange(rows), torch.full((rows,), 3)
+    plain = sample(logits, ones, ones, none, seeds, positions, truncate=False)
+    assert torch.allclose(torch.bincount(plain, minlength=4) / rows, logits[0].softmax(-1), atol=0.015)
+    assert torch.equal(sample(logits, ones, ones, none, seeds, positions), plain)
+    cut = sample(logits, ones, torch.full((rows,), 0.7), none, seeds, positions)  # keeps tokens 3 (0.64) and 2
+    kept = logits[0, 2:].softmax(-1)
+    assert torch.allclose(torch.bincount(cut, minlength=4) / rows, torch.cat([torch.zeros(2), kept]), atol=0.015)
+    assert torch.equal(sample(logits[:7], ones[:7], ones[:7], none[:7], seeds[5:12], positions[:7], False), plain[5:12])
+    assert not torch.equal(sample(logits, ones, ones, none, seeds, positions + 1, False), plain)
+    drawn = uniform(torch.tensor([0, 1, 2**40 + 7, 2**62]), torch.tensor([0, 5, 2**31, 3]))
+    assert 0 < drawn.min() and drawn.max() < 1 and len(set(drawn.tolist())) == 4
+    big = torch.randn(3, 5003, generator=torch.Generator().manual_seed(0))
+    args = (big, torch.ones(3), torch.ones(3), torch.zeros(3, dtype=torch.long), torch.arange(3), torch.zeros(3,
+            dtype=torch.long), False)
+    assert torch.equal(torch.compile(sample, fullgraph=True)(*args), sample(*args))
 
 
 def test_cancel_frees_the_slot_and_the_gauges():
