@@ -5,6 +5,9 @@ source bench/device/prelude.sh
 export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 at grpo
-timeout -k 5 560 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 2>&1 | grep -v '"error"' | tail -12
+# TRL's single step first (about 2 minutes): dsrun's 20 steps write metrics.jsonl into $OUT as they go, so a run cut
+# short by the call's limit still gives its rollout tokens/s and step times
+timeout -k 5 570 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 --only trl,dsrun 2>&1 | tee $OUT/grpo.out \
+  | grep -v '"error"' | tail -12
 at end
 for f in $OUT/dsrun.err $OUT/trl.err; do echo "--- $f"; grep -v "it/s\]\|Warning\|warn(" $f | tail -14 | cut -c1-300; done
