@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests import forkserver
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite's workers share the machine's cores (pyproject: 2 workers for 2): one thread per process, set before
+    # torch loads here or in the runs forked from here, or every op of every worker oversubscribes them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from tests import forkserver  # noqa: E402 - after the thread count
 
 REPO = Path(__file__).resolve().parent.parent
 # every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite

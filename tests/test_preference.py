@@ -143,9 +143,11 @@ def test_dpo_on_two_processes_matches_one(tmp_path, strategy):
     assert one.returncode == 0, one.stderr[-2000:]
     two = dsrun(*job, "hardware.devices=2", f"parallel={strategy}", "train.micro_batch=2", run_dir=tmp_path / "two")
     assert two.returncode == 0, two.stderr[-2000:]
+    # the margin is beta times a difference of sequence log-probabilities in the hundreds: float32 sums in another
+    # order (two ranks, another thread count) move it by ~1e-6 absolute, 1e-4 of a margin as small as 0.007
     for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["reward_margin"] == pytest.approx(
-            a["reward_margin"], rel=1e-4, abs=1e-7)
+            a["reward_margin"], rel=1e-4, abs=5e-6)
 
 
 @pytest.mark.parametrize("adapter", ["lora", "none"])
