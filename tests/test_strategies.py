@@ -163,11 +163,15 @@ import copy, json, os, sys
 from types import SimpleNamespace
 import torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import importlib
 import deepspeed
 from lightning.fabric.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
 from dsrun.strategy import deepspeed_config, micro_step, optimizer_step
 
+# DeepSpeed compiles a C++ op (~35 s on a fresh machine) for shared-memory all-reduce between CPU ranks; this job
+# has one rank, and dsrun runs DeepSpeed on CUDA only (on a CPU it stops with one line)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # the module: deepspeed.comm.torch is torch
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 torch.manual_seed(0)
 base = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
