@@ -137,17 +137,19 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
                 chunk: int) -> torch.Tensor:
         dtype = _compute_dtype(hidden, weight)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk):
             logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).T).float()
+            lse[start:start + chunk] = logits.logsumexp(1)
             out[start:start + chunk] = logits.gather(1, labels[start:start + chunk, None]).squeeze(1) - \
-                logits.logsumexp(1)
-        ctx.save_for_backward(hidden, weight, labels)
+                lse[start:start + chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, labels, lse = ctx.saved_tensors
         dtype = _compute_dtype(hidden, weight)
         w = weight.to(dtype)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -155,10 +157,11 @@ class ChunkedTokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[start:start + ctx.chunk].to(dtype)
-            probs = (h @ w.T).float().softmax(1)
-            # d logp[label] / d logits = onehot(label) - softmax, times each token's incoming gradient
-            grad = -probs * grad_out[start:start + ctx.chunk, None]
-            grad.scatter_add_(1, labels[start:start + ctx.chunk, None], grad_out[start:start + ctx.chunk, None])
+            incoming = grad_out[start:start + ctx.chunk, None]
+            # d logp[label] / d logits = onehot(label) - softmax, times each token's incoming gradient; the softmax
+            # from the forward's logsumexp, in place over the recomputed logits (one [chunk, vocab] buffer)
+            grad = (h @ w.T).float().sub_(lse[start:start + ctx.chunk, None]).exp_().mul_(-incoming)
+            grad.scatter_add_(1, labels[start:start + ctx.chunk, None], incoming)
             grad = grad.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + ctx.chunk] = (grad @ w).to(hidden.dtype)
