@@ -65,22 +65,29 @@ def save_model() -> None:
     tokenizer.save_pretrained(MODEL_DIR)
 
 
+def run_logged(cmd: list[str], err_path: Path) -> tuple[str, str]:
+    """Run a case's process with its stderr streamed to `err_path` (a job cut off by its time limit still shows how
+    far it got): (stdout, stderr), or RuntimeError with the stderr's end."""
+    with open(err_path, "w") as err:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    stderr = err_path.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{err_path.stem} exit {proc.returncode}: {stderr[-3000:]}")
+    return proc.stdout, stderr
+
+
 def case_dsrun(steps: int, emulate: bool, out: Path) -> dict:
     run_dir = out / "dsrun_grpo"
     cmd = [sys.executable, "-m", "dsrun", f"+recipe={RECIPE}", "model.init=pretrained", f"model.path={MODEL_DIR}",
            f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=-1", "monitor=none",
            f"hydra.run.dir={run_dir}", *(["hardware.emulate=true"] if emulate else ["hardware=auto"])]
     started = time.perf_counter()
-    with open(out / "dsrun.err", "w") as err:  # streamed: a job cut off by its time limit still shows how far it got
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True)
-    proc.stderr = (out / "dsrun.err").read_text()
-    if proc.returncode != 0:
-        raise RuntimeError(f"dsrun exit {proc.returncode}: {proc.stderr[-3000:]}")
+    _, stderr = run_logged(cmd, out / "dsrun.err")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     steady = rows[1:] or rows  # the first step carries start-up
     step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])] or [rows[0]["elapsed_s"]]
-    compile_line = next((line for line in proc.stderr.splitlines() if "compiled the decode step" in line), "")
+    compile_line = next((line for line in stderr.splitlines() if "compiled the decode step" in line), "")
     return {"steps": summary["steps"], "rollout_tokens_per_s": round(statistics.median(
                 r["rollout_tokens_per_s"] for r in steady)),
             "step_s": round(statistics.median(step_s), 2), "completion_length": round(statistics.mean(
@@ -181,12 +188,9 @@ def main() -> None:
             if case == "dsrun":
                 results[case] = case_dsrun(args.dsrun_steps, not args.no_emulate, out)
             else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
-                with open(out / "trl.err", "w") as err:
-                    proc = subprocess.run([sys.executable, __file__, "--case", "trl", "--trl-steps",
-                                           str(args.trl_steps)], stdout=subprocess.PIPE, stderr=err, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError((out / "trl.err").read_text()[-3000:])
-                results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+                stdout, _ = run_logged([sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)],
+                                       out / "trl.err")
+                results[case] = json.loads(stdout.strip().splitlines()[-1])
         except Exception as exc:  # noqa: BLE001 - one failed case still prints the others
             results[case] = {"error": str(exc)[-3000:]}
         print(case, json.dumps(results[case]), flush=True)

@@ -4,7 +4,7 @@ A row draws its token by inverse transform: one number in (0, 1) from a counter-
 token's position) picks the first token whose cumulative probability reaches it. A request's tokens depend on its
 own seed only — not on which other requests share the batch or in which slot it runs — and nothing is drawn from a
 global generator, so the step stays one graph. One number per row, where Gumbel noise needs one per vocabulary
-entry: sampling a 129k vocabulary for 16 rows took 46 ms on a CPU that way, 8 ms this way."""
+entry (a 129k vocabulary's hash was most of a small model's sampled decode step on a CPU)."""
 
 from __future__ import annotations
 
