@@ -183,6 +183,24 @@ def test_the_compiled_decode_step_is_one_graph_for_every_bucket():
     assert outputs[1] == greedy_alone(model, requests[1].ids, 6)
 
 
+def test_checkpointed_blocks_compile_as_one_graph_for_the_rollouts():
+    """A model trained with parallel.activation_checkpointing (GRPO's recipes) decodes its rollouts through the same
+    one graph: the checkpoint is skipped without autograd, not traced as a graph break at every block."""
+    from torch._dynamo.utils import counters
+
+    from dsrun.parallelize import apply_activation_checkpointing, decoder_blocks
+
+    model = tiny("tiny_qwen2")
+    apply_activation_checkpointing(model, decoder_blocks(model))
+    assert type(model.model.layers[0]).__name__ == "CheckpointWrapper"
+    before = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    engine = engine_for(model, compile=True, backend="eager", max_len=256)
+    engine.warm_up(*engine.buckets())
+    engine.stop(1)
+    assert dict(counters["graph_break"]) == before[0], "the decode step broke its graph"
+    assert counters["stats"]["unique_graphs"] - before[1] == 1
+
+
 def test_a_decode_step_that_fails_to_compile_is_one_line_naming_the_setting():
     """A compile failure in the engine's thread (an inductor bug on a GPU, say) reaches the caller of warm_up as
     one line naming the setting that runs uncompiled, and stops the engine; before, the thread died and the

@@ -153,6 +153,31 @@ def test_offloaded_checkpointing_gives_the_gradients_of_plain_checkpointing(name
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
+def test_plain_checkpointing_saves_only_block_inputs_under_autograd_and_nothing_without():
+    """parallel.activation_checkpointing: a training forward keeps far fewer tensors for backward than the plain
+    model; under no_grad (rollouts, eval) the block runs as is and keeps none."""
+    from dsrun.parallelize import apply_activation_checkpointing, decoder_blocks
+
+    def saved(model, grad: bool) -> int:
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        ids = torch.randint(0, 1000, (2, 16))
+        with torch.set_grad_enabled(grad), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids)
+        return count[0]
+
+    cfg = model_cfg("tiny_qwen2")
+    plain = build_model(cfg, architecture(cfg), seed=0).train()
+    checkpointed = build_model(cfg, architecture(cfg), seed=0).train()
+    apply_activation_checkpointing(checkpointed, decoder_blocks(checkpointed))
+    assert saved(checkpointed, grad=True) < saved(plain, grad=True) / 2
+    assert saved(checkpointed, grad=False) == 0
+
+
 def test_lora_targets_missing_from_the_model_are_named_with_the_real_layers():
     cfg = model_cfg("tiny_qwen2")
     model = build_model(cfg, architecture(cfg), seed=0)
