@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,9 +23,19 @@ from tests import forkserver  # noqa: E402 - after the thread count
 
 REPO = Path(__file__).resolve().parent.parent
 # every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite
-os.environ.setdefault("DSRUN_LEDGER", str(Path(tempfile.mkdtemp(prefix="dsrun-ledger-")) / "ledger.sqlite"))
+SCRATCH: list[str] = []  # the folders made here, removed when the session ends
+
+
+def scratch(prefix: str) -> str:
+    SCRATCH.append(tempfile.mkdtemp(prefix=prefix))
+    return SCRATCH[-1]
+
+
+if "DSRUN_LEDGER" not in os.environ:
+    os.environ["DSRUN_LEDGER"] = str(Path(scratch("dsrun-ledger-")) / "ledger.sqlite")
 # and plan with the catalog's links, not a bandwidth `dsrun doctor` once saved for this machine (docs/doctor.md)
-os.environ.setdefault("DSRUN_DOCTOR_DIR", tempfile.mkdtemp(prefix="dsrun-doctor-"))
+if "DSRUN_DOCTOR_DIR" not in os.environ:
+    os.environ["DSRUN_DOCTOR_DIR"] = scratch("dsrun-doctor-")
 # Short CPU runs of the tiny model: enough steps to see learning, few enough for a 2-core CI box. No checkpoints
 # unless a test asks for them (a later override wins): the 200 MB write + fsync is a third of a short run. 256
 # generated samples, not 4,000: rendering those through the chat template was ~1.7 s of every run's start-up, and a
@@ -62,6 +73,8 @@ def start(*args: str, env: dict | None = None) -> Any:
 
 def pytest_sessionfinish(session, exitstatus):
     forkserver.shutdown()
+    for folder in SCRATCH:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

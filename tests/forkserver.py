@@ -23,6 +23,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import socket
 import struct
 import subprocess
@@ -261,6 +262,7 @@ class Zygote:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Forked:
