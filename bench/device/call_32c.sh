@@ -1,6 +1,6 @@
 # call 32c (nvidia-h100-x1 or nvidia-h200): call 32b without its GEMV probe — GRPO on R1-Distill-Qwen-1.5B (random
 # init, saved once): dsrun's recipe `1x4060_grpo_lora` under the RTX 4060's 8 GiB cap for 20 steps, then TRL 1.16's
-# GRPOTrainer on the same folder, prompts, G, completion length and LoRA for 1 step (4 generate calls) (bench/grpo.py). Issue #32.
+# GRPOTrainer on the same folder, prompts, G, completion length and LoRA for 1 step (one generate call: TRL samples a whole optimizer step's 32 completions at once) (bench/grpo.py). Issue #32.
 source bench/device/prelude.sh
 export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
