@@ -178,7 +178,10 @@ class GroupPolicy:
             self.engine = Engine(model, slots=micro_batch * self.generations, max_len=max_len,
                                  metrics=ServerMetrics(), max_queue=micro_batch * self.generations, seed=seed,
                                  compile=compiled)
-            self.engine.warm_up(*self.engine.buckets(), setting="task.compile")
+            # only the lengths rollouts reach: a bucket is a CUDA graph to record, and the engine's full length
+            # (seq_len + 1, an odd size) would be one no rollout uses
+            longest = int(prompts.lengths.max()) + completion_budget(task, max_len, int(prompts.lengths.max()))
+            self.engine.warm_up(*self.engine.buckets(longest=longest), setting="task.compile")
         model.train(was_training)
         names = [f"reward_{name.rpartition('.')[2]}" for name in self.rewards]
         self.names = ["reward", *names, "completion_length", "stopped", "kl", "completions"]

@@ -183,6 +183,17 @@ def test_the_compiled_decode_step_is_one_graph_for_every_bucket():
     assert outputs[1] == greedy_alone(model, requests[1].ids, 6)
 
 
+def test_the_warm_up_covers_only_the_lengths_asked_for():
+    """GRPO warms the buckets its rollouts reach (prompt + completion budget), not the engine's odd full length."""
+    engine = engine_for(tiny("tiny_qwen2"), max_len=1025, slots=8)
+    try:
+        assert engine.buckets() == ([2, 4, 8], [256, 512, 1024, 1025])
+        assert engine.buckets(longest=20 + 768) == ([2, 4, 8], [256, 512, 1024])
+        assert engine.buckets(longest=4096) == engine.buckets()
+    finally:
+        engine.stop(1)
+
+
 def test_checkpointed_blocks_compile_as_one_graph_for_the_rollouts():
     """A model trained with parallel.activation_checkpointing (GRPO's recipes) decodes its rollouts through the same
     one graph: the checkpoint is skipped without autograd, not traced as a graph break at every block."""

@@ -203,12 +203,12 @@ class Engine:
         self.commands.put(("stop", None))
         self.thread.join(max(deadline - time.monotonic(), 5.0))
 
-    def buckets(self, shortest: int = 1) -> tuple[list[int], list[int]]:
-        """The row counts and cache lengths the decode step can run with, for sequences of `shortest` positions
-        and more: what a warm-up records."""
+    def buckets(self, shortest: int = 1, longest: int | None = None) -> tuple[list[int], list[int]]:
+        """The row counts and cache lengths the decode step can run with, for sequences of `shortest` to `longest`
+        positions (at most the engine's): what a warm-up records."""
+        longest = min(longest or self.max_len, self.max_len)
         counts = sorted({self._rows(n) for n in range(1, len(self.slots) + 1)})
-        lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), self.max_len) for n in range(shortest,
-                                                                                            self.max_len + 1)})
+        lengths = sorted({min(pow2_at_least(n, KV_BUCKET_MIN), self.max_len) for n in range(shortest, longest + 1)})
         return counts, lengths
 
     def warm_up(self, slot_counts: list[int], kv_lens: list[int], setting: str = "the compile setting") -> None:
