@@ -161,17 +161,19 @@ def test_cancel_frees_the_slot_and_the_gauges():
     assert engine.free == [0] and not engine.active
 
 
-def test_the_compiled_decode_step_is_one_graph_for_every_bucket():
+def test_the_compiled_decode_step_is_one_graph_for_every_bucket(capsys):
     """torch.compile with dynamic shapes: one graph for every row count and cache length, the full length included
     (a second compile of a 7B costs its user a minute), and none after warm-up (the `eager` backend stands in for
-    inductor on CPU: dynamo traces and guards the same frames)."""
+    inductor on CPU: dynamo traces and guards the same frames). A long warm-up says how far it got."""
     from torch._dynamo.utils import counters
 
     model = tiny("tiny_qwen2")  # two key/value heads: the row count 2 must not be guarded equal to them
     before = counters["stats"]["unique_graphs"]
     engine = engine_for(model, compile=True, backend="eager", max_len=1024)
     assert engine.buckets() == ([2, 4], [256, 512, 1024])
+    engine.heartbeat_s = 0.0  # every wait, not every 30 s
     engine.warm_up(*engine.buckets())
+    assert "dsrun: compiling the decode step: 0 of 6 shapes recorded" in capsys.readouterr().err
     graphs = counters["stats"]["unique_graphs"]
     assert graphs - before == 1, f"{graphs - before} graphs for the decode step's buckets"
     requests = [request(list(range(2, 2 + n)), 6) for n in (300, 7, 40)]

@@ -150,6 +150,7 @@ class Engine:
         self.host_tokens = [torch.zeros(rows, dtype=torch.long, pin_memory=self.device.type == "cuda")
                             for _ in range(2)]
         self.steps = 0
+        self.heartbeat_s = 30.0  # a warm-up's progress line this often
         self.slots: list[Slot | None] = [None] * slots
         self.free = list(range(slots))  # a heap: the lowest free slot first, so the occupied ones stay few
         self.waiting: deque[Request] = deque()
@@ -221,9 +222,15 @@ class Engine:
         print(f"dsrun: compiling the decode step for {slot_counts} slots x {kv_lens} positions", file=sys.stderr,
               flush=True)
         done: list[BaseException | None] = []
-        self.commands.put(("warm_up", (slot_counts, kv_lens, done)))
+        shapes = [0]  # recorded so far, counted by the engine's thread
+        self.commands.put(("warm_up", (slot_counts, kv_lens, done, shapes)))
+        said = started
         while not done and self.thread.is_alive():
             time.sleep(0.05)
+            if time.perf_counter() - said >= self.heartbeat_s:  # minutes on a large model: show it is alive
+                said = time.perf_counter()
+                print(f"dsrun: compiling the decode step: {shapes[0]} of {len(slot_counts) * len(kv_lens)} shapes "
+                      f"recorded, {said - started:.0f} s", file=sys.stderr, flush=True)
         if not done or done[0] is not None:
             failure = done[0] if done else None
             self.stop(0)
@@ -232,7 +239,8 @@ class Engine:
         print(f"dsrun: compiled the decode step in {time.perf_counter() - started:.0f} s", file=sys.stderr,
               flush=True)
 
-    def _warm_up(self, slot_counts: list[int], kv_lens: list[int], done: list[BaseException | None]) -> None:
+    def _warm_up(self, slot_counts: list[int], kv_lens: list[int], done: list[BaseException | None],
+                 shapes: list[int]) -> None:
         failure = None
         try:
             for rows in slot_counts:
@@ -241,6 +249,7 @@ class Engine:
                         if self.device.type == "cuda":
                             torch.compiler.cudagraph_mark_step_begin()
                         self.step(*self._step_inputs(rows), min(kv_len, self.max_len))
+                    shapes[0] += 1
             self.positions.fill_(self.max_len - 1)  # where unoccupied slots write their junk (see _admit)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
