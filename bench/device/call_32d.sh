@@ -7,10 +7,11 @@ source bench/device/prelude.sh
 export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 at dsrun
-timeout -k 5 400 python3 bench/grpo.py --dsrun-steps 20 --only dsrun 2>&1 | tee $OUT/grpo_dsrun.out | tail -3 | cut -c1-600
+# recompiles and graph breaks of the decode step land in $OUT/dsrun.err: where its 341-s compile (2026-12-07) went
+TORCH_LOGS=recompiles,graph_breaks timeout -k 5 400 python3 bench/grpo.py --dsrun-steps 20 --only dsrun 2>&1 | tee $OUT/grpo_dsrun.out | tail -3 | cut -c1-600
 at trl
 timeout -k 5 $((580-SECONDS)) python3 bench/grpo.py --trl-steps 1 --only trl 2>&1 | tee $OUT/grpo_trl.out | tail -3 \
   | cut -c1-600
 at end
-grep -h "compiled the decode step\|stopped\|rror" $OUT/dsrun.err | cut -c1-300 | tail -5
+grep -h "compil\|stopped\|rror\|Recompiling\|Graph break" $OUT/dsrun.err | cut -c1-300 | tail -5
 tail -3 $OUT/dsrun_grpo/metrics.jsonl 2>/dev/null | cut -c1-600
