@@ -86,8 +86,8 @@ def apply_activation_checkpointing(model: nn.Module, blocks: list[nn.Module]) ->
 def checkpoint_with_grad(block: Any, *args: Any, **kwargs: Any) -> Any:
     """torch's non-reentrant checkpoint, skipped where autograd is off: GRPO's rollouts and eval run the block as
     is. Without a backward there is nothing to replay, and under the engine's compiled decode step the checkpoint
-    is traced as a higher-order op that breaks the graph at every block (a 1.5B's decode step then compiled for
-    more than six minutes on an H100 instead of one graph)."""
+    is traced as a higher-order op that breaks the graph at every block: many graphs to compile and replay instead
+    of one (tests/test_engine.py)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
