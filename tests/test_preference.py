@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dsrun.data import load_tokenizer
 from dsrun.loss import IGNORE_INDEX, attach_chunked_loss
 from dsrun.preference import dpo_losses, sequence_logps
-from tests.conftest import FAST, assert_user_error, dsrun, model_cfg, read_metrics
+from tests.conftest import FAST, assert_user_error, dsrun, model_cfg, read_metrics, small_vocabulary
 
 PAIRS = [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
          {"prompt": "Capital of France?", "chosen": "Paris is the capital.", "rejected": "Rome"},
@@ -70,7 +70,7 @@ def preference_file(path, n: int = 48):
     return path
 
 
-DPO = [*FAST, "task=dpo", "train.seq_len=64", "train.micro_batch=4", "train.log_every=5"]
+DPO = [*FAST, *small_vocabulary(), "task=dpo", "train.seq_len=64", "train.micro_batch=4", "train.log_every=5"]
 
 
 @pytest.mark.parametrize("adapter", ["lora", "none"])

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests import forkserver
-from tests.conftest import FAST, REPO, dsrun, read_metrics
+from tests.conftest import FAST, REPO, dsrun, read_metrics, small_vocabulary
 from tests.conftest import start as start_dsrun
 
 STEPS = 16
-JOB = [*FAST, f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.micro_batch=2", "train.seq_len=64"]
+JOB = [*FAST, *small_vocabulary(), f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.micro_batch=2",
+       "train.seq_len=64"]
 
 
 def start(args: list[str]) -> subprocess.Popen:

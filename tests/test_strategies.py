@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, REPO, dsrun, read_metrics, start
+from tests.conftest import FAST, REPO, dsrun, read_metrics, small_vocabulary, start
 
 STEPS = 10
-PARITY = [*FAST, "model=tiny_qwen2", "optim=sgd", f"train.max_steps={STEPS}", "optim.warmup_steps=2",
-          "train.lr=0.05", "train.seq_len=64"]
+PARITY = [*FAST, *small_vocabulary(), "model=tiny_qwen2", "optim=sgd", f"train.max_steps={STEPS}",
+          "optim.warmup_steps=2", "train.lr=0.05", "train.seq_len=64"]
 # (processes, micro-batch per process): global batch 4 in every case; tp's two ranks read the same data.
 LAYOUTS = {
     "single": ["train.micro_batch=4"],
