@@ -24,7 +24,7 @@ from dsrun.plan import plan
 from dsrun.quantize import QUANT_METHODS
 from dsrun.resolve import resolve
 from dsrun.strategy import STRATEGIES
-from tests.conftest import FAST, REPO, read_metrics
+from tests.conftest import FAST, REPO, read_metrics, small_vocabulary
 
 # what a user's own module adds: one record each (run before dsrun starts)
 REGISTER = """
@@ -97,7 +97,7 @@ def test_cpu_runs_under_the_twins(extension, tmp_path):
     """Two ranks under the strategy twin (FSDP2's sharded checkpoint), then a QLoRA step on the quant twin: what
     the originals do, under names only the records know."""
     env = {**os.environ, "PYTHONPATH": f"{extension}{os.pathsep}{REPO}"}
-    common = [*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2",
+    common = [*FAST, *small_vocabulary(), "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2",
               f"hydra.searchpath=[file://{extension / 'conf'}]"]
     for name, extra in (("strategy", ["parallel=fsdp_twin", "hardware.devices=2", "train.checkpoint_every=2"]),
                         ("quant", ["quant=nf4_twin", "adapter=lora"])):

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from dsrun.run.folder import nothing_to_continue
-from tests.conftest import FAST, assert_user_error, dsrun, read_metrics
+from tests.conftest import FAST, assert_user_error, dsrun, read_metrics, small_vocabulary
 from tests.conftest import start as start_dsrun
 
-JOB = [*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", "train.checkpoint_every=0"]
+JOB = [*FAST, *small_vocabulary(), "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2",
+       "train.checkpoint_every=0"]
 
 
 def tree_hash(folder: Path) -> dict[str, str]:
@@ -272,7 +273,7 @@ def test_run_files_that_are_folders_are_refused_before_the_run(finished, tmp_pat
 def test_an_export_onto_a_full_disk_leaves_nothing_behind(finished, tmp_path):
     from tests.test_bad_input import small_disk
 
-    with small_disk(tmp_path, "2m") as mount:
+    with small_disk(tmp_path, "256k") as mount:  # smaller than the tiny model's weights
         proc = dsrun("export", str(finished), str(mount / "out"))
         # (not assert_user_error: transformers' loading and writing bars share stderr)
         errors = [ln for ln in proc.stderr.splitlines() if "dsrun: error:" in ln]
