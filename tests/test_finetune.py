@@ -13,7 +13,7 @@ import torch
 from dsrun.chat import Document, r1_template, render, tokenize
 from dsrun.loss import IGNORE_INDEX
 from dsrun.packing import pack
-from tests.conftest import FAST, REPO, dsrun, read_metrics
+from tests.conftest import FAST, REPO, dsrun, read_metrics, small_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +211,8 @@ def test_loss_on_the_assistant_turns_learns_the_reply_and_all_tokens_cannot(trai
     assert {"tokens_trained", "trained_tokens_per_s", "tokens_seen", "tokens_per_s"} <= summary.keys()
 
 
-EVAL = [*FAST, "model=tiny_qwen2", "optim=sgd", "train.lr=0.05", "train.seq_len=64", "data.num_samples=200",
-        "data.eval_split=0.1", "train.max_steps=2", "train.eval_every=1", "optim.warmup_steps=0"]
+EVAL = [*FAST, *small_vocabulary(), "model=tiny_qwen2", "optim=sgd", "train.lr=0.05", "train.seq_len=64",
+        "data.num_samples=200", "data.eval_split=0.1", "train.max_steps=2", "train.eval_every=1", "optim.warmup_steps=0"]
 LAYOUTS = {
     "single": ["train.micro_batch=4", "train.keep_best=true"],
     "ddp": ["parallel=ddp", "hardware.devices=2", "train.micro_batch=2"],

@@ -23,9 +23,9 @@ from dsrun.schema import register_configs
 from dsrun.resolve import resolve
 from dsrun.hardware import gpu_catalog
 from tests import forkserver
-from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, start
+from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, small_vocabulary, start
 
-TINY = [*FAST, "train.seq_len=32", "train.max_steps=4", "train.max_nonfinite_steps=2"]
+TINY = [*FAST, *small_vocabulary(), "train.seq_len=32", "train.max_steps=4", "train.max_nonfinite_steps=2"]
 
 
 def losses(run_dir: Path) -> list[float]:
