@@ -19,9 +19,9 @@ from tests.conftest import FAST, assert_user_error, dsrun, model_cfg, read_metri
 
 # a random-init tiny model never closes a </think>: the runs below reward the completion's length (varied, so the
 # groups' advantages are not all zero and the weights move)
-GRPO = [*FAST, "task=grpo", "adapter=lora", "train.seq_len=48", "train.micro_batch=2", "task.generations=3",
-        "task.max_completion_tokens=12", "task.rewards=[tests.test_grpo.length_reward]", "train.lr=3e-3",
-        "task.beta=0.04"]
+GRPO = [*FAST, *small_vocabulary(), "task=grpo", "adapter=lora", "train.seq_len=48", "train.micro_batch=2",
+        "task.generations=3", "task.max_completion_tokens=12", "task.rewards=[tests.test_grpo.length_reward]",
+        "train.lr=3e-3", "task.beta=0.04"]
 
 
 def test_chunked_token_log_probs_equal_the_whole_logits_in_value_and_gradient():

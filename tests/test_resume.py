@@ -96,8 +96,8 @@ def test_sigterm_saves_exits_0_and_resume_continues(reference, tmp_path):
     assert [row["loss"] for row in read_metrics(run_dir)] == reference
 
 
-FSDP = [*FAST, "model=tiny_qwen2", "train.max_steps=6", "train.checkpoint_every=3", "train.seq_len=64",
-        "parallel=fsdp", "optim=sgd", "train.lr=0.05"]
+FSDP = [*FAST, *small_vocabulary(), "model=tiny_qwen2", "train.max_steps=6", "train.checkpoint_every=3",
+        "train.seq_len=64", "parallel=fsdp", "optim=sgd", "train.lr=0.05"]
 
 
 def test_fsdp_resume_same_world_size_is_identical_and_reshards_to_one_process(tmp_path):

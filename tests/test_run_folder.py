@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics
+from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, small_vocabulary
 from tests.conftest import start as start_dsrun
 
-JOB = [*FAST, "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2", "train.checkpoint_every=0"]
+JOB = [*FAST, *small_vocabulary(), "train.max_steps=2", "train.seq_len=32", "train.micro_batch=2",
+       "train.checkpoint_every=0"]
 
 
 def files(run: Path) -> dict[str, bytes]:
