@@ -27,10 +27,10 @@ from dsrun.errors import UserError
 from dsrun.monitor.base import Monitor
 from dsrun.monitor.health import Health, HealthChecked
 from dsrun.monitor.prometheus import PrometheusMonitor
-from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics, small_vocabulary
+from tests.conftest import FAST, REPO, assert_user_error, dsrun, read_metrics
 
 DEPLOY = REPO / "deploy" / "monitoring"
-BASE = [*(arg for arg in FAST if not arg.startswith("monitor=")), *small_vocabulary()]  # each test picks its monitors
+BASE = [arg for arg in FAST if not arg.startswith("monitor=")]  # each test picks its monitors
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 INSTALL = "Debian's prometheus package (apt-get install prometheus; ./setup.sh --dev installs it)"
 METRIC = re.compile(r"\bdsrun_[a-z0-9_]+")
