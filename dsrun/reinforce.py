@@ -180,7 +180,8 @@ class GroupPolicy:
                                  compile=compiled)
             # only the lengths rollouts reach: a bucket is a CUDA graph to record, and the engine's full length
             # (seq_len + 1, an odd size) would be one no rollout uses
-            longest = int(prompts.lengths.max()) + completion_budget(task, max_len, int(prompts.lengths.max()))
+            prompt = int(prompts.lengths.max())
+            longest = prompt + completion_budget(task, max_len, prompt)
             self.engine.warm_up(*self.engine.buckets(longest=longest), setting="task.compile")
         model.train(was_training)
         names = [f"reward_{name.rpartition('.')[2]}" for name in self.rewards]
