@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -23,6 +22,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from tests import forkserver  # noqa: E402 - after the thread count
 
 REPO = Path(__file__).resolve().parent.parent
+# pytest imports this file as `conftest` and the test modules import `tests.conftest`: one module object, not two, so
+# the scratch folders made through either are the ones pytest_sessionfinish removes
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
 # every run appends to the run ledger: keep the tests' rows out of the repository's outputs/ledger.sqlite
 SCRATCH: list[str] = []  # the folders made here, removed when the session ends
 
@@ -44,31 +46,35 @@ if "DSRUN_DOCTOR_DIR" not in os.environ:
 FAST = ["hardware=cpu", "monitor=none", "train.log_every=1", "train.checkpoint_every=-1", "data.num_samples=256"]
 
 
-@functools.cache  # trained once per process (each xdist worker), in a scratch folder the session removes
-def small_vocabulary(size: int = 1024) -> tuple[str, ...]:
+def small_vocabulary(size: int = 1024) -> list[str]:
     """Overrides for a run whose subject is not DeepSeek's tokenizer: a byte-level BPE of `size` tokens trained here
     on the built-in reasoning texts, with R1's special tokens and chat template, saved as a tokenizer folder
     (`model.tokenizer=<folder>`, the real loading path) and the model's vocabulary cut to it. The 129k-token head is
-    most of a tiny model's step on a CPU: 100 SFT steps of the GRPO reward test take 7 s with it instead of ~60."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    most of a tiny model's step on a CPU: 100 SFT steps of the GRPO reward test take 7 s with it instead of ~60.
+    Trained once per worker; its folder travels in DSRUN_TEST_TOKENIZER because the runs started from here import
+    test modules too (a reward named by its dotted path), whose run lists would otherwise train it again each time."""
+    folder = Path(os.environ.get("DSRUN_TEST_TOKENIZER") or scratch("dsrun-tokenizer-")) / str(size)
+    if not (folder / "tokenizer.json").exists():
+        os.environ["DSRUN_TEST_TOKENIZER"] = str(folder.parent)
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
 
-    from dsrun.chat import r1_template
-    from dsrun.sources import reasoning_samples
+        from dsrun.chat import r1_template
+        from dsrun.sources import reasoning_samples
 
-    special = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator((m["content"] for r in reasoning_samples(3000, 0) for m in r["messages"]),
-                            trainers.BpeTrainer(vocab_size=size, special_tokens=special, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
-                                        pad_token=special[1])
-    tokenizer.chat_template = r1_template()
-    folder = scratch("dsrun-tokenizer-")
-    tokenizer.save_pretrained(folder)
-    return f"model.tokenizer={folder}", f"model.fields.vocab_size={size}"
+        special = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
+                   "</think>"]
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.train_from_iterator((m["content"] for r in reasoning_samples(3000, 0) for m in r["messages"]),
+                                trainers.BpeTrainer(vocab_size=size, special_tokens=special, show_progress=False,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
+                                            pad_token=special[1])
+        tokenizer.chat_template = r1_template()
+        tokenizer.save_pretrained(folder)
+    return [f"model.tokenizer={folder}", f"model.fields.vocab_size={size}"]
 
 
 # what a library prints on its own (the console shows dsrun's lines only; `-v` shows these)
