@@ -1,9 +1,11 @@
 """task=grpo: reinforcement learning from verifiable rewards (GRPO), one optimizer step at a time.
 
-Each micro-batch draws `train.micro_batch` prompts. Their `task.generations` completions each are sampled by the
-engine `dsrun generate` and `dsrun serve` run (dsrun/inference/engine.py) on the training weights themselves, in
-this process: the engine decodes through the model's own layers, LoRA adapters included, so there is no second
-copy and nothing to merge; its KV cache of micro_batch x generations slots is allocated once. The rewards
+Each micro-batch draws `train.micro_batch` prompts. The `task.generations` completions of every prompt of an optimizer
+step (its `train.accumulation` micro-batches: the weights do not change within it) are sampled together, in one pass
+of the engine `dsrun generate` and `dsrun serve` run (dsrun/inference/engine.py), on the training weights themselves
+in this process: the engine decodes through the model's own layers, LoRA adapters included, so there is no second
+copy and nothing to merge; its KV cache of micro_batch x accumulation x generations slots is allocated once (one
+decode step of many rows costs about what one of few does: the weights' reads set its time). The rewards
 (dsrun/grpo.py: exact answer after `</think>`, format, or a function named by its dotted path) are summed per
 completion and normalised within each prompt's group; the loss is GRPO's (TRL's GRPOTrainer, `loss_type="grpo"`,
 one update per rollout), with β·KL to the reference — the model with its adapters off — where `task.beta` > 0.
@@ -153,13 +155,13 @@ def completion_seed(seed: int, step: int, prompt: int, completion: int) -> int:
 
 
 class GroupPolicy:
-    """task=grpo's rollouts and loss. `rollout` turns a micro-batch of prompts into training rows (prompt +
-    completion, the completion's tokens labelled) with each completion's advantage; calling the object on those
-    rows returns the micro-batch's loss summed over its completions. Rewards, KL and lengths are summed for the
-    log (`metrics`)."""
+    """task=grpo's rollouts and loss. `rollout` turns an optimizer step's micro-batches of prompts into training
+    rows (prompt + completion, the completion's tokens labelled) with each completion's advantage; calling the
+    object on a micro-batch's rows returns its loss summed over its completions. Rewards, KL and lengths are summed
+    for the log (`metrics`)."""
 
     def __init__(self, task: Any, seed: int, model: Any, wrapped: Any, tokenizer: Any, prompts: Prompts,
-                 micro_batch: int, max_len: int, reference_off: Any, rank_zero: bool = True):
+                 rows: int, max_len: int, reference_off: Any, rank_zero: bool = True):
         self.task, self.seed, self.tokenizer, self.prompts = task, seed, tokenizer, prompts
         self.hint = rank_zero  # the note on a first log interval without any reward, once
         self.generations = task.generations
@@ -175,14 +177,16 @@ class GroupPolicy:
         # FSDP's gathered weights get new addresses at every gather, and a CUDA graph reads fixed ones: eager there
         compiled = compile_wanted(task.compile, device) and not sharded_modules(wrapped)
         with whole_weights(wrapped):  # the engine's first forward allocates its cache
-            self.engine = Engine(model, slots=micro_batch * self.generations, max_len=max_len,
-                                 metrics=ServerMetrics(), max_queue=micro_batch * self.generations, seed=seed,
-                                 compile=compiled)
-            # only the lengths rollouts reach: a bucket is a CUDA graph to record, and the engine's full length
-            # (seq_len + 1, an odd size) would be one no rollout uses
+            slots = rows * self.generations  # every completion of an optimizer step's prompts
+            self.engine = Engine(model, slots=slots, max_len=max_len, metrics=ServerMetrics(), max_queue=slots,
+                                 seed=seed, compile=compiled)
+            # only the shapes rollouts start in: all slots at the lengths they reach (a bucket is a CUDA graph to
+            # record; the engine's full length, seq_len + 1, is one no rollout reaches). Fewer rows, once the last
+            # slots have finished, are recorded when first run, without a recompile (the step is dynamic)
             prompt = int(prompts.lengths.max())
             longest = prompt + completion_budget(task, max_len, prompt)
-            self.engine.warm_up(*self.engine.buckets(longest=longest), setting="task.compile")
+            counts, lengths = self.engine.buckets(longest=longest)
+            self.engine.warm_up(counts[-1:], lengths, setting="task.compile")
         model.train(was_training)
         names = [f"reward_{name.rpartition('.')[2]}" for name in self.rewards]
         self.names = ["reward", *names, "completion_length", "stopped", "kl", "completions"]
@@ -194,23 +198,23 @@ class GroupPolicy:
         self.engine.stop(0)
 
     @torch.no_grad()
-    def rollout(self, model: Any, batch: tuple[Any, ...], step: int) -> tuple[torch.Tensor, ...]:
-        """G completions of every prompt of the micro-batch, sampled by the engine, and their rewards -> (inputs,
-        labels, advantages): rows of prompt + completion, right-padded."""
-        ids, lengths, index = batch
+    def rollout(self, model: Any, batches: list[tuple[Any, ...]], step: int) -> list[tuple[torch.Tensor, ...]]:
+        """G completions of every prompt of the optimizer step's micro-batches, sampled together by the engine, and
+        their rewards -> per micro-batch (inputs, labels, advantages): rows of prompt + completion, right-padded."""
         started = time.perf_counter()
         was_training = model.training
         model.eval()  # no dropout while sampling
         with whole_weights(self.wrapped):
-            sequences, rewards, completion_lengths, stopped = self._sample(ids, lengths, index, step)
+            submitted = [self._submit(*batch, step) for batch in batches]  # all of them before the first is read
+            sampled = [self._collect(requests) for requests in submitted]
         model.train(was_training)
         self.rollout_seconds += time.perf_counter() - started
-        self.rollout_tokens += sum(completion_lengths)
-        return self._rows(sequences, rewards, completion_lengths, stopped)
+        self.rollout_tokens += sum(sum(lengths) for _, _, lengths, _ in sampled)
+        return [self._rows(*micro_batch) for micro_batch in sampled]
 
-    def _sample(self, ids: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor,
-                step: int) -> tuple[list[tuple[list[int], list[int]]], list[list[float]], list[int], int]:
-        """Submit every completion of the micro-batch to the engine and collect them, rewarded."""
+    def _submit(self, ids: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor,
+                step: int) -> list[tuple[list[int], Request, str]]:
+        """Every completion of a micro-batch's prompts, submitted to the engine."""
         requests = []
         for row, prompt in enumerate(index.tolist()):
             prompt_ids = ids[row, :lengths[row]].tolist()
@@ -220,6 +224,11 @@ class GroupPolicy:
                                   stop=self.stop, seed=completion_seed(self.seed, step, prompt, g))
                 self.engine.submit(request)
                 requests.append((prompt_ids, request, self.prompts.answers[prompt]))
+        return requests
+
+    def _collect(self, requests: list[tuple[list[int], Request, str]]
+                 ) -> tuple[list[tuple[list[int], list[int]]], list[list[float]], list[int], int]:
+        """A micro-batch's completions as they end, rewarded."""
         sequences, rewards, completion_lengths, stopped = [], [], [], 0
         for prompt_ids, request, answer in requests:
             completion = []
@@ -303,9 +312,10 @@ class GroupPolicy:
         return out
 
 
-def describe_rollouts(task: Any, micro_batch: int) -> str:
+def describe_rollouts(task: Any, micro_batch: int, accumulation: int) -> str:
     length = task.max_completion_tokens or "train.seq_len minus the prompt's"
     return (f"dsrun: grpo: {micro_batch} prompts x {task.generations} completions per micro-batch, up to "
             f"{length} new tokens each, sampled at temperature {task.temperature} by the engine on the training "
-            f"weights; rewards: {', '.join(task.rewards)}")
+            f"weights, {micro_batch * accumulation * task.generations} at a time (an optimizer step's); rewards: "
+            f"{', '.join(task.rewards)}")
 

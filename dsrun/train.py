@@ -241,10 +241,10 @@ def setup(cfg: RunConfig, run_dir: Path) -> Run:
         off = unwrapped.disable_adapter if cfg.adapter.method != "none" else None
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         if rank_zero:
-            print(describe_rollouts(cfg.task, tr.micro_batch), file=sys.stderr)
+            print(describe_rollouts(cfg.task, tr.micro_batch, tr.accumulation), file=sys.stderr)
         assert isinstance(rows, Prompts)
-        run.objective = GroupPolicy(cfg.task, tr.seed, inner, model, tokenizer, rows, tr.micro_batch, tr.seq_len + 1,
-                                    off, rank_zero)
+        run.objective = GroupPolicy(cfg.task, tr.seed, inner, model, tokenizer, rows, tr.micro_batch * tr.accumulation,
+                                    tr.seq_len + 1, off, rank_zero)
     if rank_zero:  # also when a run killed before its first checkpoint starts over in its folder
         run.history = truncate_metrics(run_dir / "metrics.jsonl", run.start_step)
     info["start_step"] = run.start_step
@@ -288,7 +288,7 @@ def train_step(run: Run, step: int) -> Any:
     # a Batch each; task=grpo turns them into its rollouts, task=dpo's objective reads them as pairs
     drawn: list[Any] = [next(run.batches) for _ in range(tr.accumulation)]
     if isinstance(run.objective, GroupPolicy):  # prompts -> completions, rewards, advantages; then the updates
-        drawn = [run.objective.rollout(model, batch, step) for batch in drawn]
+        drawn = run.objective.rollout(model, drawn, step)
     dp = data_parallel_size(run.cfg)
 
     def to_inputs(inputs: torch.Tensor, labels: torch.Tensor, positions: Any = None) -> dict[str, Any]:

@@ -151,6 +151,33 @@ def test_grpo_raises_the_exact_answer_reward(tmp_path):
     assert last > first + 0.1, rewards
 
 
+def test_an_optimizer_steps_completions_are_sampled_together():
+    """The completions of an optimizer step's micro-batches are one pass of the engine: its decode steps run
+    micro_batch x accumulation x G rows (TRL's generation batch), and each micro-batch gets its own prompts' rows."""
+    from types import SimpleNamespace
+
+    from dsrun.packing import IGNORE_INDEX
+    from dsrun.reinforce import GroupPolicy, Prompts
+    from tests.test_engine import tiny
+
+    model = tiny("tiny_qwen2")
+    model.generation_config.eos_token_id = None  # no completion ends early: every row runs its 16 tokens
+    tokenizer = SimpleNamespace(eos_token_id=None, decode=lambda ids, **_: "x" * len(ids))
+    task = SimpleNamespace(generations=3, rewards=["tests.test_grpo.length_reward"], temperature=1.0,
+                           max_completion_tokens=16, compile="false", beta=0.0)
+    inputs = torch.randint(3, 100, (4, 6))
+    prompts = Prompts(inputs, torch.full((4, 1), IGNORE_INDEX), lengths=torch.tensor([6, 4, 5, 3]), answers=["1"] * 4)
+    policy = GroupPolicy(task, 0, model, model, tokenizer, prompts, rows=4, max_len=32, reference_off=None)
+    try:
+        rows = policy.rollout(model, [prompts.rows(torch.tensor([0, 1])), prompts.rows(torch.tensor([2, 3]))], 1)
+    finally:
+        policy.close()
+    assert max(policy.engine.batch_sizes) == 12
+    assert [r[0].shape[0] for r in rows] == [6, 6]
+    assert torch.equal(rows[1][0][0, :5], inputs[2, :5]) and torch.equal(rows[1][0][3, :3], inputs[3, :3])
+    assert (rows[0][1] != IGNORE_INDEX).sum(1).tolist() == [16] * 6  # each completion's tokens labelled
+
+
 def test_grpo_logs_its_rollouts_and_resumes_exactly(tmp_path):
     """A run stopped after its 2nd step and resumed logs the rewards and losses of the uninterrupted run: each
     completion's seed is a function of (seed, step, prompt, completion), and the weights are restored."""

@@ -176,9 +176,9 @@ def assumptions(cfg: RunConfig, spec: dict | None) -> list[str]:
                      "computed before the first step")
     elif cfg.plan.mode == "grpo":
         items.append(f"task=grpo: each row a prompt with its {cfg.plan.generations} completions (plan.generations), "
-                     "each as long as train.seq_len at most; the rollout engine's KV cache holds all of a "
-                     "micro-batch's; under LoRA the reference is the model with its adapters off, one more forward "
-                     "without gradients; the rollouts' decode time is not in the speed")
+                     "each as long as train.seq_len at most; the rollout engine's KV cache holds all of an optimizer "
+                     "step's (micro_batch x accumulation prompts); under LoRA the reference is the model with its "
+                     "adapters off, one more forward without gradients; the rollouts' decode time is not in the speed")
     else:
         items.append("weights and KV cache split evenly over the GPUs (tensor parallel); decode reads every "
                      "weight once per step at 70 % of the memory bandwidth")

@@ -183,9 +183,10 @@ def training_memory(cfg: RunConfig, shape: Shape, spec: dict | None) -> tuple[di
         "activations": tokens * activation_bytes_per_token(cfg, shape, lora_act),
         "logits_loss": logits_loss_bytes(cfg, shape, tokens, d),
     }
-    if group_rollouts(cfg):  # task=grpo: the rollout engine's slots, one per completion of a micro-batch
+    if group_rollouts(cfg):  # task=grpo: the rollout engine's slots, one per completion of an optimizer step
         config = shape.model.config
-        m["rollout_kv_cache"] = tokens * config.num_hidden_layers * kv_bytes_per_token_layer(config, d.compute)
+        m["rollout_kv_cache"] = tokens * tr.accumulation * config.num_hidden_layers * \
+            kv_bytes_per_token_layer(config, d.compute)
     host: dict[str, float] = {}
     if cfg.parallel.offload_embedding and shape.head:  # an untied, frozen table (validate() checks frozen)
         m["weights"] -= shape.embedding * b["weights"]
