@@ -2,7 +2,7 @@
 weights) and TRL's GRPOTrainer (transformers' `generate`) on the same model folder, prompts, group size, completion
 length, LoRA and learning rate; rollout tokens/s and seconds per optimizer step, each in its own process.
 
-    python bench/grpo.py [--dsrun-steps 20] [--trl-steps 3] [--only dsrun,trl] [--cap-gib 8]
+    python bench/grpo.py [--dsrun-steps 20] [--trl-steps 3] [--only dsrun,trl] [--alongside] [--dsrun-limit S]
 
 The model is R1-Distill-Qwen-1.5B's shape, random init saved once to /tmp/g15 in bf16 with DeepSeek's tokenizer
 (the one dsrun uses for random weights) and R1's chat template: random weights rarely sample an end-of-turn token,
@@ -23,8 +23,10 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = os.environ.get("GRPO_BENCH_MODEL", "/tmp/g15")  # another folder: a CPU check of the cases
@@ -65,36 +67,43 @@ def save_model() -> None:
     tokenizer.save_pretrained(MODEL_DIR)
 
 
-def run_logged(cmd: list[str], err_path: Path) -> tuple[str, str]:
+def run_logged(cmd: list[str], err_path: Path, limit: float | None = None) -> tuple[str, str]:
     """Run a case's process with its stderr streamed to `err_path` (a job cut off by its time limit still shows how
-    far it got): (stdout, stderr), or RuntimeError with the stderr's end."""
+    far it got): (stdout, stderr), or RuntimeError with the stderr's end. Past `limit` seconds the process is
+    stopped (SIGTERM: a dsrun run saves its summary) and its stdout is empty."""
     with open(err_path, "w") as err:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            stdout, _ = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.communicate(timeout=60)
+            return "", err_path.read_text()
     stderr = err_path.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"{err_path.stem} exit {proc.returncode}: {stderr[-3000:]}")
-    return proc.stdout, stderr
+    return stdout, stderr
 
 
-def case_dsrun(steps: int, emulate: bool, out: Path) -> dict:
+def case_dsrun(steps: int, emulate: bool, out: Path, pin: list[str], limit: float | None) -> dict:
     run_dir = out / "dsrun_grpo"
-    cmd = [sys.executable, "-m", "dsrun", f"+recipe={RECIPE}", "model.init=pretrained", f"model.path={MODEL_DIR}",
+    cmd = [*pin, sys.executable, "-m", "dsrun", f"+recipe={RECIPE}", "model.init=pretrained", f"model.path={MODEL_DIR}",
            f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=-1", "monitor=none",
            f"hydra.run.dir={run_dir}", *(["hardware.emulate=true"] if emulate else ["hardware=auto"])]
     started = time.perf_counter()
-    _, stderr = run_logged(cmd, out / "dsrun.err")
+    _, stderr = run_logged(cmd, out / "dsrun.err", limit)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
     steady = rows[1:] or rows  # the first step carries start-up
     step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])] or [rows[0]["elapsed_s"]]
     compile_line = next((line for line in stderr.splitlines() if "compiled the decode step" in line), "")
-    return {"steps": summary["steps"], "rollout_tokens_per_s": round(statistics.median(
+    return {"steps": len(rows), "rollout_tokens_per_s": round(statistics.median(
                 r["rollout_tokens_per_s"] for r in steady)),
             "step_s": round(statistics.median(step_s), 2), "completion_length": round(statistics.mean(
                 r["completion_length"] for r in rows), 1),
             "peak_reserved_gib": round(max(r["peak_memory_gib"] for r in rows), 2),
-            "memory_cap_gib": summary.get("memory_cap_gib"), "reward": [round(r["reward"], 3) for r in rows],
-            "compile": compile_line.replace("dsrun: ", ""), "wall_s": round(time.perf_counter() - started)}
+            "reward": [round(r["reward"], 3) for r in rows],
+            "compile": compile_line.replace("dsrun: ", ""), "wall_s": round(time.perf_counter() - started),
+            "first_step_began_s": round(time.perf_counter() - started - rows[-1]["elapsed_s"])}
 
 
 def case_trl(steps: int, out: Path) -> dict:
@@ -173,7 +182,13 @@ def main() -> None:
     parser.add_argument("--dsrun-steps", type=int, default=20)
     parser.add_argument("--trl-steps", type=int, default=3)
     parser.add_argument("--only", default="dsrun,trl")
+    parser.add_argument("--dsrun-limit", type=float, help="seconds: dsrun's run is stopped after them (its steps "
+                        "so far are reported)")
     parser.add_argument("--no-emulate", action="store_true", help="dsrun without the recipe card's memory cap")
+    parser.add_argument("--alongside", action="store_true",
+                        help="TRL's case on CPU cores 0-1 while dsrun's, on the others, loads and compiles its decode "
+                             "step (CPU work): both fit one 600-s device call, and TRL must end before dsrun's "
+                             "first step (the output says when each did)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/bench"))
@@ -182,18 +197,47 @@ def main() -> None:
         print(json.dumps(case_trl(args.trl_steps, out)))
         return
     save_model()
-    results = {}
+    results: dict = {}
+    trl_cmd = [sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)]
+    pin: list[str] = []
+    if args.alongside:
+        cores = os.cpu_count() or 1
+        pin = ["taskset", "-c", f"2-{cores - 1}"] if cores >= 4 else []  # (a CPU check here: not pinned)
+        started = time.perf_counter()
+        with open(out / "trl.err", "w") as err, open(out / "trl.out", "w") as trl_out:
+            trl = subprocess.Popen([*(["taskset", "-c", "0,1"] if pin else []), *trl_cmd], cwd=REPO, stdout=trl_out, stderr=err,
+                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        ended: list[float] = []
+        watcher = threading.Thread(target=lambda: (trl.wait(), ended.append(time.perf_counter() - started)))
+        watcher.start()
+        results["dsrun"] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, pin,
+                                                       args.dsrun_limit))
+        watcher.join()
+        results["trl"] = run_case(lambda: json.loads((out / "trl.out").read_text().strip().splitlines()[-1])
+                                  if trl.returncode == 0 else {"error": (out / "trl.err").read_text()[-3000:]})
+        print("trl", json.dumps(results["trl"]), f"ended {ended[0]:.0f} s after the start", flush=True)
+        print("dsrun", json.dumps(results["dsrun"]), flush=True)
+        table(results)
+        return
     for case in args.only.split(","):
-        try:
-            if case == "dsrun":
-                results[case] = case_dsrun(args.dsrun_steps, not args.no_emulate, out)
-            else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
-                stdout, _ = run_logged([sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)],
-                                       out / "trl.err")
-                results[case] = json.loads(stdout.strip().splitlines()[-1])
-        except Exception as exc:  # noqa: BLE001 - one failed case still prints the others
-            results[case] = {"error": str(exc)[-3000:]}
+        if case == "dsrun":
+            results[case] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, pin,
+                                                        args.dsrun_limit))
+        else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
+            results[case] = run_case(lambda: json.loads(run_logged(trl_cmd, out / "trl.err")[0].strip()
+                                                        .splitlines()[-1]))
         print(case, json.dumps(results[case]), flush=True)
+    table(results)
+
+
+def run_case(case: Any) -> dict:
+    try:
+        return case()
+    except Exception as exc:  # noqa: BLE001 - one failed case still prints the others
+        return {"error": str(exc)[-3000:]}
+
+
+def table(results: dict) -> None:
     if "tokens_per_s" not in str(results):
         return
     print("\n| case | rollout tokens/s | s per optimizer step | peak reserved GiB |\n|---|---|---|---|")

@@ -205,7 +205,8 @@ class GroupPolicy:
         was_training = model.training
         model.eval()  # no dropout while sampling
         with whole_weights(self.wrapped):
-            submitted = [self._submit(*batch, step) for batch in batches]  # all of them before the first is read
+            # all of them before the first is read
+            submitted = [self._submit(ids, lengths, index, step) for ids, lengths, index in batches]
             sampled = [self._collect(requests) for requests in submitted]
         model.train(was_training)
         self.rollout_seconds += time.perf_counter() - started

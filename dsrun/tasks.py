@@ -71,15 +71,26 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def after_memory_error(exc: BaseException) -> bool:
+    """Whether `exc` was raised while a MemoryError was being handled (torch.save's zip writer fails so)."""
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, MemoryError):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def uncapped_on_failure(fit: Any) -> Any:
     """`fit` with hardware.memory_cap_gib's CPU heap limit lifted as soon as it fails; an allocation that failed
-    inside C code under that limit (a SystemError) is the memory error it is."""
+    inside C code under that limit (a SystemError), or an error raised while one was handled, is the memory error
+    it is."""
     def run(cfg: RunConfig, folder: Any) -> Any:
         try:
             return fit(cfg, folder)
-        except SystemError as exc:
-            if lift_memory_cap():
-                raise MemoryError(f"an allocation failed under hardware.memory_cap_gib ({exc})") from exc
+        except Exception as exc:
+            if lift_memory_cap() and (isinstance(exc, SystemError) or after_memory_error(exc)):
+                raise MemoryError(f"an allocation failed under hardware.memory_cap_gib ({first_line(exc)})") from exc
             raise
         except BaseException:
             lift_memory_cap()

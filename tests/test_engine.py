@@ -185,6 +185,20 @@ def test_the_compiled_decode_step_is_one_graph_for_every_bucket(capsys):
     assert outputs[1] == greedy_alone(model, requests[1].ids, 6)
 
 
+def test_a_first_compile_at_every_row_serves_fewer_rows_without_another():
+    """GRPO warms the full row count only; rows that finish leave fewer. A first compile where the step's inputs were
+    their whole buffers was guarded on that (`tokens._base.size()[0] == tokens.size()[0]`) and compiled again for
+    fewer rows: four minutes on an H100 (call 32e)."""
+    from torch._dynamo.utils import counters
+
+    engine = engine_for(tiny("tiny_qwen2"), compile=True, backend="eager", max_len=256, slots=8)
+    before = counters["stats"]["unique_graphs"]
+    engine.warm_up([8], [256])
+    engine.warm_up([2, 4], [256])
+    engine.stop(1)
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
 def test_the_warm_up_covers_only_the_lengths_asked_for():
     """GRPO warms the buckets its rollouts reach (prompt + completion budget), not the engine's odd full length."""
     engine = engine_for(tiny("tiny_qwen2"), max_len=1025, slots=8)

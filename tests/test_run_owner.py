@@ -251,6 +251,29 @@ def test_steps_with_no_trained_token_log_no_loss(tmp_path):
     assert summary["final_loss"] is None and summary["first_loss"] is None
 
 
+def test_an_error_raised_while_a_memory_error_was_handled_is_that_memory_error():
+    """Under hardware.memory_cap_gib=0.01 a run once got as far as its checkpoint: torch.save's buffer raised
+    MemoryError, its zip writer then a RuntimeError ("unexpected pos"), and the user got a traceback."""
+    import resource
+
+    from dsrun.tasks import uncapped_on_failure
+
+    def fit(cfg, folder):
+        try:
+            raise MemoryError()
+        except MemoryError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1117760 vs 855508")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (2**40 if hard == resource.RLIM_INFINITY else hard, hard))  # a cap set
+    try:
+        with pytest.raises(MemoryError, match=r"under hardware.memory_cap_gib \(\[enforce fail"):
+            uncapped_on_failure(fit)(None, None)
+        assert resource.getrlimit(resource.RLIMIT_DATA)[0] == hard  # lifted
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def test_a_memory_cap_that_starves_start_up_is_one_line(tmp_path):
     """`hardware.memory_cap_gib=0.01` on CPU: a lazy import failed under the cap (SystemError), then the
     out-of-memory handler's own import did."""
