@@ -8,8 +8,8 @@ source bench/device/prelude.sh
 export DSRUN_LEDGER=/tmp/ledger.sqlite
 T0=$(date +%s); at() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
 at start
-TORCH_LOGS=recompiles,graph_breaks timeout -k 10 575 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 --alongside \
-  --dsrun-limit 535 2>&1 | tee $OUT/grpo.out | grep -v "^\s*$" | tail -9 | cut -c1-1200
+TORCH_LOGS=recompiles,graph_breaks timeout -k 10 560 python3 bench/grpo.py --dsrun-steps 20 --trl-steps 1 --alongside \
+  --dsrun-limit 520 2>&1 | tee $OUT/grpo.out | grep -v "^\s*$" | tail -9 | cut -c1-1200
 at end
 grep -h "compil\|stopped\|rror\|Recompiling\|Graph break" $OUT/dsrun.err | cut -c1-300 | tail -8
 tail -1 $OUT/dsrun_grpo/metrics.jsonl 2>/dev/null | cut -c1-700
