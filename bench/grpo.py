@@ -11,7 +11,8 @@ so both sides generate the full completion length and their token counts agree. 
 folder. TRL's trainer gets the same prompts (the built-in arithmetic questions), rewards (exact answer, format), G,
 `max_completion_length`, temperature 1, beta and LoRA (r16, alpha 32, all linear layers), bf16, gradient
 checkpointing; per_device_train_batch_size = G completions and gradient_accumulation_steps as the recipe's
-accumulation, so one optimizer step has the same prompts and completions on both sides. Its rollouts are timed by
+accumulation, so one optimizer step has the same prompts and completions on both sides, each sampling the step's
+completions in one pass. Its rollouts are timed by
 wrapping `generate`; TRL runs without the memory cap (its loss materialises the full logits).
 """
 
