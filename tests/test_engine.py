@@ -199,6 +199,33 @@ def test_a_first_compile_at_every_row_serves_fewer_rows_without_another():
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
+def test_the_decode_step_is_traced_once():
+    """Python floats are constants to the compiler: left symbolic, nn.Embedding's norm_type was specialized only
+    after the whole model was traced, and the trace began again — twice the time of every compile of the step
+    (`python bench/compile_probe.py`: 18.8 -> 10.1 s on this CPU). AOT autograd, which inductor runs, is where the
+    restart came from: `aot_eager` stands in for inductor here."""
+    import logging
+
+    restarts: list[str] = []
+
+    class Restarts(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Restarting analysis" in record.getMessage():
+                restarts.append(record.getMessage())
+
+    handler = Restarts()
+    torch._logging.set_logs(dynamo=logging.INFO)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        engine = engine_for(tiny("tiny_qwen2"), compile=True, backend="aot_eager", max_len=256)
+        engine.warm_up([4], [256])
+        engine.stop(1)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+        torch._logging.set_logs()
+    assert not restarts, restarts
+
+
 def test_the_warm_up_covers_only_the_lengths_asked_for():
     """GRPO warms the buckets its rollouts reach (prompt + completion budget), not the engine's odd full length."""
     engine = engine_for(tiny("tiny_qwen2"), max_len=1025, slots=8)

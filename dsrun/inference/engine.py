@@ -169,7 +169,10 @@ class Engine:
             # dynamic: one compile for every row count and cache length; CUDA graphs are still recorded per shape,
             # which costs one step, not a compile
             mode: dict[str, Any] = {"mode": "reduce-overhead"} if self.device.type == "cuda" and backend == "inductor" else {}
-            self.step = torch.compile(self._decode, dynamic=True, fullgraph=False, backend=backend, **mode)
+            compiled = torch.compile(self._decode, dynamic=True, fullgraph=False, backend=backend, **mode)
+            # Python floats as constants: left symbolic, the first one a kernel needs as a number (nn.Embedding's
+            # norm_type) restarted the whole trace once it was done, doubling the compile (2 x 35 s for a 1.5B)
+            self.step = torch._dynamo.config.patch(specialize_float=True)(compiled)
         self.thread = threading.Thread(target=self._loop, name="dsrun-engine", daemon=True)
         self.thread.start()
 
