@@ -68,12 +68,19 @@ def save_model() -> None:
     tokenizer.save_pretrained(MODEL_DIR)
 
 
-def run_logged(cmd: list[str], err_path: Path, limit: float | None = None) -> tuple[str, str]:
+def pinned(cores: set[int] | None) -> Any:
+    """A Popen preexec_fn that keeps the process (and the threads and workers it starts) on these CPU cores."""
+    return None if cores is None else lambda: os.sched_setaffinity(0, cores)
+
+
+def run_logged(cmd: list[str], err_path: Path, limit: float | None = None,
+               cores: set[int] | None = None) -> tuple[str, str]:
     """Run a case's process with its stderr streamed to `err_path` (a job cut off by its time limit still shows how
     far it got): (stdout, stderr), or RuntimeError with the stderr's end. Past `limit` seconds the process is
     stopped (SIGTERM: a dsrun run saves its summary) and its stdout is empty."""
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=pinned(cores))
         try:
             stdout, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -86,13 +93,13 @@ def run_logged(cmd: list[str], err_path: Path, limit: float | None = None) -> tu
     return stdout, stderr
 
 
-def case_dsrun(steps: int, emulate: bool, out: Path, pin: list[str], limit: float | None) -> dict:
+def case_dsrun(steps: int, emulate: bool, out: Path, cores: set[int] | None, limit: float | None) -> dict:
     run_dir = out / "dsrun_grpo"
-    cmd = [*pin, sys.executable, "-m", "dsrun", f"+recipe={RECIPE}", "model.init=pretrained", f"model.path={MODEL_DIR}",
+    cmd = [sys.executable, "-m", "dsrun", f"+recipe={RECIPE}", "model.init=pretrained", f"model.path={MODEL_DIR}",
            f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=-1", "monitor=none",
            f"hydra.run.dir={run_dir}", *(["hardware.emulate=true"] if emulate else ["hardware=auto"])]
     started = time.perf_counter()
-    _, stderr = run_logged(cmd, out / "dsrun.err", limit)
+    _, stderr = run_logged(cmd, out / "dsrun.err", limit, cores)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows  # the first step carries start-up
     step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])] or [rows[0]["elapsed_s"]]
@@ -200,18 +207,20 @@ def main() -> None:
     save_model()
     results: dict = {}
     trl_cmd = [sys.executable, __file__, "--case", "trl", "--trl-steps", str(args.trl_steps)]
-    pin: list[str] = []
+    cores: set[int] | None = None
     if args.alongside:
-        cores = os.cpu_count() or 1
-        pin = ["taskset", "-c", f"2-{cores - 1}"] if cores >= 4 else []  # (a CPU check here: not pinned)
+        available = sorted(os.sched_getaffinity(0))
+        split = len(available) >= 4  # (a CPU check on fewer cores: not pinned)
+        cores = set(available[2:]) if split else None
         started = time.perf_counter()
         with open(out / "trl.err", "w") as err, open(out / "trl.out", "w") as trl_out:
-            trl = subprocess.Popen([*(["taskset", "-c", "0,1"] if pin else []), *trl_cmd], cwd=REPO, stdout=trl_out, stderr=err,
-                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            trl = subprocess.Popen(trl_cmd, cwd=REPO, stdout=trl_out, stderr=err, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "2"},
+                                   preexec_fn=pinned(set(available[:2]) if split else None))
         ended: list[float] = []
         watcher = threading.Thread(target=lambda: (trl.wait(), ended.append(time.perf_counter() - started)))
         watcher.start()
-        results["dsrun"] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, pin,
+        results["dsrun"] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, cores,
                                                        args.dsrun_limit))
         watcher.join()
         results["trl"] = run_case(lambda: json.loads((out / "trl.out").read_text().strip().splitlines()[-1])
@@ -222,7 +231,7 @@ def main() -> None:
         return
     for case in args.only.split(","):
         if case == "dsrun":
-            results[case] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, pin,
+            results[case] = run_case(lambda: case_dsrun(args.dsrun_steps, not args.no_emulate, out, cores,
                                                         args.dsrun_limit))
         else:  # its own process: TRL's generate wrapper and its CUDA state stay out of the next case
             results[case] = run_case(lambda: json.loads(run_logged(trl_cmd, out / "trl.err")[0].strip()
