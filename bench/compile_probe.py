@@ -2,7 +2,7 @@
 recipe's model shape: R1-Distill-Qwen-1.5B's dimensions at random, with the recipe's LoRA (r16, all linear layers)
 or without, at a few layers (the time grows with them), for 32 rows (an optimizer step's completions).
 
-    python bench/compile_probe.py [--backend inductor|aot_eager] [--layers 4] [--no-lora]
+    python bench/compile_probe.py [--backend inductor|aot_eager] [--layers 4] [--no-lora] [--symbolic-floats]
 
 `aot_eager` runs dynamo and AOT autograd without inductor's code generation: on a CPU it times the part of the
 compile that does not depend on the device (issue #32: the 1.5B's decode step took 245 s to compile on an H100)."""
@@ -24,7 +24,11 @@ def main() -> None:
     parser.add_argument("--backend", default="aot_eager")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--symbolic-floats", action="store_true",
+                        help="as the engine compiled before 2026-12-08: Python floats left symbolic (a second trace)")
     args = parser.parse_args()
+    if args.symbolic_floats:  # the engine's own patch (specialize_float=True) made a no-op
+        torch._dynamo.config.patch = lambda **_: (lambda fn: fn)  # type: ignore[assignment]
     from peft import LoraConfig, get_peft_model
     from torch._dynamo.utils import compile_times
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -47,7 +51,8 @@ def main() -> None:
                     backend=args.backend)
     engine.warm_up([32], [256])
     engine.stop(1)
-    print(f"{args.layers} layers, {'no LoRA' if args.no_lora else 'LoRA r16'}, {args.backend} on {device}: "
+    floats = ", floats symbolic" if args.symbolic_floats else ""
+    print(f"{args.layers} layers, {'no LoRA' if args.no_lora else 'LoRA r16'}{floats}, {args.backend} on {device}: "
           f"{time.perf_counter() - started:.1f} s")
     print("\n".join(compile_times(repr="str").splitlines()[:8]))
 
