@@ -227,6 +227,11 @@ def main() -> None:
                                   if trl.returncode == 0 else {"error": (out / "trl.err").read_text()[-3000:]})
         print("trl", json.dumps(results["trl"]), f"ended {ended[0]:.0f} s after the start", flush=True)
         print("dsrun", json.dumps(results["dsrun"]), flush=True)
+        began = results["dsrun"].get("first_step_began_s")
+        if began is not None and ended[0] > began:  # both started together: the same origin, within milliseconds
+            print(f"warning: TRL's case ended {ended[0]:.0f} s after the start, after dsrun's first step began "
+                  f"({began} s): they shared the GPU, and the table does not compare them", flush=True)
+            return
         table(results)
         return
     for case in args.only.split(","):
