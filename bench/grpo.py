@@ -69,8 +69,17 @@ def save_model() -> None:
 
 
 def pinned(cores: set[int] | None) -> Any:
-    """A Popen preexec_fn that keeps the process (and the threads and workers it starts) on these CPU cores."""
-    return None if cores is None else lambda: os.sched_setaffinity(0, cores)
+    """A Popen preexec_fn that keeps the process (and the threads and workers it starts) on these CPU cores, where
+    the machine lets it (a sandbox may refuse: the process then runs unpinned)."""
+    if cores is None:
+        return None
+
+    def pin() -> None:
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError:
+            pass
+    return pin
 
 
 def run_logged(cmd: list[str], err_path: Path, limit: float | None = None,
