@@ -219,6 +219,7 @@ class RunConfig:
     bench_infer: BenchInferConfig = field(default_factory=BenchInferConfig)
 
 
+@functools.cache  # once per process (the structured config takes a tenth of a second to build), forks included
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
 

@@ -54,6 +54,7 @@ def serve(path: str) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    importlib.import_module("dsrun.schema").register_configs()  # what every run's main() does first, done once
     assert threading.active_count() == 1, [t.name for t in threading.enumerate()]  # forking needs a single thread
     base_env = dict(os.environ)
     registry = Path(path).parent / "argv"  # pid -> command line of each live child (its /proc cmdline is ours)
